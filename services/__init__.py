@@ -1,0 +1,1 @@
+"""Tandem stage services: tokenizer, inference, postprocess, and what they share."""

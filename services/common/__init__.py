@@ -1,0 +1,1 @@
+"""What every Tandem service shares: bootstrap, error table, tensor codec, logging, settings, model repository."""

@@ -1,0 +1,179 @@
+"""Server bootstrap in one place: interceptor, health, reflection, binding, and graceful shutdown on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from services.common import errors
+from services.common.logging import request_id
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_KEY = "x-request-id"
+Registrar = Callable[[grpc.aio.Server], None]
+
+
+def _request_id_from(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY and value:
+            text = value.decode() if isinstance(value, bytes) else value
+            return text[:128]
+    return uuid.uuid4().hex
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], err: errors.TandemError) -> None:
+    status = rpc_status.to_status(err.to_status_proto())
+    await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turns every domain error into its rich status and every unexpected one into a bare INTERNAL.
+
+    Installed on every server, so no RPC can forget it. Also sets the request id for the call's log lines
+    and echoes it back in the initial metadata.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        rid = _request_id_from(handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
+        method = handler_call_details.method  # type: ignore[attr-defined]
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                request_id.set(rid)
+                try:
+                    return await inner(request, context)
+                except errors.TandemError as err:
+                    await abort_with(context, err)
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception:
+                    log.exception("unexpected error in %s", method)
+                    await abort_with(context, errors.internal())
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.stream_stream is not None:
+            inner_ss = handler.stream_stream
+
+            async def stream_stream(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                request_id.set(rid)
+                try:
+                    async for response in inner_ss(request_iterator, context):
+                        yield response
+                except errors.TandemError as err:
+                    await abort_with(context, err)
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception:
+                    log.exception("unexpected error in %s", method)
+                    await abort_with(context, errors.internal())
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+@dataclass
+class RunningServer:
+    """A started server, its bound port (0 for a Unix socket) and its health service."""
+
+    server: grpc.aio.Server
+    port: int
+    address: str
+    health: health.aio.HealthServicer  # type: ignore[name-defined]
+    service_names: tuple[str, ...]
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float) -> None:
+        """NOT_SERVING first so balancers move away, then finish in-flight calls within the grace period."""
+        await self.set_serving(False)
+        await self.server.stop(grace_s)
+
+
+def bound_address(listen: str, port: int) -> str:
+    if listen.startswith("unix:"):
+        return listen
+    host = listen.rsplit(":", 1)[0]
+    return f"{host}:{port}"
+
+
+async def start_server(
+    listen: str,
+    registrars: Sequence[tuple[Registrar, str]],
+    *,
+    reflection_enabled: bool = True,
+    max_message_bytes: int = 64 * 1024 * 1024,
+    serving: bool = True,
+) -> RunningServer:
+    """Builds the server, registers health and reflection, binds `listen` (port 0 picks one) and starts it."""
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=server_options(max_message_bytes))
+    names = tuple(name for _, name in registrars)
+    for register, _ in registrars:
+        register(server)
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if reflection_enabled:
+        reflection.enable_server_reflection(
+            (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        )
+    port = server.add_insecure_port(listen)
+    if port == 0 and not listen.startswith("unix:"):
+        raise OSError(f"could not bind {listen}")
+    await server.start()
+    running = RunningServer(server, port, bound_address(listen, port), health_servicer, names)
+    await running.set_serving(serving)
+    return running
+
+
+async def wait_for_termination(running: RunningServer, grace_s: float, close: Callable[[], Awaitable[None]]) -> None:
+    """Runs until SIGTERM or SIGINT, then drains: NOT_SERVING, finish in-flight work, close the core."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    serve_task = asyncio.ensure_future(running.server.wait_for_termination())
+    stop_task = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({serve_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    log.info("shutting down: draining for up to %.1fs", grace_s)
+    await running.stop(grace_s)
+    await close()
+    serve_task.cancel()
+    stop_task.cancel()
+    log.info("stopped")

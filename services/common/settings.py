@@ -1,0 +1,37 @@
+"""Settings every service shares; each stage's settings.py extends them (flags and TANDEM_<STAGE>_* variables)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_home() -> Path:
+    return Path.home() / ".cache" / "tandem"
+
+
+class ServiceSettings(BaseSettings):
+    """Fields common to all four services. Subclasses set the env prefix and the default listen address."""
+
+    model_config = SettingsConfigDict(cli_kebab_case=True, cli_implicit_flags=True, extra="ignore")
+
+    listen: str = Field("127.0.0.1:0", description="address to serve on: HOST:PORT (port 0 picks a free one) or unix:PATH")
+    model_repository: Path | None = Field(
+        None, description="model repository folder; unset serves the built-in all-MiniLM-L6-v2"
+    )
+    default_model: str | None = Field(None, description="model served when a request names none")
+    home: Path = Field(default_factory=default_home, description="cache folder (built-in repository, exports)")
+    log_level: str = Field("INFO", description="log level")
+    json_logs: bool = Field(False, description="log one JSON object per line")
+    grace_s: float = Field(10.0, description="seconds to finish in-flight calls after SIGTERM")
+    reflection: bool = Field(True, description="serve gRPC server reflection")
+    max_message_bytes: int = Field(64 * 1024 * 1024, description="largest gRPC message sent or received")
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str], prog: str) -> Self:
+        """Flags win over environment variables, which win over defaults."""
+        return cls(_cli_parse_args=list(argv), _cli_prog_name=prog)  # type: ignore[call-arg]

@@ -1,0 +1,1 @@
+"""Tandem: gRPC model serving in four stages (gateway, tokenizer, inference, postprocess)."""
