@@ -14,7 +14,15 @@ from grpc_tools import protoc  # type: ignore[import-untyped]
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 # Generated modules live where their proto package says: tandem.tokenizer.v1 -> tandem/tokenizer/v1/.
-GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
+
+
+def _plugin(name: str) -> str:
+    """mypy-protobuf's protoc plugins, installed beside this interpreter."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if found is None:
+        raise SystemExit(f"{name} not found: pip install mypy-protobuf")
+    return found
 
 
 def proto_files() -> list[Path]:
@@ -29,9 +37,14 @@ def generate(out: Path) -> list[Path]:
         "protoc",
         f"-I{PROTOS}",
         f"-I{include}",
+        f"--plugin=protoc-gen-mypy={_plugin('protoc-gen-mypy')}",
+        f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
         f"--python_out={out}",
-        f"--pyi_out={out}",
+        f"--mypy_out={out}",
         f"--grpc_python_out={out}",
+        # Typed stubs for the generated servicers and stubs, so that mypy --strict checks their use.
+        "--mypy_grpc_opt=generate_concrete_servicer_stubs",
+        f"--mypy_grpc_out={out}",
         *sources,
     ]
     if protoc.main(args) != 0:
@@ -64,7 +77,11 @@ def main() -> int:
         out = Path(tmp)
         generated = generate(out)
         if opts.check:
-            drift = [str(rel) for rel in generated if not (ROOT / rel).exists() or not filecmp.cmp(out / rel, ROOT / rel, shallow=False)]
+            drift = [
+                str(rel)
+                for rel in generated
+                if not (ROOT / rel).exists() or not filecmp.cmp(out / rel, ROOT / rel, shallow=False)
+            ]
             stale = [str(rel) for rel in existing_generated(ROOT) if rel not in generated]
             if drift or stale:
                 print("generated code is out of date; run: python scripts/gen_protos.py", file=sys.stderr)

@@ -75,9 +75,7 @@ def _pack(message: object) -> any_pb2.Any:
     return packed
 
 
-def invalid_argument(
-    message: str, field_name: str, reason: str = INVALID_INPUT, **metadata: str
-) -> TandemError:
+def invalid_argument(message: str, field_name: str, reason: str = INVALID_INPUT, **metadata: str) -> TandemError:
     """Bad input: INVALID_ARGUMENT with a BadRequest detail naming the field."""
     return TandemError(
         message,
@@ -92,7 +90,9 @@ def not_found(message: str, reason: str = MODEL_NOT_FOUND, **metadata: str) -> T
     return TandemError(message, reason=reason, metadata=metadata, code=grpc.StatusCode.NOT_FOUND)
 
 
-def unavailable(message: str, reason: str = MODEL_NOT_READY, retry_after_s: float | None = 1.0, **metadata: str) -> TandemError:
+def unavailable(
+    message: str, reason: str = MODEL_NOT_READY, retry_after_s: float | None = 1.0, **metadata: str
+) -> TandemError:
     return TandemError(
         message, reason=reason, metadata=metadata, retry_after_s=retry_after_s, code=grpc.StatusCode.UNAVAILABLE
     )

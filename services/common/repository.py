@@ -152,7 +152,13 @@ class ModelRepository:
 
     def _model_folder(self, name: str) -> Path:
         # Names are single path components: nothing outside the root can be named.
-        if not name or "/" in name or "\\" in name or name in (".", "..") or not (self.root / name / CONFIG_FILE).is_file():
+        if (
+            not name
+            or "/" in name
+            or "\\" in name
+            or name in (".", "..")
+            or not (self.root / name / CONFIG_FILE).is_file()
+        ):
             raise errors.not_found(f"model {name!r} not found", model=name)
         return self.root / name
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -46,16 +48,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        rid = _request_id_from(handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
-        method = handler_call_details.method  # type: ignore[attr-defined]
+        rid = _request_id_from(handler_call_details.invocation_metadata)
+        method = handler_call_details.method
         if handler.unary_unary is not None:
-            inner = handler.unary_unary
+            inner: Any = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 request_id.set(rid)
@@ -73,7 +75,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 unary_unary, handler.request_deserializer, handler.response_serializer
             )
         if handler.stream_stream is not None:
-            inner_ss = handler.stream_stream
+            inner_ss: Any = handler.stream_stream
 
             async def stream_stream(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 request_id.set(rid)
@@ -113,7 +115,7 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     address: str
-    health: health.aio.HealthServicer  # type: ignore[name-defined]
+    health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped)
     service_names: tuple[str, ...]
 
     async def set_serving(self, serving: bool) -> None:
@@ -141,13 +143,14 @@ async def start_server(
     reflection_enabled: bool = True,
     max_message_bytes: int = 64 * 1024 * 1024,
     serving: bool = True,
+    address_file: Path | None = None,
 ) -> RunningServer:
     """Builds the server, registers health and reflection, binds `listen` (port 0 picks one) and starts it."""
     server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=server_options(max_message_bytes))
     names = tuple(name for _, name in registrars)
     for register, _ in registrars:
         register(server)
-    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if reflection_enabled:
         reflection.enable_server_reflection(
@@ -159,6 +162,10 @@ async def start_server(
     await server.start()
     running = RunningServer(server, port, bound_address(listen, port), health_servicer, names)
     await running.set_serving(serving)
+    if address_file is not None:
+        tmp = address_file.with_name(address_file.name + ".tmp")
+        tmp.write_text(running.address)
+        os.replace(tmp, address_file)
     return running
 
 

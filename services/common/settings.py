@@ -19,7 +19,9 @@ class ServiceSettings(BaseSettings):
 
     model_config = SettingsConfigDict(cli_kebab_case=True, cli_implicit_flags=True, extra="ignore")
 
-    listen: str = Field("127.0.0.1:0", description="address to serve on: HOST:PORT (port 0 picks a free one) or unix:PATH")
+    listen: str = Field(
+        "127.0.0.1:0", description="address to serve on: HOST:PORT (port 0 picks a free one) or unix:PATH"
+    )
     model_repository: Path | None = Field(
         None, description="model repository folder; unset serves the built-in all-MiniLM-L6-v2"
     )
@@ -30,6 +32,9 @@ class ServiceSettings(BaseSettings):
     grace_s: float = Field(10.0, description="seconds to finish in-flight calls after SIGTERM")
     reflection: bool = Field(True, description="serve gRPC server reflection")
     max_message_bytes: int = Field(64 * 1024 * 1024, description="largest gRPC message sent or received")
+    address_file: Path | None = Field(
+        None, description="write the bound address here once listening (for port 0 and supervisors)"
+    )
 
     @classmethod
     def from_args(cls, argv: Sequence[str], prog: str) -> Self:

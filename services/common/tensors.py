@@ -49,13 +49,13 @@ def decode(tensor: tensor_pb2.Tensor, field: str) -> npt.NDArray[np.generic]:
     return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
 
 
-def decode_as(
-    tensor: tensor_pb2.Tensor, field: str, dtype: npt.DTypeLike, ndim: int
-) -> npt.NDArray[np.generic]:
+def decode_as(tensor: tensor_pb2.Tensor, field: str, dtype: npt.DTypeLike, ndim: int) -> npt.NDArray[np.generic]:
     """Decode and check rank; integer/float types are converted to `dtype` when they differ."""
     array = decode(tensor, field)
     if array.ndim != ndim:
-        raise errors.invalid_argument(f"{field}: expected {ndim} dimensions, got shape {list(array.shape)}", f"{field}.shape")
+        raise errors.invalid_argument(
+            f"{field}: expected {ndim} dimensions, got shape {list(array.shape)}", f"{field}.shape"
+        )
     wanted = np.dtype(dtype)
     if array.dtype != wanted:
         if array.dtype.kind != wanted.kind and not (array.dtype.kind in "iu" and wanted.kind in "iu"):

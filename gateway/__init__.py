@@ -1,0 +1,1 @@
+"""The gateway: Tandem's public API, running tokenizer -> inference -> postprocess for every request."""

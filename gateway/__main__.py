@@ -1,0 +1,74 @@
+"""Runs the gateway: settings -> stage clients -> pipeline -> server; its health follows the stages."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from gateway.clients import InferenceClient, PostprocessClient, TokenizerClient
+from gateway.core import Pipeline
+from gateway.servicer import registrar
+from gateway.settings import GatewaySettings
+from services.common import logging as tandem_logging
+from services.common.server import RunningServer, start_server, wait_for_termination
+
+log = logging.getLogger(__name__)
+
+
+def build_pipeline(settings: GatewaySettings) -> Pipeline:
+    size = settings.max_message_bytes
+    return Pipeline(
+        TokenizerClient(settings.tokenizer, size),
+        InferenceClient(settings.inference, size),
+        PostprocessClient(settings.postprocess, size),
+        default_timeout_s=settings.default_timeout_s,
+        max_inputs=settings.max_inputs,
+        model_cache_ttl_s=settings.model_cache_ttl_s,
+    )
+
+
+async def follow_stage_health(running: RunningServer, pipeline: Pipeline, interval_s: float) -> None:
+    """The gateway is SERVING exactly while all three stages answer SERVING."""
+    serving: bool | None = None
+    while True:
+        now = await pipeline.stages_serving(timeout_s=max(interval_s, 0.5))
+        if now != serving:
+            log.info("stages %s", "reachable: SERVING" if now else "not all reachable: NOT_SERVING")
+            await running.set_serving(now)
+            serving = now
+        await asyncio.sleep(interval_s)
+
+
+async def serve(settings: GatewaySettings) -> None:
+    pipeline = build_pipeline(settings)
+    running = await start_server(
+        settings.listen,
+        [registrar(pipeline)],
+        reflection_enabled=settings.reflection,
+        max_message_bytes=settings.max_message_bytes,
+        address_file=settings.address_file,
+        serving=False,
+    )
+    log.info("gateway serving on %s", running.address)
+    watcher = asyncio.create_task(follow_stage_health(running, pipeline, settings.health_interval_s))
+
+    async def close() -> None:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await pipeline.close()
+
+    await wait_for_termination(running, settings.grace_s, close)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = GatewaySettings.from_args(sys.argv[1:] if argv is None else argv, "tandem gateway")
+    tandem_logging.configure(settings.log_level, settings.json_logs, service="gateway")
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

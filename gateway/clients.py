@@ -1,0 +1,160 @@
+"""Typed clients of the three stages: one long-lived channel each, deadlines from the caller, stage codes kept."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from services.common import errors
+from services.common.logging import request_id
+from services.common.server import REQUEST_ID_KEY
+from tandem.inference.v1 import inference_pb2, inference_pb2_grpc
+from tandem.postprocess.v1 import postprocess_pb2, postprocess_pb2_grpc
+from tandem.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+Response = TypeVar("Response")
+
+
+def service_config(service_name: str) -> str:
+    """Client-side round-robin over every address the target resolves to, and bounded retries on UNAVAILABLE.
+
+    Every stage RPC is idempotent, so a retry after a replica went away is safe; no other code is retried.
+    """
+    return json.dumps(
+        {
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "methodConfig": [
+                {
+                    "name": [{"service": service_name}],
+                    "retryPolicy": {
+                        "maxAttempts": 3,
+                        "initialBackoff": "0.02s",
+                        "maxBackoff": "0.2s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ],
+        }
+    )
+
+
+def channel_options(service_name: str, max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.service_config", service_config(service_name)),
+        ("grpc.enable_retries", 1),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+    ]
+
+
+def stage_error(stage: str, exc: grpc.aio.AioRpcError) -> errors.TandemError:
+    """The stage's own status when it sent one (code and details kept); otherwise what the channel saw."""
+    status = rpc_status.from_call(exc)
+    if status is not None:
+        return errors.from_upstream(status)
+    code = exc.code()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return errors.deadline_exceeded(f"deadline exceeded waiting for the {stage} stage", stage=stage)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return errors.unavailable(
+            f"the {stage} stage is unavailable: {exc.details()}", reason=errors.STAGE_UNAVAILABLE, stage=stage
+        )
+    if code == grpc.StatusCode.CANCELLED:
+        return errors.TandemError(f"call to the {stage} stage was cancelled", code=code)
+    return errors.TandemError(exc.details() or f"{stage} stage failed", code=code, reason=errors.INTERNAL)
+
+
+class StageClient:
+    """A channel to one stage (any number of replicas behind the target) and the call discipline."""
+
+    def __init__(self, stage: str, service_name: str, target: str, max_message_bytes: int) -> None:
+        self.stage = stage
+        self.target = target
+        self.channel = grpc.aio.insecure_channel(target, options=channel_options(service_name, max_message_bytes))
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def call(self, rpc: Callable[..., Awaitable[Response]], request: Any, deadline: float) -> Response:
+        """Calls with the caller's remaining time as timeout; fails DEADLINE_EXCEEDED when none is left."""
+        timeout = deadline - time.monotonic()
+        if timeout <= 0:
+            raise errors.deadline_exceeded(f"deadline exceeded before calling the {self.stage} stage", stage=self.stage)
+        try:
+            return await rpc(request, timeout=timeout, metadata=((REQUEST_ID_KEY, request_id.get()),))
+        except grpc.aio.AioRpcError as exc:
+            raise stage_error(self.stage, exc) from None
+
+    async def serving(self, timeout_s: float) -> bool:
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class TokenizerClient(StageClient):
+    def __init__(self, target: str, max_message_bytes: int) -> None:
+        super().__init__("tokenizer", "tandem.tokenizer.v1.TokenizerService", target, max_message_bytes)
+        self._stub = tokenizer_pb2_grpc.TokenizerServiceStub(self.channel)
+
+    async def tokenize(self, request: tokenizer_pb2.TokenizeRequest, deadline: float) -> tokenizer_pb2.TokenizeResponse:
+        return await self.call(self._stub.Tokenize, request, deadline)
+
+    async def detokenize(
+        self, request: tokenizer_pb2.DetokenizeRequest, deadline: float
+    ) -> tokenizer_pb2.DetokenizeResponse:
+        return await self.call(self._stub.Detokenize, request, deadline)
+
+
+class InferenceClient(StageClient):
+    def __init__(self, target: str, max_message_bytes: int) -> None:
+        super().__init__("inference", "tandem.inference.v1.InferenceService", target, max_message_bytes)
+        self._stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
+
+    async def infer(self, request: inference_pb2.InferRequest, deadline: float) -> inference_pb2.InferResponse:
+        return await self.call(self._stub.Infer, request, deadline)
+
+    async def list_models(self, deadline: float) -> inference_pb2.ListModelsResponse:
+        return await self.call(self._stub.ListModels, inference_pb2.ListModelsRequest(), deadline)
+
+    async def get_model(self, model: str, deadline: float) -> inference_pb2.GetModelResponse:
+        return await self.call(self._stub.GetModel, inference_pb2.GetModelRequest(model=model), deadline)
+
+
+class PostprocessClient(StageClient):
+    def __init__(self, target: str, max_message_bytes: int) -> None:
+        super().__init__("postprocess", "tandem.postprocess.v1.PostprocessService", target, max_message_bytes)
+        self._stub = postprocess_pb2_grpc.PostprocessServiceStub(self.channel)
+
+    async def pool(self, request: postprocess_pb2.PoolRequest, deadline: float) -> postprocess_pb2.PoolResponse:
+        return await self.call(self._stub.Pool, request, deadline)
+
+    async def classify(
+        self, request: postprocess_pb2.ClassifyRequest, deadline: float
+    ) -> postprocess_pb2.ClassifyResponse:
+        return await self.call(self._stub.Classify, request, deadline)
+
+    async def classify_tokens(
+        self, request: postprocess_pb2.ClassifyTokensRequest, deadline: float
+    ) -> postprocess_pb2.ClassifyTokensResponse:
+        return await self.call(self._stub.ClassifyTokens, request, deadline)
+
+    async def rerank(self, request: postprocess_pb2.RerankRequest, deadline: float) -> postprocess_pb2.RerankResponse:
+        return await self.call(self._stub.Rerank, request, deadline)

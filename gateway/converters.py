@@ -1,0 +1,78 @@
+"""Public API protos <-> the pipeline's arguments and results: the gateway's only use of gateway_pb2."""
+
+from __future__ import annotations
+
+from gateway.core import Classifications, Embeddings, Encodings, Ranking, Served, TokenClassifications
+from tandem.gateway.v1 import gateway_pb2
+
+
+def _usage(served: Served) -> gateway_pb2.Usage:
+    return gateway_pb2.Usage(prompt_tokens=served.prompt_tokens, total_tokens=served.prompt_tokens)
+
+
+def embed_response(result: Embeddings) -> gateway_pb2.EmbedResponse:
+    return gateway_pb2.EmbedResponse(
+        embeddings=[gateway_pb2.Embedding(values=row) for row in result.vectors.tolist()],
+        model=result.served.model,
+        model_version=result.served.version,
+        usage=_usage(result.served),
+    )
+
+
+def classify_response(result: Classifications) -> gateway_pb2.ClassifyResponse:
+    return gateway_pb2.ClassifyResponse(
+        results=[
+            gateway_pb2.Classification(
+                labels=[gateway_pb2.LabelScore(label=s.label, score=s.score) for s in item.labels]
+            )
+            for item in result.results
+        ],
+        model=result.served.model,
+        model_version=result.served.version,
+        usage=_usage(result.served),
+    )
+
+
+def classify_tokens_response(result: TokenClassifications) -> gateway_pb2.ClassifyTokensResponse:
+    return gateway_pb2.ClassifyTokensResponse(
+        results=[
+            gateway_pb2.TokenClassification(
+                entities=[
+                    gateway_pb2.Entity(label=e.label, score=e.score, start=e.start, end=e.end, text=e.text)
+                    for e in item.entities
+                ]
+            )
+            for item in result.results
+        ],
+        model=result.served.model,
+        model_version=result.served.version,
+        usage=_usage(result.served),
+    )
+
+
+def rerank_response(result: Ranking, documents: list[str], return_documents: bool) -> gateway_pb2.RerankResponse:
+    return gateway_pb2.RerankResponse(
+        results=[
+            gateway_pb2.RerankResult(
+                index=r.index, score=r.score, document=documents[r.index] if return_documents else ""
+            )
+            for r in result.results
+        ],
+        model=result.served.model,
+        model_version=result.served.version,
+        usage=_usage(result.served),
+    )
+
+
+def tokenize_response(result: Encodings) -> gateway_pb2.TokenizeResponse:
+    encodings = []
+    for ids, tokens, offsets, special in zip(result.ids, result.tokens, result.offsets, result.special, strict=True):
+        encodings.append(
+            gateway_pb2.Encoding(
+                ids=ids.tolist(),
+                tokens=tokens,
+                offsets=[gateway_pb2.Offset(start=s, end=e) for s, e in offsets.tolist()],
+                special=[bool(x) for x in special.tolist()],
+            )
+        )
+    return gateway_pb2.TokenizeResponse(encodings=encodings, model=result.model)

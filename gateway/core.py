@@ -1,0 +1,287 @@
+"""The gateway's pipeline: for each public call, tokenizer -> inference -> postprocess over the typed stage clients.
+
+Stage tensors pass from one stage to the next as they arrived, never decoded here: the gateway only decodes what
+it returns to the caller, which keeps each hop to one serialization.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.clients import InferenceClient, PostprocessClient, TokenizerClient
+from services.common import errors, tensors
+from tandem.inference.v1 import inference_pb2
+from tandem.model.v1 import model_pb2
+from tandem.postprocess.v1 import postprocess_pb2
+from tandem.tokenizer.v1 import tokenizer_pb2
+
+log = logging.getLogger(__name__)
+
+_TASK_NAMES: dict[int, str] = {
+    model_pb2.TASK_EMBEDDING: "embedding",
+    model_pb2.TASK_CLASSIFICATION: "classification",
+    model_pb2.TASK_TOKEN_CLASSIFICATION: "token-classification",
+    model_pb2.TASK_RERANK: "rerank",
+}
+
+
+@dataclass(frozen=True)
+class Served:
+    """Which model and version answered, and how many tokens it read."""
+
+    model: str
+    version: str
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    served: Served
+    vectors: npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Classifications:
+    served: Served
+    results: Sequence[postprocess_pb2.Classification]
+
+
+@dataclass(frozen=True)
+class TokenClassifications:
+    served: Served
+    results: Sequence[postprocess_pb2.TokenClassification]
+
+
+@dataclass(frozen=True)
+class Ranking:
+    served: Served
+    results: Sequence[postprocess_pb2.RankedDocument]
+
+
+@dataclass(frozen=True)
+class Encodings:
+    model: str
+    ids: list[npt.NDArray[np.int64]]
+    tokens: list[list[str]]
+    offsets: list[npt.NDArray[np.int32]]
+    special: list[npt.NDArray[np.uint8]]
+
+
+class ModelCatalog:
+    """Model descriptions from the inference stage, cached briefly so a request costs no extra hop."""
+
+    def __init__(self, inference: InferenceClient, ttl_s: float) -> None:
+        self.inference = inference
+        self.ttl_s = ttl_s
+        self._cache: dict[str, tuple[float, model_pb2.ModelInfo]] = {}
+
+    async def get(self, ref: str, deadline: float) -> model_pb2.ModelInfo:
+        now = time.monotonic()
+        hit = self._cache.get(ref)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        info = (await self.inference.get_model(ref, deadline)).model
+        self._cache[ref] = (now + self.ttl_s, info)
+        return info
+
+    async def all(self, deadline: float) -> Sequence[model_pb2.ModelInfo]:
+        return list((await self.inference.list_models(deadline)).models)
+
+
+class Pipeline:
+    """Runs each public RPC across the stages; knows no model code."""
+
+    def __init__(
+        self,
+        tokenizer: TokenizerClient,
+        inference: InferenceClient,
+        postprocess: PostprocessClient,
+        *,
+        default_timeout_s: float = 30.0,
+        max_inputs: int = 2048,
+        model_cache_ttl_s: float = 1.0,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.inference = inference
+        self.postprocess = postprocess
+        self.default_timeout_s = default_timeout_s
+        self.max_inputs = max_inputs
+        self.catalog = ModelCatalog(inference, model_cache_ttl_s)
+
+    def deadline(self, time_remaining: float | None) -> float:
+        """Absolute monotonic deadline: the caller's, or the default when the caller set none."""
+        return time.monotonic() + (self.default_timeout_s if time_remaining is None else time_remaining)
+
+    def _check_inputs(self, inputs: Sequence[str], field: str) -> None:
+        if not inputs:
+            raise errors.invalid_argument(f"at least one entry is required in {field}", field)
+        if len(inputs) > self.max_inputs:
+            raise errors.invalid_argument(
+                f"{len(inputs)} entries in {field} exceed the limit of {self.max_inputs} per request",
+                field,
+                reason=errors.TOO_MANY_INPUTS,
+            )
+
+    async def _model_for(self, ref: str, task: int, rpc: str, deadline: float) -> model_pb2.ModelInfo:
+        info = await self.catalog.get(ref, deadline)
+        if info.task != task:
+            raise errors.invalid_argument(
+                f"model {info.name!r} is a {_TASK_NAMES.get(info.task, 'unknown')} model; {rpc} needs a "
+                f"{_TASK_NAMES[task]} model",
+                "model",
+                reason=errors.WRONG_TASK,
+                model=info.name,
+            )
+        if not info.ready:
+            raise errors.unavailable(f"model {info.name!r} is not ready", model=info.name)
+        return info
+
+    async def _tokenize_and_infer(
+        self,
+        info: model_pb2.ModelInfo,
+        texts: Sequence[str],
+        truncate: bool,
+        deadline: float,
+        *,
+        pairs: Sequence[str] = (),
+        offsets: bool = False,
+    ) -> tuple[tokenizer_pb2.TokenizeResponse, inference_pb2.InferResponse, Served]:
+        pinned = f"{info.name}:{info.version}"
+        tokenized = await self.tokenizer.tokenize(
+            tokenizer_pb2.TokenizeRequest(
+                model=pinned, texts=texts, text_pairs=pairs, truncate=truncate, return_offsets=offsets
+            ),
+            deadline,
+        )
+        inferred = await self.inference.infer(inference_pb2.InferRequest(model=pinned, batch=tokenized.batch), deadline)
+        total = tensors.decode(tokenized.batch.cu_seqlens, "cu_seqlens")
+        return tokenized, inferred, Served(inferred.model, inferred.version, int(total[-1]))
+
+    async def embed(
+        self, ref: str, inputs: Sequence[str], normalize: bool, truncate: bool, deadline: float
+    ) -> Embeddings:
+        self._check_inputs(inputs, "inputs")
+        info = await self._model_for(ref, model_pb2.TASK_EMBEDDING, "Embed", deadline)
+        tokenized, inferred, served = await self._tokenize_and_infer(info, inputs, truncate, deadline)
+        pooled = await self.postprocess.pool(
+            postprocess_pb2.PoolRequest(
+                model=served.model,
+                version=served.version,
+                token_embeddings=inferred.output,
+                cu_seqlens=tokenized.batch.cu_seqlens,
+                normalize=normalize,
+            ),
+            deadline,
+        )
+        vectors = tensors.decode_as(pooled.embeddings, "embeddings", np.float32, 2)
+        return Embeddings(served, vectors.astype(np.float32, copy=False))
+
+    async def classify(
+        self, ref: str, inputs: Sequence[str], top_k: int, truncate: bool, deadline: float
+    ) -> Classifications:
+        self._check_inputs(inputs, "inputs")
+        if top_k < 0:
+            raise errors.invalid_argument("top_k must be 0 (every label) or positive", "top_k")
+        info = await self._model_for(ref, model_pb2.TASK_CLASSIFICATION, "Classify", deadline)
+        _, inferred, served = await self._tokenize_and_infer(info, inputs, truncate, deadline)
+        reply = await self.postprocess.classify(
+            postprocess_pb2.ClassifyRequest(
+                model=served.model, version=served.version, logits=inferred.output, top_k=top_k
+            ),
+            deadline,
+        )
+        return Classifications(served, reply.results)
+
+    async def classify_tokens(
+        self, ref: str, inputs: Sequence[str], truncate: bool, deadline: float
+    ) -> TokenClassifications:
+        self._check_inputs(inputs, "inputs")
+        info = await self._model_for(ref, model_pb2.TASK_TOKEN_CLASSIFICATION, "ClassifyTokens", deadline)
+        tokenized, inferred, served = await self._tokenize_and_infer(info, inputs, truncate, deadline, offsets=True)
+        reply = await self.postprocess.classify_tokens(
+            postprocess_pb2.ClassifyTokensRequest(
+                model=served.model,
+                version=served.version,
+                logits=inferred.output,
+                batch=tokenized.batch,
+                texts=inputs,
+            ),
+            deadline,
+        )
+        return TokenClassifications(served, reply.results)
+
+    async def rerank(
+        self, ref: str, query: str, documents: Sequence[str], top_n: int, truncate: bool, deadline: float
+    ) -> Ranking:
+        self._check_inputs(documents, "documents")
+        if top_n < 0:
+            raise errors.invalid_argument("top_n must be 0 (every document) or positive", "top_n")
+        info = await self._model_for(ref, model_pb2.TASK_RERANK, "Rerank", deadline)
+        _, inferred, served = await self._tokenize_and_infer(
+            info, [query] * len(documents), truncate, deadline, pairs=documents
+        )
+        reply = await self.postprocess.rerank(
+            postprocess_pb2.RerankRequest(
+                model=served.model, version=served.version, logits=inferred.output, top_n=top_n
+            ),
+            deadline,
+        )
+        return Ranking(served, reply.results)
+
+    async def tokenize(
+        self, ref: str, inputs: Sequence[str], add_special_tokens: bool, truncate: bool, deadline: float
+    ) -> Encodings:
+        self._check_inputs(inputs, "inputs")
+        reply = await self.tokenizer.tokenize(
+            tokenizer_pb2.TokenizeRequest(
+                model=ref,
+                texts=inputs,
+                truncate=truncate,
+                skip_special_tokens=not add_special_tokens,
+                return_offsets=True,
+                return_tokens=True,
+            ),
+            deadline,
+        )
+        batch = reply.batch
+        cu = tensors.decode(batch.cu_seqlens, "cu_seqlens")
+        ids = tensors.decode(batch.input_ids, "input_ids")
+        offsets = tensors.decode(batch.offsets, "offsets")
+        special = tensors.decode(batch.special_tokens_mask, "special_tokens_mask")
+        bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True))
+        return Encodings(
+            model=reply.model,
+            ids=[ids[a:b] for a, b in bounds],  # type: ignore[misc]
+            tokens=[list(t.tokens) for t in reply.tokens],
+            offsets=[offsets[a:b] for a, b in bounds],  # type: ignore[misc]
+            special=[special[a:b] for a, b in bounds],  # type: ignore[misc]
+        )
+
+    async def detokenize(
+        self, ref: str, ids: Sequence[int], skip_special_tokens: bool, deadline: float
+    ) -> tokenizer_pb2.DetokenizeResponse:
+        return await self.tokenizer.detokenize(
+            tokenizer_pb2.DetokenizeRequest(model=ref, ids=ids, skip_special_tokens=skip_special_tokens), deadline
+        )
+
+    async def list_models(self, deadline: float) -> Sequence[model_pb2.ModelInfo]:
+        return await self.catalog.all(deadline)
+
+    async def get_model(self, ref: str, deadline: float) -> model_pb2.ModelInfo:
+        return (await self.inference.get_model(ref, deadline)).model
+
+    async def stages_serving(self, timeout_s: float) -> bool:
+        checks = await asyncio.gather(
+            self.tokenizer.serving(timeout_s), self.inference.serving(timeout_s), self.postprocess.serving(timeout_s)
+        )
+        return all(checks)
+
+    async def close(self) -> None:
+        await asyncio.gather(self.tokenizer.close(), self.inference.close(), self.postprocess.close())

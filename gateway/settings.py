@@ -1,0 +1,23 @@
+"""Settings of the gateway: flags, or TANDEM_GATEWAY_* environment variables."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServiceSettings
+
+
+class GatewaySettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="TANDEM_GATEWAY_")
+
+    listen: str = Field("127.0.0.1:50051", description="address to serve on: HOST:PORT or unix:PATH")
+    tokenizer: str = Field(
+        "127.0.0.1:50052", description="tokenizer target: HOST:PORT, unix:PATH, dns:///NAME:PORT or ipv4:A:P,B:P"
+    )
+    inference: str = Field("127.0.0.1:50053", description="inference target (same forms)")
+    postprocess: str = Field("127.0.0.1:50054", description="postprocess target (same forms)")
+    default_timeout_s: float = Field(30.0, gt=0, description="deadline for calls that set none")
+    max_inputs: int = Field(2048, ge=1, description="most texts (or documents) in one request")
+    model_cache_ttl_s: float = Field(1.0, ge=0, description="how long a model description is reused")
+    health_interval_s: float = Field(1.0, gt=0, description="how often the stages' health is checked")

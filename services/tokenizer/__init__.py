@@ -1,0 +1,1 @@
+"""The tokenizer stage: text to token ids with each model's own fast tokenizer."""

@@ -1,0 +1,51 @@
+"""Runs the tokenizer stage: settings -> core -> servicer -> server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from services.common import logging as tandem_logging
+from services.common.default_model import repository_root
+from services.common.repository import ModelRepository
+from services.common.server import start_server, wait_for_termination
+from services.tokenizer.core import Tokenizer
+from services.tokenizer.servicer import registrar
+from services.tokenizer.settings import TokenizerSettings
+
+log = logging.getLogger(__name__)
+
+
+def build_core(settings: TokenizerSettings) -> Tokenizer:
+    repository = ModelRepository(repository_root(settings.model_repository, settings.home), settings.default_model)
+    return Tokenizer(repository, max_inputs=settings.max_inputs)
+
+
+async def serve(settings: TokenizerSettings) -> None:
+    core = build_core(settings)
+    await asyncio.to_thread(core.preload)
+    running = await start_server(
+        settings.listen,
+        [registrar(core)],
+        reflection_enabled=settings.reflection,
+        max_message_bytes=settings.max_message_bytes,
+        address_file=settings.address_file,
+    )
+    log.info("tokenizer serving on %s", running.address)
+
+    async def close() -> None:
+        return None
+
+    await wait_for_termination(running, settings.grace_s, close)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = TokenizerSettings.from_args(sys.argv[1:] if argv is None else argv, "tandem tokenizer")
+    tandem_logging.configure(settings.log_level, settings.json_logs, service="tokenizer")
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Tokenization domain: texts to ragged token batches with the model's Hugging Face fast tokenizer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import tokenizers
+from transformers import AutoTokenizer
+
+from services.common import errors
+from services.common.repository import ModelRepository, ModelVersion
+
+log = logging.getLogger(__name__)
+
+# Below this many characters a batch is tokenized on the event loop: the Rust tokenizer takes microseconds,
+# less than a hop to a thread. Above it, a worker thread keeps the loop free.
+_INLINE_CHARS = 4096
+
+
+@dataclass(frozen=True)
+class TokenizeOptions:
+    truncate: bool = True
+    add_special_tokens: bool = True
+    return_offsets: bool = False
+    return_tokens: bool = False
+
+
+@dataclass
+class Encoded:
+    """A ragged batch: sequence i is rows cu_seqlens[i]:cu_seqlens[i+1] of every per-token array."""
+
+    model: str
+    version: str
+    input_ids: npt.NDArray[np.int64]
+    token_type_ids: npt.NDArray[np.int64]
+    cu_seqlens: npt.NDArray[np.int32]
+    offsets: npt.NDArray[np.int32] | None = None
+    special_tokens_mask: npt.NDArray[np.uint8] | None = None
+    word_ids: npt.NDArray[np.int32] | None = None
+    tokens: list[list[str]] | None = None
+
+
+class LoadedTokenizer:
+    """One model version's tokenizer: a truncating and a non-truncating copy, since settings are shared state."""
+
+    def __init__(self, model: ModelVersion) -> None:
+        self.model = model
+        hf = AutoTokenizer.from_pretrained(str(model.path), use_fast=True)
+        backend = getattr(hf, "backend_tokenizer", None)
+        if not isinstance(backend, tokenizers.Tokenizer):
+            raise ValueError(f"{model.name}:{model.version} has no fast tokenizer (tokenizer.json)")
+        serialized = backend.to_str()
+        self.plain = tokenizers.Tokenizer.from_str(serialized)
+        self.plain.no_truncation()
+        self.plain.no_padding()
+        self.truncating = tokenizers.Tokenizer.from_str(serialized)
+        self.truncating.enable_truncation(model.max_length)
+        self.truncating.no_padding()
+        self.vocab_size = self.plain.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, texts: Sequence[str], pairs: Sequence[str], options: TokenizeOptions) -> Encoded:
+        inputs: list[str] | list[tuple[str, str]] = list(zip(texts, pairs, strict=True)) if pairs else list(texts)
+        tokenizer = self.truncating if options.truncate else self.plain
+        encodings = tokenizer.encode_batch(inputs, add_special_tokens=options.add_special_tokens)
+        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int32, count=len(encodings))
+        if not options.truncate:
+            too_long = np.flatnonzero(lengths > self.model.max_length)
+            if len(too_long):
+                i = int(too_long[0])
+                raise errors.invalid_argument(
+                    f"input {i} has {int(lengths[i])} tokens, more than the model's limit of {self.model.max_length};"
+                    " shorten it or set truncate",
+                    f"inputs[{i}]",
+                    reason=errors.INPUT_TOO_LONG,
+                )
+        cu = np.zeros(len(encodings) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=cu[1:])
+        encoded = Encoded(
+            model=self.model.name,
+            version=self.model.version,
+            input_ids=np.fromiter((i for e in encodings for i in e.ids), dtype=np.int64, count=int(cu[-1])),
+            token_type_ids=np.fromiter((i for e in encodings for i in e.type_ids), dtype=np.int64, count=int(cu[-1])),
+            cu_seqlens=cu,
+        )
+        if options.return_offsets:
+            encoded.offsets = np.array([o for e in encodings for o in e.offsets], dtype=np.int32).reshape(-1, 2)
+            encoded.special_tokens_mask = np.fromiter(
+                (m for e in encodings for m in e.special_tokens_mask), dtype=np.uint8, count=int(cu[-1])
+            )
+            encoded.word_ids = np.fromiter(
+                (-1 if w is None else w for e in encodings for w in e.word_ids), dtype=np.int32, count=int(cu[-1])
+            )
+        if options.return_tokens:
+            encoded.tokens = [list(e.tokens) for e in encodings]
+        return encoded
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        bad = [i for i in ids if i < 0 or i >= self.vocab_size]
+        if bad:
+            raise errors.invalid_argument(
+                f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})", "ids"
+            )
+        return self.plain.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+class Tokenizer:
+    """Tokenizes for every model of the repository, loading each version's tokenizer once."""
+
+    def __init__(self, repository: ModelRepository, max_inputs: int = 2048) -> None:
+        self.repository = repository
+        self.max_inputs = max_inputs
+        self._loaded: dict[tuple[str, str], LoadedTokenizer] = {}
+        self._lock = threading.Lock()
+
+    def _get(self, model_ref: str) -> LoadedTokenizer:
+        model = self.repository.resolve(model_ref)
+        key = (model.name, model.version)
+        loaded = self._loaded.get(key)
+        if loaded is not None:
+            return loaded
+        with self._lock:
+            loaded = self._loaded.get(key)
+            if loaded is None:
+                try:
+                    loaded = LoadedTokenizer(model)
+                except (OSError, ValueError) as exc:
+                    raise errors.failed_precondition(
+                        f"model {model.name}:{model.version} has no usable tokenizer: {exc}",
+                        reason="TOKENIZER_BROKEN",
+                        model=model.name,
+                    ) from exc
+                self._loaded[key] = loaded
+        return loaded
+
+    def preload(self) -> None:
+        """Loads every model's newest tokenizer so that first requests are not slow; broken models are logged."""
+        for name in self.repository.names():
+            try:
+                self._get(name)
+            except errors.TandemError as exc:
+                log.error("cannot load tokenizer of %s: %s", name, exc)
+
+    async def tokenize(
+        self, model_ref: str, texts: Sequence[str], pairs: Sequence[str], options: TokenizeOptions
+    ) -> Encoded:
+        if not texts:
+            raise errors.invalid_argument("at least one input is required", "inputs")
+        if len(texts) > self.max_inputs:
+            raise errors.invalid_argument(
+                f"{len(texts)} inputs exceed the limit of {self.max_inputs} per request",
+                "inputs",
+                reason=errors.TOO_MANY_INPUTS,
+            )
+        if pairs and len(pairs) != len(texts):
+            raise errors.invalid_argument(
+                f"{len(pairs)} pair texts for {len(texts)} texts; give one per text or none", "text_pairs"
+            )
+        chars = sum(len(t) for t in texts) + sum(len(p) for p in pairs)
+        if chars <= _INLINE_CHARS and (model := self._loaded_for(model_ref)) is not None:
+            return model.encode(texts, pairs, options)
+        return await asyncio.to_thread(lambda: self._get(model_ref).encode(texts, pairs, options))
+
+    def _loaded_for(self, model_ref: str) -> LoadedTokenizer | None:
+        model = self.repository.resolve(model_ref)
+        return self._loaded.get((model.name, model.version))
+
+    async def detokenize(self, model_ref: str, ids: Sequence[int], skip_special_tokens: bool) -> tuple[str, str]:
+        loaded = await asyncio.to_thread(self._get, model_ref)
+        return loaded.decode(ids, skip_special_tokens), loaded.model.name
