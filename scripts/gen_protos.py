@@ -40,10 +40,11 @@ def generate(out: Path) -> list[Path]:
         f"--plugin=protoc-gen-mypy={_plugin('protoc-gen-mypy')}",
         f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
         f"--python_out={out}",
+        "--mypy_opt=quiet",
         f"--mypy_out={out}",
         f"--grpc_python_out={out}",
         # Typed stubs for the generated servicers and stubs, so that mypy --strict checks their use.
-        "--mypy_grpc_opt=generate_concrete_servicer_stubs",
+        "--mypy_grpc_opt=generate_concrete_servicer_stubs,quiet",
         f"--mypy_grpc_out={out}",
         *sources,
     ]
