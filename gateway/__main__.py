@@ -27,6 +27,8 @@ def build_pipeline(settings: GatewaySettings) -> Pipeline:
         default_timeout_s=settings.default_timeout_s,
         max_inputs=settings.max_inputs,
         model_cache_ttl_s=settings.model_cache_ttl_s,
+        coalesce=settings.coalesce,
+        coalesce_max_inputs=settings.coalesce_max_inputs,
     )
 
 

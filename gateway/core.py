@@ -7,6 +7,7 @@ it returns to the caller, which keeps each hop to one serialization.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.clients import InferenceClient, PostprocessClient, TokenizerClient
+from gateway.coalescer import Coalescer
 from services.common import errors, tensors
 from tandem.inference.v1 import inference_pb2
 from tandem.model.v1 import model_pb2
@@ -34,11 +36,23 @@ _TASK_NAMES: dict[int, str] = {
 
 @dataclass(frozen=True)
 class Served:
-    """Which model and version answered, and how many tokens it read."""
+    """Which model and version answered, and how many tokens it read per input."""
 
     model: str
     version: str
-    prompt_tokens: int
+    token_counts: npt.NDArray[np.int32]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.token_counts.sum())
+
+    def part(self, start: int, stop: int) -> Served:
+        return Served(self.model, self.version, self.token_counts[start:stop])
+
+
+def _bounds(counts: list[int]) -> list[tuple[int, int]]:
+    edges = np.concatenate(([0], np.cumsum(counts))).tolist()
+    return list(itertools.pairwise(edges))
 
 
 @dataclass(frozen=True)
@@ -46,17 +60,26 @@ class Embeddings:
     served: Served
     vectors: npt.NDArray[np.float32]
 
+    def split(self, counts: list[int]) -> list[Embeddings]:
+        return [Embeddings(self.served.part(a, b), self.vectors[a:b]) for a, b in _bounds(counts)]
+
 
 @dataclass(frozen=True)
 class Classifications:
     served: Served
     results: Sequence[postprocess_pb2.Classification]
 
+    def split(self, counts: list[int]) -> list[Classifications]:
+        return [Classifications(self.served.part(a, b), self.results[a:b]) for a, b in _bounds(counts)]
+
 
 @dataclass(frozen=True)
 class TokenClassifications:
     served: Served
     results: Sequence[postprocess_pb2.TokenClassification]
+
+    def split(self, counts: list[int]) -> list[TokenClassifications]:
+        return [TokenClassifications(self.served.part(a, b), self.results[a:b]) for a, b in _bounds(counts)]
 
 
 @dataclass(frozen=True)
@@ -72,6 +95,22 @@ class Encodings:
     tokens: list[list[str]]
     offsets: list[npt.NDArray[np.int32]]
     special: list[npt.NDArray[np.uint8]]
+
+
+@dataclass(frozen=True)
+class EmbedKey:
+    """Requests merge only when everything but their inputs is the same."""
+
+    model: str
+    normalize: bool
+    truncate: bool
+
+
+@dataclass(frozen=True)
+class ClassifyKey:
+    model: str
+    top_k: int
+    truncate: bool
 
 
 class ModelCatalog:
@@ -107,13 +146,25 @@ class Pipeline:
         default_timeout_s: float = 30.0,
         max_inputs: int = 2048,
         model_cache_ttl_s: float = 1.0,
+        coalesce: bool = True,
+        coalesce_max_inputs: int = 256,
     ) -> None:
         self.tokenizer = tokenizer
         self.inference = inference
         self.postprocess = postprocess
         self.default_timeout_s = default_timeout_s
         self.max_inputs = max_inputs
+        self.coalesce = coalesce
         self.catalog = ModelCatalog(inference, model_cache_ttl_s)
+        self._embeds: Coalescer[EmbedKey, Embeddings] = Coalescer(
+            self._embed_run, Embeddings.split, max_inputs=coalesce_max_inputs
+        )
+        self._classifies: Coalescer[ClassifyKey, Classifications] = Coalescer(
+            self._classify_run, Classifications.split, max_inputs=coalesce_max_inputs
+        )
+        self._token_classifies: Coalescer[ClassifyKey, TokenClassifications] = Coalescer(
+            self._classify_tokens_run, TokenClassifications.split, max_inputs=coalesce_max_inputs
+        )
 
     def deadline(self, time_remaining: float | None) -> float:
         """Absolute monotonic deadline: the caller's, or the default when the caller set none."""
@@ -161,13 +212,24 @@ class Pipeline:
             deadline,
         )
         inferred = await self.inference.infer(inference_pb2.InferRequest(model=pinned, batch=tokenized.batch), deadline)
-        total = tensors.decode(tokenized.batch.cu_seqlens, "cu_seqlens")
-        return tokenized, inferred, Served(inferred.model, inferred.version, int(total[-1]))
+        cu = tensors.decode(tokenized.batch.cu_seqlens, "cu_seqlens")
+        return tokenized, inferred, Served(inferred.model, inferred.version, np.diff(cu).astype(np.int32))
+
+    def _coalescing(self, truncate: bool) -> bool:
+        # With truncate=false one caller's too-long input would fail everyone merged with it: run it alone.
+        return self.coalesce and truncate
 
     async def embed(
         self, ref: str, inputs: Sequence[str], normalize: bool, truncate: bool, deadline: float
     ) -> Embeddings:
         self._check_inputs(inputs, "inputs")
+        key = EmbedKey(ref, normalize, truncate)
+        if self._coalescing(truncate):
+            return await self._embeds.submit(key, inputs, deadline)
+        return await self._embed_run(key, list(inputs), deadline)
+
+    async def _embed_run(self, key: EmbedKey, inputs: list[str], deadline: float) -> Embeddings:
+        ref, normalize, truncate = key.model, key.normalize, key.truncate
         info = await self._model_for(ref, model_pb2.TASK_EMBEDDING, "Embed", deadline)
         tokenized, inferred, served = await self._tokenize_and_infer(info, inputs, truncate, deadline)
         pooled = await self.postprocess.pool(
@@ -189,6 +251,13 @@ class Pipeline:
         self._check_inputs(inputs, "inputs")
         if top_k < 0:
             raise errors.invalid_argument("top_k must be 0 (every label) or positive", "top_k")
+        key = ClassifyKey(ref, top_k, truncate)
+        if self._coalescing(truncate):
+            return await self._classifies.submit(key, inputs, deadline)
+        return await self._classify_run(key, list(inputs), deadline)
+
+    async def _classify_run(self, key: ClassifyKey, inputs: list[str], deadline: float) -> Classifications:
+        ref, top_k, truncate = key.model, key.top_k, key.truncate
         info = await self._model_for(ref, model_pb2.TASK_CLASSIFICATION, "Classify", deadline)
         _, inferred, served = await self._tokenize_and_infer(info, inputs, truncate, deadline)
         reply = await self.postprocess.classify(
@@ -203,6 +272,13 @@ class Pipeline:
         self, ref: str, inputs: Sequence[str], truncate: bool, deadline: float
     ) -> TokenClassifications:
         self._check_inputs(inputs, "inputs")
+        key = ClassifyKey(ref, 0, truncate)
+        if self._coalescing(truncate):
+            return await self._token_classifies.submit(key, inputs, deadline)
+        return await self._classify_tokens_run(key, list(inputs), deadline)
+
+    async def _classify_tokens_run(self, key: ClassifyKey, inputs: list[str], deadline: float) -> TokenClassifications:
+        ref, truncate = key.model, key.truncate
         info = await self._model_for(ref, model_pb2.TASK_TOKEN_CLASSIFICATION, "ClassifyTokens", deadline)
         tokenized, inferred, served = await self._tokenize_and_infer(info, inputs, truncate, deadline, offsets=True)
         reply = await self.postprocess.classify_tokens(
@@ -284,4 +360,5 @@ class Pipeline:
         return all(checks)
 
     async def close(self) -> None:
+        await asyncio.gather(self._embeds.close(), self._classifies.close(), self._token_classifies.close())
         await asyncio.gather(self.tokenizer.close(), self.inference.close(), self.postprocess.close())

@@ -20,4 +20,6 @@ class GatewaySettings(ServiceSettings):
     default_timeout_s: float = Field(30.0, gt=0, description="deadline for calls that set none")
     max_inputs: int = Field(2048, ge=1, description="most texts (or documents) in one request")
     model_cache_ttl_s: float = Field(1.0, ge=0, description="how long a model description is reused")
+    coalesce: bool = Field(True, description="merge concurrent requests for one model into one pipeline run")
+    coalesce_max_inputs: int = Field(256, ge=1, description="most texts in one merged run")
     health_interval_s: float = Field(1.0, gt=0, description="how often the stages' health is checked")

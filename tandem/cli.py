@@ -188,9 +188,9 @@ def serve(argv: Sequence[str]) -> int:
         print(
             "try:\n"
             f"  grpcurl -plaintext {address} list\n"
-            f"  grpcurl -plaintext -d '{{\"inputs\": [\"hello world\"]}}' {address} "
+            f'  grpcurl -plaintext -d \'{{"inputs": ["hello world"]}}\' {address} '
             "tandem.gateway.v1.GatewayService/Embed\n"
-            f"  buf curl --protocol grpc --http2-prior-knowledge --data '{{\"inputs\": [\"hello world\"]}}' "
+            f'  buf curl --protocol grpc --http2-prior-knowledge --data \'{{"inputs": ["hello world"]}}\' '
             f"http://{address}/tandem.gateway.v1.GatewayService/Embed",
             flush=True,
         )
@@ -207,7 +207,7 @@ def serve(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: tandem {serve,tokenizer,inference,postprocess,gateway} [options]"
+    usage = "usage: tandem {serve,bench,tokenizer,inference,postprocess,gateway} [options]"
     if not args or args[0] in ("-h", "--help"):
         print(usage)
         print("  serve        run all four services (gateway on 127.0.0.1:50051)")
@@ -215,10 +215,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("  inference    run the inference stage alone     (tandem inference --help)")
         print("  postprocess  run the postprocess stage alone   (tandem postprocess --help)")
         print("  gateway      run the gateway alone             (tandem gateway --help)")
+        print("  bench        load a running gateway and compare with the bare model (tandem bench --help)")
         sys.exit(0 if args else 2)
     command, rest = args[0], args[1:]
     if command == "serve":
         sys.exit(serve(rest))
+    if command == "bench":
+        from tandem import bench
+
+        sys.exit(bench.main(rest))
     if command in MODULES:
         os.execv(sys.executable, [sys.executable, "-m", MODULES[command], *rest])
     print(usage, file=sys.stderr)

@@ -38,7 +38,8 @@ class ModelConfig(BaseModel):
     pooling: Literal["mean", "cls", "max"] | None = Field(None, description="default from 1_Pooling/config.json")
     max_batch_size: int = Field(32, ge=1, description="sequences per model call")
     max_batch_tokens: int = Field(16384, ge=1, description="padded tokens per model call")
-    max_queue_delay_ms: float = Field(2.0, ge=0, description="longest wait for more work before a call")
+    # 0: an idle model starts at once; requests that arrive while it runs form the next batch (as in TEI).
+    max_queue_delay_ms: float = Field(0.0, ge=0, description="longest wait for more work before a call")
     max_queue_size: int = Field(2048, ge=1, description="sequences waiting before RESOURCE_EXHAUSTED")
 
 

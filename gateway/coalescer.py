@@ -1,0 +1,109 @@
+"""Merges concurrent gateway requests for the same model and options into one pipeline run.
+
+An idle key starts at once, so a lone request waits for nothing; requests that arrive while runs are in flight
+queue up and leave together as the next run. One tokenizer, one inference and one postprocess call then serve
+many callers, and each caller gets back exactly its own slice of the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+Key = TypeVar("Key", bound=Hashable)
+Result = TypeVar("Result")
+
+
+@dataclass
+class _Waiter(Generic[Result]):
+    inputs: Sequence[str]
+    future: asyncio.Future[Result]
+    deadline: float
+
+
+class Coalescer(Generic[Key, Result]):
+    """`run(key, inputs, deadline)` does one merged pipeline run; `split(result, counts)` cuts it per caller."""
+
+    def __init__(
+        self,
+        run: Callable[[Key, list[str], float], Awaitable[Result]],
+        split: Callable[[Result, list[int]], list[Result]],
+        *,
+        max_inputs: int = 256,
+        max_inflight: int = 2,
+    ) -> None:
+        self._run_fn = run
+        self._split = split
+        self.max_inputs = max_inputs
+        # Two runs per key keep the model busy: one is tokenized or postprocessed while the other runs.
+        self.max_inflight = max_inflight
+        self._queues: dict[Key, list[_Waiter[Result]]] = {}
+        self._inflight: Counter[Key] = Counter()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.runs = 0
+
+    async def submit(self, key: Key, inputs: Sequence[str], deadline: float) -> Result:
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._queues.setdefault(key, []).append(_Waiter(inputs, future, deadline))
+        self._start_runs(key)
+        # A cancelled caller cancels its future: its inputs are dropped if its run has not started yet.
+        return await future
+
+    def _take(self, key: Key) -> list[_Waiter[Result]]:
+        queue = self._queues.get(key, [])
+        taken: list[_Waiter[Result]] = []
+        count = 0
+        while queue and (not taken or count + len(queue[0].inputs) <= self.max_inputs):
+            waiter = queue.pop(0)
+            if waiter.future.done():
+                continue
+            taken.append(waiter)
+            count += len(waiter.inputs)
+        if not queue:
+            self._queues.pop(key, None)
+        return taken
+
+    def _start_runs(self, key: Key) -> None:
+        while self._inflight[key] < self.max_inflight:
+            batch = self._take(key)
+            if not batch:
+                return
+            self._inflight[key] += 1
+            task = asyncio.create_task(self._run(key, batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, key: Key, batch: list[_Waiter[Result]]) -> None:
+        try:
+            live = [w for w in batch if not w.future.done()]
+            if not live:
+                return
+            inputs = [text for w in live for text in w.inputs]
+            self.runs += 1
+            try:
+                result = await self._run_fn(key, inputs, max(w.deadline for w in live))
+                parts = self._split(result, [len(w.inputs) for w in live])
+            except Exception as exc:  # every caller of the run sees the run's error
+                for w in live:
+                    if not w.future.done():
+                        w.future.set_exception(exc)
+                return
+            for w, part in zip(live, parts, strict=True):
+                if not w.future.done():
+                    w.future.set_result(part)
+        finally:
+            self._inflight[key] -= 1
+            if self._inflight[key] <= 0:
+                del self._inflight[key]
+            self._start_runs(key)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,357 @@
+"""`tandem bench`: closed-loop load on a running gateway, and the bare model measured in-process in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from tandem.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+_WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "while",
+    "a",
+    "small",
+    "team",
+    "builds",
+    "fast",
+    "model",
+    "servers",
+    "for",
+    "search",
+    "and",
+    "ranking",
+    "on",
+    "cheap",
+    "machines",
+    "with",
+    "careful",
+    "engineering",
+    "every",
+    "request",
+    "travels",
+    "through",
+    "gateway",
+    "tokenizer",
+    "inference",
+    "postprocess",
+    "stages",
+    "that",
+    "scale",
+    "independently",
+    "across",
+    "nodes",
+    "in",
+    "the",
+    "cluster",
+    "latency",
+    "throughput",
+    "memory",
+    "cores",
+    "threads",
+    "batches",
+    "queues",
+    "deadlines",
+    "errors",
+    "metrics",
+    "traces",
+    "health",
+    "checks",
+    "versions",
+    "models",
+    "sentences",
+    "words",
+    "tokens",
+    "vectors",
+    "embeddings",
+    "similarity",
+    "music",
+    "guitar",
+    "weather",
+    "market",
+    "coffee",
+    "river",
+    "mountain",
+    "city",
+    "train",
+    "airport",
+    "garden",
+    "kitchen",
+    "library",
+    "museum",
+    "painting",
+    "history",
+    "science",
+    "language",
+    "travel",
+    "morning",
+]
+
+
+def make_texts(kind: str, count: int, seed: int = 0) -> list[str]:
+    """Deterministic synthetic sentences: 'short' (8-12 words, similar length) or 'mixed' (8-40 words)."""
+    rng = random.Random(seed)
+    low, high = (8, 12) if kind == "short" else (8, 40)
+    return [
+        " ".join(rng.choice(_WORDS) for _ in range(rng.randint(low, high))).capitalize() + "." for _ in range(count)
+    ]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+class BareModel:
+    """The model with nothing around it: fast tokenizer + ONNX Runtime + pooling, in this process."""
+
+    def __init__(self, version_dir: Path, onnx_path: Path, max_length: int, pooling: str, threads: int) -> None:
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(version_dir))
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name for i in self.session.get_inputs()}
+        self.max_length = max_length
+        self.pooling = pooling
+
+    def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
+        )
+        feed = {k: v.astype(np.int64) for k, v in enc.items() if k in self.inputs}
+        hidden = self.session.run(None, feed)[0]
+        mask = enc["attention_mask"][..., None].astype(np.float32)
+        pooled = hidden[:, 0] if self.pooling == "cls" else (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+        norms = np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+        result: npt.NDArray[np.float32] = (pooled / norms).astype(np.float32)
+        return result
+
+    def measure(self, texts: Sequence[str], batch: int) -> dict[str, float]:
+        """texts/s one at a time, in naive batches, and in length-sorted batches; the ceiling is the best."""
+        for text in texts[:8]:
+            self.embed([text])
+        t0 = time.perf_counter()
+        latencies = []
+        for text in texts:
+            s = time.perf_counter()
+            self.embed([text])
+            latencies.append(time.perf_counter() - s)
+        single = len(texts) / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for i in range(0, len(texts), batch):
+            self.embed(texts[i : i + batch])
+        naive = len(texts) / (time.perf_counter() - t0)
+        ordered = sorted(texts, key=len)
+        t0 = time.perf_counter()
+        for i in range(0, len(ordered), batch):
+            self.embed(ordered[i : i + batch])
+        sorted_rate = len(texts) / (time.perf_counter() - t0)
+        return {
+            "single_texts_per_s": single,
+            "single_p50_ms": statistics.median(latencies) * 1000,
+            "naive_batch_texts_per_s": naive,
+            "sorted_batch_texts_per_s": sorted_rate,
+            "ceiling_texts_per_s": max(single, sorted_rate),
+        }
+
+
+@dataclass
+class Cell:
+    concurrency: int
+    texts_per_request: int
+    requests: int = 0
+    texts: int = 0
+    seconds: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
+    failure_latencies_ms: list[float] = field(default_factory=list, repr=False)
+    codes: Counter[str] = field(default_factory=Counter)
+    late: int = 0
+
+    def summary(self, ceiling: float) -> dict[str, Any]:
+        rate = self.texts / self.seconds if self.seconds else 0.0
+        return {
+            "concurrency": self.concurrency,
+            "texts_per_request": self.texts_per_request,
+            "requests": self.requests,
+            "texts_per_s": rate,
+            "ratio_to_bare": rate / ceiling if ceiling else float("nan"),
+            "p50_ms": percentile(self.latencies_ms, 50),
+            "p90_ms": percentile(self.latencies_ms, 90),
+            "p99_ms": percentile(self.latencies_ms, 99),
+            "codes": dict(self.codes),
+            "failed_p50_ms": percentile(self.failure_latencies_ms, 50),
+            "failed_max_ms": max(self.failure_latencies_ms, default=float("nan")),
+            "late_successes": self.late,
+        }
+
+
+async def run_cell(
+    target: str,
+    model: str,
+    texts: Sequence[str],
+    cell: Cell,
+    requests: int,
+    deadline_s: float,
+    progress: Any,
+) -> None:
+    """`concurrency` callers, each sending its next request as soon as the last one returns."""
+    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        counter = iter(range(requests))
+        warm = gateway_pb2.EmbedRequest(model=model, inputs=list(texts[: cell.texts_per_request]))
+        await stub.Embed(warm, timeout=60)
+
+        async def caller(worker: int) -> None:
+            cursor = worker * 7919
+            for _ in counter:
+                batch = [texts[(cursor + j) % len(texts)] for j in range(cell.texts_per_request)]
+                cursor += cell.texts_per_request
+                start = time.perf_counter()
+                try:
+                    await stub.Embed(gateway_pb2.EmbedRequest(model=model, inputs=batch), timeout=deadline_s)
+                except grpc.aio.AioRpcError as exc:
+                    cell.failure_latencies_ms.append((time.perf_counter() - start) * 1000)
+                    cell.codes[exc.code().name] += 1
+                    progress.update(1)
+                    continue
+                elapsed = time.perf_counter() - start
+                cell.latencies_ms.append(elapsed * 1000)
+                cell.late += elapsed > deadline_s
+                cell.codes["OK"] += 1
+                cell.texts += len(batch)
+                cell.requests += 1
+                progress.update(1)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(caller(w) for w in range(cell.concurrency)))
+        cell.seconds = time.perf_counter() - t0
+
+
+def _grid(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _locate_model(repository: Path, model: str) -> tuple[Path, Path, int, str]:
+    from services.common.repository import ModelRepository
+
+    version = ModelRepository(repository).resolve(model)
+    onnx = version.path / "model.onnx"
+    if not onnx.exists():
+        raise SystemExit(f"{onnx} does not exist: start `tandem serve` once so the model is exported")
+    return version.path, onnx, version.max_length, version.pooling
+
+
+def plot(results: list[dict[str, Any]], ceiling: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for size in sorted({r["texts_per_request"] for r in results}):
+        rows = sorted((r for r in results if r["texts_per_request"] == size), key=lambda r: r["concurrency"])
+        xs = [r["concurrency"] for r in rows]
+        left.plot(xs, [r["texts_per_s"] for r in rows], marker="o", label=f"{size} text(s)/request")
+        right.plot(xs, [r["p99_ms"] for r in rows], marker="o", label=f"{size} text(s)/request")
+    left.axhline(ceiling, color="grey", linestyle="--", label="bare model ceiling")
+    for axis, title in ((left, "throughput (texts/s)"), (right, "p99 latency (ms)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrency")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: Sequence[str]) -> int:
+    from tqdm import tqdm
+
+    from services.common.default_model import DEFAULT_MODEL_NAME
+    from services.common.settings import default_home
+
+    parser = argparse.ArgumentParser(prog="tandem bench", description=__doc__)
+    parser.add_argument("--target", default="127.0.0.1:50051", help="gateway address")
+    parser.add_argument("--model", default=DEFAULT_MODEL_NAME)
+    parser.add_argument("--model-repository", type=Path, default=None, help="default: the built-in repository")
+    parser.add_argument("--home", type=Path, default=default_home())
+    parser.add_argument("--concurrency", default="1,4,32", help="comma-separated grid")
+    parser.add_argument("--texts-per-request", default="1,32", help="comma-separated grid")
+    parser.add_argument("--texts", choices=("short", "mixed"), default="short")
+    parser.add_argument("--corpus", type=int, default=512, help="distinct texts")
+    parser.add_argument("--texts-per-cell", type=int, default=1024, help="texts sent in each grid cell (at least)")
+    parser.add_argument("--deadline-s", type=float, default=30.0)
+    parser.add_argument("--bare-batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="bare model's ONNX threads")
+    parser.add_argument("--skip-bare", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    opts = parser.parse_args(argv)
+
+    texts = make_texts(opts.texts, opts.corpus)
+    bare: dict[str, float] = {}
+    if not opts.skip_bare:
+        from services.common.default_model import ensure_default_repository
+
+        repository = opts.model_repository or ensure_default_repository(opts.home)
+        version_dir, onnx, max_length, pooling = _locate_model(repository, opts.model)
+        print(f"bare model: {onnx} ({opts.threads} threads)", flush=True)
+        bare = BareModel(version_dir, onnx, max_length, pooling, opts.threads).measure(texts, opts.bare_batch)
+        print(
+            "bare: one at a time {single_texts_per_s:.1f} texts/s (p50 {single_p50_ms:.2f} ms); "
+            "batches of {b}: naive {naive_batch_texts_per_s:.1f}, length-sorted {sorted_batch_texts_per_s:.1f} "
+            "texts/s; ceiling {ceiling_texts_per_s:.1f}".format(b=opts.bare_batch, **bare),
+            flush=True,
+        )
+    ceiling = bare.get("ceiling_texts_per_s", 0.0)
+    results = []
+    grid = [(c, n) for n in _grid(opts.texts_per_request) for c in _grid(opts.concurrency)]
+    for concurrency, size in grid:
+        requests = max(concurrency * 4, opts.texts_per_cell // size)
+        cell = Cell(concurrency, size)
+        with tqdm(total=requests, desc=f"c={concurrency:<4} n={size:<3}", leave=False, unit="req") as progress:
+            asyncio.run(run_cell(opts.target, opts.model, texts, cell, requests, opts.deadline_s, progress))
+        summary = cell.summary(ceiling)
+        results.append(summary)
+        print(
+            f"concurrency {concurrency:>4}  texts/request {size:>3}  {summary['texts_per_s']:8.1f} texts/s  "
+            f"x{summary['ratio_to_bare']:.2f} bare  p50 {summary['p50_ms']:7.2f}  p90 {summary['p90_ms']:7.2f}  "
+            f"p99 {summary['p99_ms']:7.2f} ms  codes {summary['codes']}",
+            flush=True,
+        )
+    opts.out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "machine": {"cpus": os.cpu_count(), "uname": " ".join(os.uname())},
+        "settings": {k: str(v) for k, v in vars(opts).items()},
+        "bare": bare,
+        "results": results,
+    }
+    (opts.out / "bench.json").write_text(json.dumps(report, indent=2))
+    plot(results, ceiling, opts.out / "bench.png")
+    print(f"wrote {opts.out / 'bench.json'} and {opts.out / 'bench.png'}")
+    return 0

@@ -1,0 +1,84 @@
+"""The gateway's request coalescer: merged runs, exact per-caller slices, errors and cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from gateway.coalescer import Coalescer
+
+
+class Recorder:
+    """A pipeline stand-in that echoes its inputs, upper-cased, and records each run."""
+
+    def __init__(self, delay_s: float = 0.01, fail_on: str | None = None) -> None:
+        self.runs: list[list[str]] = []
+        self.delay_s = delay_s
+        self.fail_on = fail_on
+        self.started = asyncio.Event()
+
+    async def run(self, key: str, inputs: list[str], deadline: float) -> list[str]:
+        self.runs.append(list(inputs))
+        self.started.set()
+        await asyncio.sleep(self.delay_s)
+        if self.fail_on is not None and self.fail_on in inputs:
+            raise ValueError(f"bad input {self.fail_on}")
+        return [f"{key}:{text.upper()}" for text in inputs]
+
+
+def split(result: list[str], counts: list[int]) -> list[list[str]]:
+    out, start = [], 0
+    for n in counts:
+        out.append(result[start : start + n])
+        start += n
+    return out
+
+
+async def test_every_caller_gets_exactly_its_own_rows() -> None:
+    recorder = Recorder()
+    coalescer: Coalescer[str, list[str]] = Coalescer(recorder.run, split, max_inputs=64)
+    rng = random.Random(1)
+    requests = [[f"r{i}-{j}" for j in range(rng.randint(1, 7))] for i in range(200)]
+    keys = [rng.choice(["a", "b"]) for _ in requests]
+    results = await asyncio.gather(*(coalescer.submit(k, r, 1e9) for k, r in zip(keys, requests, strict=True)))
+    for key, request, result in zip(keys, requests, results, strict=True):
+        assert result == [f"{key}:{t.upper()}" for t in request]
+    assert coalescer.runs < len(requests) / 4  # merged, not one run per caller
+    assert all(sum(1 for _ in run) <= 64 for run in recorder.runs)
+
+
+async def test_an_idle_key_starts_at_once_with_just_that_request() -> None:
+    recorder = Recorder()
+    coalescer: Coalescer[str, list[str]] = Coalescer(recorder.run, split)
+    assert await coalescer.submit("k", ["only"], 1e9) == ["k:ONLY"]
+    assert recorder.runs == [["only"]]
+
+
+async def test_a_failed_run_fails_its_callers_only() -> None:
+    recorder = Recorder(fail_on="poison")
+    coalescer: Coalescer[str, list[str]] = Coalescer(recorder.run, split, max_inflight=1)
+    first = asyncio.create_task(coalescer.submit("k", ["fine"], 1e9))
+    await recorder.started.wait()
+    merged = [asyncio.create_task(coalescer.submit("k", [t], 1e9)) for t in ("poison", "x")]
+    done = await asyncio.gather(first, *merged, return_exceptions=True)
+    assert done[0] == ["k:FINE"]
+    assert all(isinstance(d, ValueError) and "poison" in str(d) for d in done[1:])
+    assert await coalescer.submit("k", ["after"], 1e9) == ["k:AFTER"]
+
+
+async def test_a_cancelled_caller_is_dropped_before_its_run() -> None:
+    recorder = Recorder(delay_s=0.05)
+    coalescer: Coalescer[str, list[str]] = Coalescer(recorder.run, split, max_inflight=1)
+    first = asyncio.create_task(coalescer.submit("k", ["first"], 1e9))
+    await recorder.started.wait()
+    doomed = asyncio.create_task(coalescer.submit("k", ["doomed"], 1e9))
+    kept = asyncio.create_task(coalescer.submit("k", ["kept"], 1e9))
+    await asyncio.sleep(0)
+    doomed.cancel()
+    assert await first == ["k:FIRST"]
+    assert await kept == ["k:KEPT"]
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    assert recorder.runs == [["first"], ["kept"]]
