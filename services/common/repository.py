@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -135,10 +136,14 @@ def parse_reference(ref: str) -> tuple[str, str | None]:
 class ModelRepository:
     """Reads models from a repository folder; resolves 'name' (latest version) and 'name:version'."""
 
-    def __init__(self, root: Path, default_model: str | None = None) -> None:
+    def __init__(self, root: Path, default_model: str | None = None, rescan_s: float = 1.0) -> None:
         self.root = root
+        self.rescan_s = rescan_s
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str], ModelVersion] = {}
+        # Version listings are reused for `rescan_s`, so a request costs no directory scan on the event loop,
+        # while a version folder added to the repository is still seen within a second.
+        self._listings: dict[str, tuple[float, list[str] | None]] = {}
         names = self.names()
         self.default_model = default_model or (names[0] if len(names) == 1 else None)
 
@@ -172,6 +177,23 @@ class ModelRepository:
                 f"model {name!r} has an invalid {CONFIG_FILE}: {exc}", reason="MODEL_CONFIG_INVALID", model=name
             ) from exc
 
+    def _listed_versions(self, name: str) -> list[str]:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._listings.get(name)
+        if hit is None or hit[0] <= now:
+            try:
+                listing: list[str] | None = self.versions(name)
+            except errors.TandemError:
+                listing = None
+            hit = (now + self.rescan_s, listing)
+            if listing is not None:  # unknown names are not kept: callers choose them, memory must not grow
+                with self._lock:
+                    self._listings[name] = hit
+        if hit[1] is None:
+            raise errors.not_found(f"model {name!r} not found", model=name)
+        return hit[1]
+
     def resolve(self, ref: str) -> ModelVersion:
         """The model version a request names; NOT_FOUND for unknown models or versions."""
         name, version = parse_reference(ref)
@@ -179,7 +201,7 @@ class ModelRepository:
             if self.default_model is None:
                 raise errors.invalid_argument("no model named and this server has no default model", "model")
             name = self.default_model
-        versions = self.versions(name)
+        versions = self._listed_versions(name)
         if not versions:
             raise errors.not_found(f"model {name!r} has no versions", model=name)
         if version is None:

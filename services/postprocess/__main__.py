@@ -1,0 +1,51 @@
+"""Runs the postprocess stage: settings -> core -> servicer -> server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from services.common import logging as tandem_logging
+from services.common.default_model import repository_root
+from services.common.repository import ModelRepository
+from services.common.server import start_server, wait_for_termination
+from services.postprocess.core import Postprocessor
+from services.postprocess.servicer import registrar
+from services.postprocess.settings import PostprocessSettings
+
+log = logging.getLogger(__name__)
+
+
+def build_core(settings: PostprocessSettings) -> Postprocessor:
+    repository = ModelRepository(repository_root(settings.model_repository, settings.home), settings.default_model)
+    return Postprocessor(repository)
+
+
+async def serve(settings: PostprocessSettings) -> None:
+    core = build_core(settings)
+    await asyncio.to_thread(core.preload)
+    running = await start_server(
+        settings.listen,
+        [registrar(core)],
+        reflection_enabled=settings.reflection,
+        max_message_bytes=settings.max_message_bytes,
+        address_file=settings.address_file,
+    )
+    log.info("postprocess serving on %s", running.address)
+
+    async def close() -> None:
+        return None
+
+    await wait_for_termination(running, settings.grace_s, close)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = PostprocessSettings.from_args(sys.argv[1:] if argv is None else argv, "tandem postprocess")
+    tandem_logging.configure(settings.log_level, settings.json_logs, service="postprocess")
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,398 @@
+"""Postprocess domain: model outputs as numpy arrays to embeddings, ranked labels, entities and relevance scores."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from services.common import errors
+from services.common.repository import ModelRepository, ModelVersion, Task
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int32]
+
+T = TypeVar("T")
+
+# Up to this many input elements a request is handled on the event loop: vectorised numpy over them takes well
+# under a millisecond, about the cost of a hop to a thread. Larger requests go to a worker thread.
+_INLINE_ELEMENTS = 1 << 16
+# Entities are built one Python object each, so token classification also stays inline only for short batches.
+_INLINE_TOKENS = 2048
+
+POOLINGS = ("mean", "cls", "max")
+
+# What sentence-transformers clamps the token count to and torch.nn.functional.normalize clamps the norm to.
+_MIN_TOKENS = 1e-9
+_MIN_NORM = 1e-12
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    """One label of a sequence and its probability."""
+
+    label: str
+    score: float
+    index: int
+
+
+@dataclass(frozen=True)
+class Entity:
+    """A span of the input text tagged with an entity type; start and end are code point offsets."""
+
+    label: str
+    score: float
+    start: int
+    end: int
+    text: str
+
+
+@dataclass(frozen=True)
+class RankedDocument:
+    """One document's relevance; index is its position in the request."""
+
+    index: int
+    score: float
+
+
+def softmax(logits: FloatArray) -> FloatArray:
+    """Row-wise softmax in float32, computed the way TokenClassificationPipeline does (max shift, then exp)."""
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs: FloatArray = (shifted / shifted.sum(axis=-1, keepdims=True)).astype(np.float32, copy=False)
+    return probs
+
+
+def sigmoid(logits: FloatArray) -> FloatArray:
+    """Element-wise logistic function; exp only of non-positive numbers, so large logits cannot overflow."""
+    e = np.exp(-np.abs(logits))
+    probs: FloatArray = np.where(logits >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32, copy=False)
+    return probs
+
+
+def l2_normalize(rows: npt.NDArray[np.floating]) -> FloatArray:
+    """Rows scaled to unit L2 norm, with torch.nn.functional.normalize's epsilon so zero rows stay zero."""
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    unit: FloatArray = (rows / np.maximum(norms, _MIN_NORM)).astype(np.float32, copy=False)
+    return unit
+
+
+class EmbeddingPostprocessor:
+    """Pools the token rows of each sequence into one sentence embedding, as sentence-transformers' Pooling does.
+
+    Sequences are ragged: sequence i is rows cu_seqlens[i]:cu_seqlens[i+1]. Every row is a real token (there is no
+    padding), so sentence-transformers' masked mean is the plain mean over the sequence's rows. Callers must pass
+    non-empty sequences: np.*.reduceat gives the row at the index, not an empty reduction, for a zero-length segment.
+    """
+
+    def __init__(self, pooling: str) -> None:
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        self.pooling = pooling
+
+    def pool(self, token_embeddings: FloatArray, cu_seqlens: IntArray, normalize: bool = False) -> FloatArray:
+        starts = cu_seqlens[:-1]
+        pooled: npt.NDArray[np.floating]
+        if self.pooling == "cls":
+            pooled = token_embeddings[starts]
+        elif self.pooling == "max":
+            pooled = np.maximum.reduceat(token_embeddings, starts, axis=0)
+        else:
+            # A float64 accumulator: reduceat sums sequentially, and float32 drifts over thousands of tokens.
+            sums = np.add.reduceat(token_embeddings, starts, axis=0, dtype=np.float64)
+            counts = np.maximum(np.diff(cu_seqlens).astype(np.float64), _MIN_TOKENS)
+            pooled = sums / counts[:, None]
+        if normalize:
+            return l2_normalize(pooled)
+        return pooled.astype(np.float32, copy=False)
+
+
+class SequenceClassificationPostprocessor:
+    """Sequence logits to labels with probabilities, best first: softmax, or an independent sigmoid per label for
+    multi-label models (problem_type "multi_label_classification"), as the text-classification pipeline does."""
+
+    def __init__(self, labels: Sequence[str], multi_label: bool = False) -> None:
+        self.labels = tuple(labels)
+        self.multi_label = multi_label
+
+    def probabilities(self, logits: FloatArray) -> FloatArray:
+        return sigmoid(logits) if self.multi_label else softmax(logits)
+
+    def classify(self, logits: FloatArray, top_k: int = 0) -> list[list[LabelScore]]:
+        """One ranked list per row of logits [n, len(labels)]; top_k 0 keeps every label."""
+        probs = self.probabilities(logits)
+        # Stable, so equal probabilities keep label order, as Python's sorted() does in the reference pipeline.
+        order = np.argsort(-probs, axis=1, kind="stable")
+        if top_k > 0:
+            order = order[:, :top_k]
+        ranked = np.take_along_axis(probs, order, axis=1)
+        return [
+            [LabelScore(self.labels[i], s, i) for i, s in zip(indices, scores, strict=True)]
+            for indices, scores in zip(order.tolist(), ranked.tolist(), strict=True)
+        ]
+
+
+def _tag(label: str) -> tuple[bool, str]:
+    """(begins an entity, entity type) of a label, as TokenClassificationPipeline.get_tag reads B-/I- prefixes."""
+    if label.startswith("B-"):
+        return True, label[2:]
+    if label.startswith("I-"):
+        return False, label[2:]
+    # Not in B-/I- form (such as "O"): a continuation of whatever has the same label.
+    return False, label
+
+
+class TokenClassificationPostprocessor:
+    """Token logits to entities: transformers' TokenClassificationPipeline with aggregation_strategy="simple".
+
+    Per token: softmax, then the argmax label and its probability; special tokens are skipped. Consecutive remaining
+    tokens of one sequence join a group while their entity type stays the same and no B- label starts a new one
+    (`group_entities`). A group is named after its first token's label with the prefix removed
+    (`group_sub_entities`), and groups named in ignore_labels ("O") are dropped. An entity's score is the mean of its
+    tokens' probabilities; it spans from its first token's start offset to its last token's end offset.
+    """
+
+    def __init__(self, labels: Sequence[str], ignore_labels: Sequence[str] = ("O",)) -> None:
+        self.labels = tuple(labels)
+        tags = [_tag(label) for label in self.labels]
+        type_ids: dict[str, int] = {}
+        self._begins = np.array([begins for begins, _ in tags], dtype=bool)
+        self._type = np.array([type_ids.setdefault(t, len(type_ids)) for _, t in tags], dtype=np.int64)
+        # The pipeline names a group with split("-", 1)[-1], which differs from get_tag for labels like "E-PER".
+        self._group_names = [label.split("-", 1)[-1] for label in self.labels]
+        self._kept = np.array([name not in ignore_labels for name in self._group_names], dtype=bool)
+
+    def entities(
+        self,
+        logits: FloatArray,
+        cu_seqlens: IntArray,
+        offsets: IntArray,
+        special_tokens_mask: npt.NDArray[np.uint8],
+        texts: Sequence[str],
+    ) -> list[list[Entity]]:
+        """Entities per sequence in text order; offsets [total_tokens, 2] index into the sequence's text."""
+        count = len(cu_seqlens) - 1
+        results: list[list[Entity]] = [[] for _ in range(count)]
+        probs = softmax(logits)
+        label_ids = probs.argmax(axis=1)
+        scores = np.take_along_axis(probs, label_ids[:, None], axis=1)[:, 0]
+        sequence = np.repeat(np.arange(count), np.diff(cu_seqlens))
+        kept = special_tokens_mask == 0
+        label_ids, scores, sequence, spans = label_ids[kept], scores[kept], sequence[kept], offsets[kept]
+        if len(label_ids) == 0:
+            return results
+        # A token starts a group at the start of its sequence, when the entity type changes, or on any B- label.
+        starts_group = np.ones(len(label_ids), dtype=bool)
+        types = self._type[label_ids]
+        starts_group[1:] = (sequence[1:] != sequence[:-1]) | (types[1:] != types[:-1]) | self._begins[label_ids[1:]]
+        first = np.flatnonzero(starts_group)
+        last = np.append(first[1:], len(label_ids)) - 1
+        means = np.add.reduceat(scores, first, dtype=np.float64) / (last - first + 1)
+        group_labels = label_ids[first]
+        for g in np.flatnonzero(self._kept[group_labels]).tolist():
+            i = int(sequence[first[g]])
+            start, end = int(spans[first[g], 0]), int(spans[last[g], 1])
+            name = self._group_names[int(group_labels[g])]
+            results[i].append(Entity(name, float(means[g]), start, end, texts[i][start:end]))
+        return results
+
+
+class RerankPostprocessor:
+    """Pair logits to relevance, best first: sigmoid of a cross-encoder's single logit, or the probability of the
+    "relevant" class (index 1) of a two-class pair classifier."""
+
+    def scores(self, logits: FloatArray) -> FloatArray:
+        if logits.shape[1] == 1:
+            return sigmoid(logits[:, 0])
+        return softmax(logits)[:, 1]
+
+    def rank(self, logits: FloatArray, top_n: int = 0) -> list[RankedDocument]:
+        """Documents best first; top_n 0 keeps all. Equal scores keep request order."""
+        scores = self.scores(logits)
+        order = np.argsort(-scores, kind="stable")
+        if top_n > 0:
+            order = order[:top_n]
+        return [RankedDocument(i, s) for i, s in zip(order.tolist(), scores[order].tolist(), strict=True)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation: everything a request can get wrong becomes INVALID_ARGUMENT naming the request field.
+
+
+def _require_finite(array: npt.NDArray[np.floating], field: str) -> None:
+    if not bool(np.isfinite(array).all()):
+        raise errors.invalid_argument(f"{field} contains NaN or infinite values", field)
+
+
+def _require_rows(array: npt.NDArray[np.generic], rows: int, field: str, what: str) -> None:
+    if array.shape[0] != rows:
+        raise errors.invalid_argument(f"{field} has {array.shape[0]} rows but {what} says {rows}", field)
+
+
+def _check_cu_seqlens(cu_seqlens: IntArray, field: str) -> IntArray:
+    """Cumulative lengths: at least one sequence, starting at 0 and never decreasing. The token tensors are then
+    checked against its last entry, so that a mismatch names the tensor rather than cu_seqlens."""
+    if cu_seqlens.ndim != 1 or len(cu_seqlens) < 2:
+        raise errors.invalid_argument(f"{field} needs at least two entries (one sequence)", field)
+    if cu_seqlens[0] != 0 or bool(np.any(np.diff(cu_seqlens) < 0)):
+        raise errors.invalid_argument(f"{field} must start at 0 and never decrease", field)
+    return cu_seqlens
+
+
+def _check_top(value: int, field: str) -> None:
+    if value < 0:
+        raise errors.invalid_argument(f"{field} must be 0 (keep all) or positive, got {value}", field)
+
+
+def _check_label_columns(logits: FloatArray, model: ModelVersion, field: str) -> None:
+    if logits.shape[1] != len(model.labels):
+        raise errors.invalid_argument(
+            f"{field} has {logits.shape[1]} columns but model {model.name}:{model.version} has"
+            f" {len(model.labels)} labels",
+            field,
+        )
+
+
+def _check_not_empty(array: npt.NDArray[np.generic], field: str) -> None:
+    if array.shape[0] == 0:
+        raise errors.invalid_argument(f"{field} has no rows; at least one input is required", field)
+
+
+class Postprocessor:
+    """The postprocess stage: resolves the model version that produced the outputs, checks the outputs against it,
+    and runs the postprocessor for its task."""
+
+    def __init__(self, repository: ModelRepository) -> None:
+        self.repository = repository
+
+    def preload(self) -> None:
+        """Reads every model's newest version so that broken models show in the log at start, not at first call."""
+        for name in self.repository.names():
+            try:
+                self.repository.resolve(name)
+            except errors.TandemError as exc:
+                log.error("cannot read model %s: %s", name, exc)
+
+    def _model(self, model: str, version: str, task: Task) -> ModelVersion:
+        if version and not version.isdigit():
+            raise errors.invalid_argument(f"version must be a number, got {version!r}", "version")
+        resolved = self.repository.resolve(f"{model}:{version}" if version else model)
+        if resolved.task != task:
+            raise errors.invalid_argument(
+                f"model {resolved.name}:{resolved.version} is for {resolved.task.value}, not {task.value}",
+                "model",
+                reason=errors.WRONG_TASK,
+                model=resolved.name,
+                task=resolved.task.value,
+            )
+        return resolved
+
+    @staticmethod
+    async def _run(inline: bool, work: Callable[[], T]) -> T:
+        if inline:
+            return work()
+        return await asyncio.to_thread(work)
+
+    async def pool(
+        self, model: str, version: str, token_embeddings: FloatArray, cu_seqlens: IntArray, normalize: bool
+    ) -> FloatArray:
+        """Sentence embeddings [n, dim] from token embeddings [total_tokens, dim], pooled as the model says."""
+
+        def work() -> FloatArray:
+            resolved = self._model(model, version, Task.EMBEDDING)
+            cu = _check_cu_seqlens(cu_seqlens, "cu_seqlens")
+            if bool(np.any(np.diff(cu) == 0)):
+                raise errors.invalid_argument(
+                    "cu_seqlens has an empty sequence; every sequence needs at least one token", "cu_seqlens"
+                )
+            _require_rows(token_embeddings, int(cu[-1]), "token_embeddings", "cu_seqlens")
+            if resolved.hidden_size and token_embeddings.shape[1] != resolved.hidden_size:
+                raise errors.invalid_argument(
+                    f"token_embeddings has {token_embeddings.shape[1]} columns but model"
+                    f" {resolved.name}:{resolved.version} has hidden size {resolved.hidden_size}",
+                    "token_embeddings",
+                )
+            _require_finite(token_embeddings, "token_embeddings")
+            return EmbeddingPostprocessor(resolved.pooling).pool(token_embeddings, cu, normalize)
+
+        return await self._run(token_embeddings.size <= _INLINE_ELEMENTS, work)
+
+    async def classify(self, model: str, version: str, logits: FloatArray, top_k: int) -> list[list[LabelScore]]:
+        """Ranked labels per row of logits [n, num_labels]."""
+
+        def work() -> list[list[LabelScore]]:
+            resolved = self._model(model, version, Task.CLASSIFICATION)
+            _check_top(top_k, "top_k")
+            _check_not_empty(logits, "logits")
+            _check_label_columns(logits, resolved, "logits")
+            _require_finite(logits, "logits")
+            return SequenceClassificationPostprocessor(resolved.labels, resolved.multi_label).classify(logits, top_k)
+
+        return await self._run(logits.size <= _INLINE_ELEMENTS, work)
+
+    async def classify_tokens(
+        self,
+        model: str,
+        version: str,
+        logits: FloatArray,
+        cu_seqlens: IntArray,
+        offsets: IntArray,
+        special_tokens_mask: npt.NDArray[np.uint8],
+        texts: Sequence[str],
+    ) -> list[list[Entity]]:
+        """Entities per text from token logits [total_tokens, num_labels] and the tokens' offsets and special mask."""
+
+        def work() -> list[list[Entity]]:
+            resolved = self._model(model, version, Task.TOKEN_CLASSIFICATION)
+            cu = _check_cu_seqlens(cu_seqlens, "batch.cu_seqlens")
+            total = int(cu[-1])
+            _require_rows(logits, total, "logits", "batch.cu_seqlens")
+            _check_label_columns(logits, resolved, "logits")
+            _require_finite(logits, "logits")
+            if offsets.ndim != 2 or offsets.shape[1] != 2:
+                raise errors.invalid_argument(
+                    f"batch.offsets must have shape [total_tokens, 2], got {list(offsets.shape)}", "batch.offsets"
+                )
+            _require_rows(offsets, total, "batch.offsets", "batch.cu_seqlens")
+            _require_rows(special_tokens_mask, total, "batch.special_tokens_mask", "batch.cu_seqlens")
+            if len(texts) != len(cu) - 1:
+                raise errors.invalid_argument(
+                    f"{len(texts)} texts for {len(cu) - 1} sequences; give one text per sequence", "texts"
+                )
+            # Offsets must lie inside their own text, or entity texts would be silently cut short.
+            text_lengths = np.repeat(np.array([len(t) for t in texts], dtype=np.int64), np.diff(cu))
+            starts, ends = offsets[:, 0], offsets[:, 1]
+            if bool(np.any((starts < 0) | (starts > ends) | (ends > text_lengths))):
+                raise errors.invalid_argument(
+                    "batch.offsets has a span outside its text (offsets are code points into texts)", "batch.offsets"
+                )
+            return TokenClassificationPostprocessor(resolved.labels).entities(
+                logits, cu, offsets, special_tokens_mask, texts
+            )
+
+        return await self._run(logits.size <= _INLINE_ELEMENTS and logits.shape[0] <= _INLINE_TOKENS, work)
+
+    async def rerank(self, model: str, version: str, logits: FloatArray, top_n: int) -> list[RankedDocument]:
+        """Documents best first from pair logits [n, 1] or [n, 2]."""
+
+        def work() -> list[RankedDocument]:
+            resolved = self._model(model, version, Task.RERANK)
+            _check_top(top_n, "top_n")
+            _check_not_empty(logits, "logits")
+            if logits.shape[1] not in (1, 2):
+                raise errors.invalid_argument(
+                    f"logits must have 1 column (a relevance logit) or 2 (a pair classifier), got {logits.shape[1]}",
+                    "logits",
+                )
+            if resolved.labels:
+                _check_label_columns(logits, resolved, "logits")
+            _require_finite(logits, "logits")
+            return RerankPostprocessor().rank(logits, top_n)
+
+        return await self._run(logits.size <= _INLINE_ELEMENTS, work)
