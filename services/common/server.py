@@ -105,6 +105,10 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        # Connections are recycled now and then so that clients re-resolve DNS and find replicas added by a
+        # scale-out (gRPC only re-resolves when a connection goes away); in-flight calls get the grace period.
+        ("grpc.max_connection_age_ms", 60_000),
+        ("grpc.max_connection_age_grace_ms", 30_000),
     ]
 
 
