@@ -179,3 +179,29 @@ def test_sigterm_stops_every_process(home: Path, gateway: tuple[str, subprocess.
     for pid in children:
         with pytest.raises(ProcessLookupError):
             os.kill(int(pid), 0)
+
+
+BUF = Path(__file__).resolve().parent.parent / ".tools" / "node_modules" / ".bin" / "buf"
+
+
+@pytest.mark.skipif(not BUF.exists(), reason="buf CLI not installed (scripts/setup.sh --dev installs it)")
+def test_buf_curl_with_reflection_only(gateway: tuple[str, subprocess.Popen[str]]) -> None:
+    """What a newcomer types: list methods and call Embed with no proto files, through reflection."""
+    base = [str(BUF), "curl", "--protocol", "grpc", "--http2-prior-knowledge"]
+    listed = subprocess.run(
+        [*base, "--list-methods", f"http://{gateway[0]}"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.split()
+    assert "tandem.gateway.v1.GatewayService/Embed" in listed
+    assert "grpc.health.v1.Health/Check" in listed
+    out = subprocess.run(
+        [*base, "--data", '{"inputs": ["hello world"]}', f"http://{gateway[0]}/tandem.gateway.v1.GatewayService/Embed"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    import json
+
+    reply = json.loads(out)
+    values = reply["embeddings"][0]["values"]
+    assert len(values) == 384 and abs(float(np.linalg.norm(values)) - 1.0) < 1e-5

@@ -1,0 +1,1 @@
+"""The inference stage: token ids to model outputs with ONNX Runtime or PyTorch, behind a dynamic batcher."""

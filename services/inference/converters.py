@@ -1,0 +1,76 @@
+"""Proto <-> domain for the inference stage: the only module here that touches generated messages."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from services.common import errors, tensors
+from services.common.repository import ModelVersion, Task
+from services.inference.core import IntArray, ModelDescription, TokenInputs
+from tandem.inference.v1 import inference_pb2
+from tandem.model.v1 import model_pb2
+from tandem.tensor.v1 import tensor_pb2
+
+_TASKS: dict[Task, model_pb2.Task.ValueType] = {
+    Task.EMBEDDING: model_pb2.TASK_EMBEDDING,
+    Task.CLASSIFICATION: model_pb2.TASK_CLASSIFICATION,
+    Task.TOKEN_CLASSIFICATION: model_pb2.TASK_TOKEN_CLASSIFICATION,
+    Task.RERANK: model_pb2.TASK_RERANK,
+}
+_ID_TYPES = (tensor_pb2.DATA_TYPE_INT64, tensor_pb2.DATA_TYPE_INT32)
+
+
+def _ids(batch: tensor_pb2.TokenBatch, name: str) -> IntArray | None:
+    """An INT64 or INT32 id tensor as int64; None when the batch does not carry it."""
+    if not batch.HasField(name):  # type: ignore[arg-type]
+        return None
+    tensor: tensor_pb2.Tensor = getattr(batch, name)
+    field = f"batch.{name}"
+    if tensor.dtype not in _ID_TYPES:
+        raise errors.invalid_argument(f"{field}: expected INT64 or INT32 token ids", f"{field}.dtype")
+    return tensors.decode_as(tensor, field, np.int64, 1).astype(np.int64, copy=False)
+
+
+def token_inputs(request: inference_pb2.InferRequest) -> TokenInputs:
+    """The request's ragged batch; absent tensors become empty arrays, which the core rejects by field."""
+    batch = request.batch
+    input_ids = _ids(batch, "input_ids")
+    cu_seqlens: npt.NDArray[np.int32] = np.zeros(0, dtype=np.int32)
+    if batch.HasField("cu_seqlens"):
+        cu = tensors.decode_as(batch.cu_seqlens, "batch.cu_seqlens", np.int64, 1)
+        if len(cu) and (int(cu.min()) < 0 or int(cu.max()) > np.iinfo(np.int32).max):
+            raise errors.invalid_argument("batch.cu_seqlens: values out of range", "batch.cu_seqlens")
+        cu_seqlens = cu.astype(np.int32)
+    return TokenInputs(
+        input_ids=input_ids if input_ids is not None else np.zeros(0, dtype=np.int64),
+        token_type_ids=_ids(batch, "token_type_ids"),
+        cu_seqlens=cu_seqlens,
+    )
+
+
+def infer_response(model: ModelVersion, output: npt.NDArray[np.float32]) -> inference_pb2.InferResponse:
+    return inference_pb2.InferResponse(model=model.name, version=model.version, output=tensors.encode(output))
+
+
+def model_info(description: ModelDescription) -> model_pb2.ModelInfo:
+    return model_pb2.ModelInfo(
+        name=description.name,
+        task=_TASKS[description.task] if description.task is not None else model_pb2.TASK_UNSPECIFIED,
+        versions=description.versions,
+        version=description.version,
+        max_input_length=description.max_input_length,
+        embedding_dimension=description.embedding_dimension,
+        labels=description.labels,
+        ready=description.ready,
+        backend=description.backend,
+        multi_label=description.multi_label,
+    )
+
+
+def list_models_response(descriptions: list[ModelDescription]) -> inference_pb2.ListModelsResponse:
+    return inference_pb2.ListModelsResponse(models=[model_info(d) for d in descriptions])
+
+
+def get_model_response(description: ModelDescription) -> inference_pb2.GetModelResponse:
+    return inference_pb2.GetModelResponse(model=model_info(description))

@@ -1,0 +1,212 @@
+"""The inference stage's Batcher on a fake numpy model: row routing, call limits, admission, deadlines, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from services.common import errors
+from services.common.repository import ModelConfig, Task
+from services.inference.core import Backend, Batcher, FloatArray, IntArray
+
+
+class EchoBackend(Backend):
+    """A model whose outputs reveal its inputs, so any misrouted row shows.
+
+    Token-level: row (id, position, type). Sequence-level: (sum of ids, length, first id).
+    A closed gate holds every call until the test opens it.
+    """
+
+    name = "echo"
+    uses_token_type_ids = True
+
+    def __init__(self, token_level: bool) -> None:
+        self.token_level = token_level
+        self.calls: list[tuple[int, int]] = []
+        self.seen: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Event()
+
+    def run(self, input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray | None) -> FloatArray:
+        self.started.set()
+        assert self.gate.wait(30)
+        self.calls.append(input_ids.shape)
+        self.seen.extend(row[mask.astype(bool)].tolist() for row, mask in zip(input_ids, attention_mask, strict=True))
+        assert token_type_ids is not None
+        if self.token_level:
+            positions = np.broadcast_to(np.arange(input_ids.shape[1]), input_ids.shape)
+            return np.stack([input_ids, positions, token_type_ids], axis=-1).astype(np.float32)
+        masked = input_ids * attention_mask
+        return np.stack([masked.sum(1), attention_mask.sum(1), input_ids[:, 0]], axis=-1).astype(np.float32)
+
+
+def expected(seqs: list[list[int]], token_level: bool) -> FloatArray:
+    if token_level:
+        rows = [(t, p, p % 2) for s in seqs for p, t in enumerate(s)]
+        return np.array(rows, dtype=np.float32).reshape(-1, 3)
+    return np.array([(sum(s), len(s), s[0]) for s in seqs], dtype=np.float32)
+
+
+def ragged(seqs: list[list[int]]) -> tuple[IntArray, IntArray, np.ndarray]:
+    ids = np.array([t for s in seqs for t in s], dtype=np.int64)
+    types = np.array([p % 2 for s in seqs for p in range(len(s))], dtype=np.int64)
+    cu = np.zeros(len(seqs) + 1, dtype=np.int32)
+    np.cumsum([len(s) for s in seqs], out=cu[1:])
+    return ids, types, cu
+
+
+def make(token_level: bool = True, **limits: float) -> tuple[Batcher, EchoBackend]:
+    backend = EchoBackend(token_level)
+    task = Task.EMBEDDING if token_level else Task.CLASSIFICATION
+    config = ModelConfig(task=task, **limits)  # type: ignore[arg-type]
+    return Batcher(backend, config, "echo"), backend
+
+
+async def submit(batcher: Batcher, seqs: list[list[int]], deadline: float | None = None) -> FloatArray:
+    ids, types, cu = ragged(seqs)
+    return await batcher.submit(ids, types, cu, deadline)
+
+
+async def until(condition: object, what: str) -> None:
+    """Polls `condition()` from the event loop; no timing is asserted, the bound only stops a hang."""
+    for _ in range(2000):
+        if condition():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize("token_level", [True, False], ids=["token-level", "sequence-level"])
+async def test_every_caller_gets_exactly_its_rows(token_level: bool) -> None:
+    batcher, backend = make(token_level, max_batch_size=8, max_batch_tokens=96)
+    rng = np.random.default_rng(7)
+    requests = [
+        [rng.integers(1, 1000, size=int(rng.integers(1, 20))).tolist() for _ in range(int(rng.integers(1, 6)))]
+        for _ in range(80)
+    ]
+    backend.gate.clear()
+    first = asyncio.ensure_future(submit(batcher, requests[0]))
+    await until(backend.started.is_set, "the first call")
+    rest = [asyncio.ensure_future(submit(batcher, r)) for r in requests[1:]]
+    await until(lambda: batcher.pending == sum(len(r) for r in requests), "all requests queued")
+    backend.gate.set()
+    results = await asyncio.gather(first, *rest)
+    for seqs, got in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(got, expected(seqs, token_level))
+    # Limits hold for every call, and the 79 waiting callers shared calls.
+    assert all((rows <= 8 and rows * width <= 96) or rows == 1 for rows, width in backend.calls)
+    assert len(backend.calls) < len(requests) - 1
+    assert batcher.pending == 0
+    await batcher.close()
+
+
+async def test_sequences_are_sorted_by_length_to_limit_padding() -> None:
+    batcher, backend = make(max_batch_size=2, max_batch_tokens=1000)
+    seqs = [[1] * 30, [2] * 2, [3] * 29, [4] * 3]
+    np.testing.assert_array_equal(await submit(batcher, seqs), expected(seqs, True))
+    assert sorted(backend.calls) == [(2, 3), (2, 30)]
+    await batcher.close()
+
+
+async def test_a_sequence_over_the_token_budget_runs_alone() -> None:
+    batcher, backend = make(max_batch_size=8, max_batch_tokens=10)
+    seqs = [[5] * 3, [6] * 12, [7] * 3, [8] * 4]
+    np.testing.assert_array_equal(await submit(batcher, seqs), expected(seqs, True))
+    assert backend.calls == [(2, 3), (1, 4), (1, 12)]
+    await batcher.close()
+
+
+async def test_a_full_queue_fails_fast_with_retry_info() -> None:
+    batcher, backend = make(max_queue_size=4)
+    backend.gate.clear()
+    running = asyncio.ensure_future(submit(batcher, [[1, 2], [3]]))
+    await until(backend.started.is_set, "the first call")
+    waiting = asyncio.ensure_future(submit(batcher, [[4], [5]]))
+    await until(lambda: batcher.pending == 4, "the second request queued")
+    with pytest.raises(errors.TandemError) as caught:
+        await submit(batcher, [[6]])
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert caught.value.reason == errors.QUEUE_FULL
+    assert caught.value.retry_after_s is not None
+    backend.gate.set()
+    await asyncio.gather(running, waiting)
+    assert [6] not in backend.seen
+    await batcher.close()
+
+
+async def test_an_expired_request_never_reaches_the_model() -> None:
+    batcher, backend = make()
+    with pytest.raises(errors.TandemError) as caught:
+        await submit(batcher, [[9, 9]], deadline=time.monotonic() - 1)
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert backend.calls == []
+
+    backend.gate.clear()
+    running = asyncio.ensure_future(submit(batcher, [[1, 2, 3]]))
+    await until(backend.started.is_set, "the first call")
+    deadline = time.monotonic() + 0.05
+    late = asyncio.ensure_future(submit(batcher, [[77, 77, 77, 77]], deadline=deadline))
+    await until(lambda: time.monotonic() > deadline, "the deadline to pass")
+    backend.gate.set()
+    await running
+    with pytest.raises(errors.TandemError) as caught:
+        await late
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert [77, 77, 77, 77] not in backend.seen
+    await batcher.close()
+
+
+async def test_a_cancelled_caller_is_skipped() -> None:
+    batcher, backend = make()
+    backend.gate.clear()
+    running = asyncio.ensure_future(submit(batcher, [[1, 2, 3]]))
+    await until(backend.started.is_set, "the first call")
+    cancelled = asyncio.ensure_future(submit(batcher, [[55, 55]]))
+    kept = asyncio.ensure_future(submit(batcher, [[66, 66]]))
+    await until(lambda: batcher.pending == 3, "both requests queued")
+    cancelled.cancel()
+    await until(lambda: batcher.pending == 2, "the cancellation to free its slot")
+    backend.gate.set()
+    await running
+    np.testing.assert_array_equal(await kept, expected([[66, 66]], True))
+    assert [55, 55] not in backend.seen
+    await batcher.close()
+
+
+async def test_a_failing_model_fails_its_callers_with_internal() -> None:
+    batcher, backend = make()
+
+    def broken(*_: object) -> FloatArray:
+        raise RuntimeError("boom")
+
+    backend.run = broken  # type: ignore[method-assign]
+    with pytest.raises(errors.TandemError) as caught:
+        await submit(batcher, [[1, 2]])
+    assert caught.value.code == grpc.StatusCode.INTERNAL
+    assert "boom" not in caught.value.message
+    await batcher.close()
+
+
+async def test_close_fails_queued_requests() -> None:
+    batcher, backend = make()
+    backend.gate.clear()
+    running = asyncio.ensure_future(submit(batcher, [[1, 2, 3]]))
+    await until(backend.started.is_set, "the first call")
+    queued = asyncio.ensure_future(submit(batcher, [[4, 5]]))
+    await until(lambda: batcher.pending == 2, "the second request queued")
+    closing = asyncio.ensure_future(batcher.close())
+    await asyncio.sleep(0)
+    backend.gate.set()
+    await closing
+    for future in (running, queued):
+        with pytest.raises(errors.TandemError) as caught:
+            await future
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(errors.TandemError):
+        await submit(batcher, [[1]])
