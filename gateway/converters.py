@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gateway.core import Classifications, Embeddings, Encodings, Ranking, Served, TokenClassifications
+from services.common import errors
 from tandem.gateway.v1 import gateway_pb2
 
 
@@ -76,3 +77,22 @@ def tokenize_response(result: Encodings) -> gateway_pb2.TokenizeResponse:
             )
         )
     return gateway_pb2.TokenizeResponse(encodings=encodings, model=result.model)
+
+
+def stream_error(err: errors.TandemError) -> gateway_pb2.StreamError:
+    """A failed stream request's error, with what the rich status of a unary call would carry."""
+    from google.rpc import error_details_pb2
+
+    status = err.to_status_proto()
+    reason = ""
+    fields: list[str] = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields = [v.field for v in bad.field_violations]
+    return gateway_pb2.StreamError(code=status.code, message=status.message, reason=reason, fields=fields)

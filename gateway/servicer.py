@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from gateway import converters
 from gateway.core import Pipeline
+from gateway.streams import ordered
+from services.common import errors
 from tandem.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -18,8 +21,9 @@ def _flag(request: Any, name: str, default: bool) -> bool:
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, stream_window: int = 64) -> None:
         self.pipeline = pipeline
+        self.stream_window = stream_window
 
     async def Embed(self, request: gateway_pb2.EmbedRequest, context: Context) -> gateway_pb2.EmbedResponse:  # noqa: N802
         result = await self.pipeline.embed(
@@ -30,6 +34,28 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             self.pipeline.deadline(context.time_remaining()),
         )
         return converters.embed_response(result)
+
+    async def EmbedStream(  # noqa: N802
+        self, request_iterator: AsyncIterator[gateway_pb2.EmbedStreamRequest], context: Context
+    ) -> AsyncIterator[gateway_pb2.EmbedStreamResponse]:
+        stream_deadline = context.time_remaining()
+
+        async def handle(item: gateway_pb2.EmbedStreamRequest) -> gateway_pb2.EmbedResponse:
+            request = item.request
+            result = await self.pipeline.embed(
+                request.model,
+                request.inputs,
+                _flag(request, "normalize", True),
+                _flag(request, "truncate", True),
+                self.pipeline.deadline(None if stream_deadline is None else context.time_remaining()),
+            )
+            return converters.embed_response(result)
+
+        async for item, outcome in ordered(request_iterator, handle, self.stream_window):
+            if isinstance(outcome, errors.TandemError):
+                yield gateway_pb2.EmbedStreamResponse(id=item.id, error=converters.stream_error(outcome))
+            else:
+                yield gateway_pb2.EmbedStreamResponse(id=item.id, response=outcome)
 
     async def Classify(  # noqa: N802
         self, request: gateway_pb2.ClassifyRequest, context: Context
@@ -104,6 +130,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 
 
-def registrar(pipeline: Pipeline) -> tuple[Any, str]:
-    servicer = GatewayServicer(pipeline)
+def registrar(pipeline: Pipeline, stream_window: int = 64) -> tuple[Any, str]:
+    servicer = GatewayServicer(pipeline, stream_window)
     return (lambda server: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server)), SERVICE_NAME

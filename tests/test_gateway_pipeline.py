@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -14,60 +12,16 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.__main__ import follow_stage_health
-from gateway.clients import InferenceClient, PostprocessClient, TokenizerClient
-from gateway.core import Pipeline
-from gateway.servicer import registrar as gateway_registrar
 from services.common.repository import ModelRepository
-from services.common.server import RunningServer, start_server
-from services.inference.core import Inference
-from services.inference.servicer import registrar as inference_registrar
+from services.common.server import start_server
 from services.postprocess.core import Postprocessor
 from services.postprocess.servicer import registrar as postprocess_registrar
-from services.tokenizer.core import Tokenizer
-from services.tokenizer.servicer import registrar as tokenizer_registrar
-from tandem.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from tandem.gateway.v1 import gateway_pb2
+from tests.conftest import Stack
 from tests.fixtures import reference, tiny_models
 from tests.status import details_of
 
 MiB = 1024 * 1024
-
-
-@dataclass
-class Stack:
-    stub: gateway_pb2_grpc.GatewayServiceStub
-    pipeline: Pipeline
-    gateway: RunningServer
-    stages: dict[str, RunningServer]
-    repository: Path
-
-
-@pytest.fixture(scope="module")
-async def stack(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    home = tmp_path_factory.mktemp("home")
-    tokenizer = Tokenizer(ModelRepository(tiny_repository))
-    tokenizer.preload()
-    inference = Inference(ModelRepository(tiny_repository), home=home, intra_op_threads=1)
-    await inference.start()
-    postprocess = Postprocessor(ModelRepository(tiny_repository))
-    stages = {
-        "tokenizer": await start_server("127.0.0.1:0", [tokenizer_registrar(tokenizer)]),
-        "inference": await start_server("127.0.0.1:0", [inference_registrar(inference)]),
-        "postprocess": await start_server("127.0.0.1:0", [postprocess_registrar(postprocess)]),
-    }
-    pipeline = Pipeline(
-        TokenizerClient(stages["tokenizer"].address, 64 * MiB),
-        InferenceClient(stages["inference"].address, 64 * MiB),
-        PostprocessClient(stages["postprocess"].address, 64 * MiB),
-        max_inputs=100,
-    )
-    gateway = await start_server("127.0.0.1:0", [gateway_registrar(pipeline)])
-    async with grpc.aio.insecure_channel(gateway.address) as channel:
-        yield Stack(gateway_pb2_grpc.GatewayServiceStub(channel), pipeline, gateway, stages, tiny_repository)
-    await gateway.stop(0)
-    await pipeline.close()
-    for server in stages.values():
-        await server.stop(0)
-    await inference.close()
 
 
 def version_dir(repository: Path, name: str) -> Path:

@@ -151,6 +151,104 @@ class EmbedResponse(_message.Message):
 Global___EmbedResponse: _TypeAlias = EmbedResponse  # noqa: Y015
 
 @_typing.final
+class EmbedStreamRequest(_message.Message):
+    """One request of an EmbedStream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Caller's id for the request, echoed in its response."""
+    @_builtins.property
+    def request(self) -> Global___EmbedRequest:
+        """The request, exactly as for Embed."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        request: Global___EmbedRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbedStreamRequest: _TypeAlias = EmbedStreamRequest  # noqa: Y015
+
+@_typing.final
+class StreamError(_message.Message):
+    """Why one request of a stream failed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """gRPC status code number (google.rpc.Code), e.g. 3 for INVALID_ARGUMENT."""
+    message: _builtins.str
+    """Human-readable message."""
+    reason: _builtins.str
+    """Machine-readable reason, as in the ErrorInfo detail of unary calls."""
+    @_builtins.property
+    def fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Fields named by the BadRequest detail of unary calls."""
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        fields: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "fields", b"fields", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamError: _TypeAlias = StreamError  # noqa: Y015
+
+@_typing.final
+class EmbedStreamResponse(_message.Message):
+    """The answer to one request of an EmbedStream, in request order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The request's id."""
+    @_builtins.property
+    def response(self) -> Global___EmbedResponse:
+        """The embeddings, unless the request failed."""
+
+    @_builtins.property
+    def error(self) -> Global___StreamError:
+        """Set when the request failed."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        response: Global___EmbedResponse | None = ...,
+        error: Global___StreamError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbedStreamResponse: _TypeAlias = EmbedStreamResponse  # noqa: Y015
+
+@_typing.final
 class ClassifyRequest(_message.Message):
     """Texts to classify."""
 

@@ -40,6 +40,11 @@ class GatewayServiceStub:
                 request_serializer=tandem_dot_gateway_dot_v1_dot_gateway__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=tandem_dot_gateway_dot_v1_dot_gateway__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.EmbedStream = channel.stream_stream(
+                '/tandem.gateway.v1.GatewayService/EmbedStream',
+                request_serializer=tandem_dot_gateway_dot_v1_dot_gateway__pb2.EmbedStreamRequest.SerializeToString,
+                response_deserializer=tandem_dot_gateway_dot_v1_dot_gateway__pb2.EmbedStreamResponse.FromString,
+                _registered_method=True)
         self.Classify = channel.unary_unary(
                 '/tandem.gateway.v1.GatewayService/Classify',
                 request_serializer=tandem_dot_gateway_dot_v1_dot_gateway__pb2.ClassifyRequest.SerializeToString,
@@ -83,6 +88,14 @@ class GatewayServiceServicer:
 
     def Embed(self, request, context):
         """Sentence embeddings for a batch of texts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EmbedStream(self, request_iterator, context):
+        """Embeddings for a long stream of requests: responses come back in request order, with the same batching as
+        unary calls; a failed request gets its error in its response and the stream goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -144,6 +157,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=tandem_dot_gateway_dot_v1_dot_gateway__pb2.EmbedRequest.FromString,
                     response_serializer=tandem_dot_gateway_dot_v1_dot_gateway__pb2.EmbedResponse.SerializeToString,
+            ),
+            'EmbedStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.EmbedStream,
+                    request_deserializer=tandem_dot_gateway_dot_v1_dot_gateway__pb2.EmbedStreamRequest.FromString,
+                    response_serializer=tandem_dot_gateway_dot_v1_dot_gateway__pb2.EmbedStreamResponse.SerializeToString,
             ),
             'Classify': grpc.unary_unary_rpc_method_handler(
                     servicer.Classify,
@@ -209,6 +227,33 @@ class GatewayService:
             '/tandem.gateway.v1.GatewayService/Embed',
             tandem_dot_gateway_dot_v1_dot_gateway__pb2.EmbedRequest.SerializeToString,
             tandem_dot_gateway_dot_v1_dot_gateway__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EmbedStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tandem.gateway.v1.GatewayService/EmbedStream',
+            tandem_dot_gateway_dot_v1_dot_gateway__pb2.EmbedStreamRequest.SerializeToString,
+            tandem_dot_gateway_dot_v1_dot_gateway__pb2.EmbedStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,10 @@ class GatewayServiceStub:
     def __new__(cls, channel: _aio.Channel) -> GatewayServiceAsyncStub: ...
     Embed: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.EmbedRequest, _gateway_pb2.EmbedResponse]
     """Sentence embeddings for a batch of texts."""
+    EmbedStream: _grpc.StreamStreamMultiCallable[_gateway_pb2.EmbedStreamRequest, _gateway_pb2.EmbedStreamResponse]
+    """Embeddings for a long stream of requests: responses come back in request order, with the same batching as
+    unary calls; a failed request gets its error in its response and the stream goes on.
+    """
     Classify: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ClassifyRequest, _gateway_pb2.ClassifyResponse]
     """Labels with scores for a batch of texts."""
     ClassifyTokens: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ClassifyTokensRequest, _gateway_pb2.ClassifyTokensResponse]
@@ -57,6 +61,10 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Embed: _aio.UnaryUnaryMultiCallable[_gateway_pb2.EmbedRequest, _gateway_pb2.EmbedResponse]  # type: ignore[assignment]
     """Sentence embeddings for a batch of texts."""
+    EmbedStream: _aio.StreamStreamMultiCallable[_gateway_pb2.EmbedStreamRequest, _gateway_pb2.EmbedStreamResponse]  # type: ignore[assignment]
+    """Embeddings for a long stream of requests: responses come back in request order, with the same batching as
+    unary calls; a failed request gets its error in its response and the stream goes on.
+    """
     Classify: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ClassifyRequest, _gateway_pb2.ClassifyResponse]  # type: ignore[assignment]
     """Labels with scores for a batch of texts."""
     ClassifyTokens: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ClassifyTokensRequest, _gateway_pb2.ClassifyTokensResponse]  # type: ignore[assignment]
@@ -81,6 +89,15 @@ class GatewayServiceServicer:
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.EmbedResponse, _abc.Awaitable[_gateway_pb2.EmbedResponse]]:
         """Sentence embeddings for a batch of texts."""
+
+    def EmbedStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_gateway_pb2.EmbedStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_gateway_pb2.EmbedStreamResponse], _abc.AsyncIterator[_gateway_pb2.EmbedStreamResponse]]:
+        """Embeddings for a long stream of requests: responses come back in request order, with the same batching as
+        unary calls; a failed request gets its error in its response and the stream goes on.
+        """
 
     def Classify(
         self,
