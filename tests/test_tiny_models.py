@@ -11,7 +11,6 @@ import pytest
 from tests.fixtures.reference import reference_classify, reference_embeddings, reference_ner, reference_rerank
 from tests.fixtures.tiny_models import (
     PIECE_WORDS,
-    build_all,
     build_tokenizer,
     classifier_examples,
     embedding_texts,
@@ -32,17 +31,25 @@ TASKS = {
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_all(tmp_path_factory.mktemp("model_repo"))
+def repo(tiny_repository: Path) -> dict[str, Path]:
+    """The session's repository (conftest builds it with build_all), by model name."""
+    return {name: tiny_repository / name for name in TASKS}
 
 
-def test_layout(repo: dict[str, Path]) -> None:
-    assert sorted(repo) == sorted(TASKS)
+def test_layout(repo: dict[str, Path], tiny_repository: Path) -> None:
+    assert sorted(p.name for p in tiny_repository.iterdir()) == sorted(TASKS)
     for name, model_dir in repo.items():
         meta = json.loads((model_dir / "tandem.json").read_text())
         assert meta["task"] == TASKS[name] and meta["backend"] == "onnx"
         version = model_dir / "1"
-        for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        for f in (
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "vocab.txt",
+        ):
             assert (version / f).is_file(), f"{name}: missing {f}"
         assert (version / "1_Pooling" / "config.json").is_file() == (TASKS[name] == "embedding")
 
@@ -70,7 +77,9 @@ def test_embeddings(repo: dict[str, Path], tmp_path: Path) -> None:
     # Deterministic for a seed, different for another seed.
     again = make_embedding_model(tmp_path, seed=0)
     other = make_embedding_model(tmp_path, name="other", seed=1)
-    assert (again / "1" / "model.safetensors").read_bytes() == (repo["tiny-embed"] / "1" / "model.safetensors").read_bytes()
+    assert (again / "1" / "model.safetensors").read_bytes() == (
+        repo["tiny-embed"] / "1" / "model.safetensors"
+    ).read_bytes()
     assert np.abs(reference_embeddings(other / "1", texts) - mean).max() > 0.1
 
 
@@ -78,7 +87,7 @@ def test_classifier(repo: dict[str, Path]) -> None:
     examples = classifier_examples()
     preds = reference_classify(repo["tiny-sentiment"] / "1", [t for t, _ in examples])
     assert {y for _, y in examples} == {"negative", "neutral", "positive"}
-    for (text, expected), pred in zip(examples, preds):
+    for (text, expected), pred in zip(examples, preds, strict=True):
         assert pred[0][0] == expected, (text, pred)
         assert sorted(lab for lab, _ in pred) == ["negative", "neutral", "positive"]
         assert sum(s for _, s in pred) == pytest.approx(1.0, abs=1e-5)
@@ -88,7 +97,7 @@ def test_multilabel(repo: dict[str, Path]) -> None:
     examples = multilabel_examples()
     preds = reference_classify(repo["tiny-topics"] / "1", [t for t, _ in examples])
     assert any(len(y) >= 2 for _, y in examples) and any(not y for _, y in examples)
-    for (text, expected), pred in zip(examples, preds):
+    for (text, expected), pred in zip(examples, preds, strict=True):
         assert sorted(lab for lab, s in pred if s >= 0.5) == sorted(expected), (text, pred)
         assert [s for _, s in pred] == sorted((s for _, s in pred), reverse=True)
 
@@ -98,7 +107,7 @@ def test_ner(repo: dict[str, Path]) -> None:
     preds = reference_ner(repo["tiny-ner"] / "1", [t for t, _ in examples])
     entity_words = {w for text, ents in examples for e, _ in ents for w in e.lower().split()}
     assert entity_words & set(PIECE_WORDS) and any(" " in e for _, ents in examples for e, _ in ents)
-    for (text, expected), pred in zip(examples, preds):
+    for (text, expected), pred in zip(examples, preds, strict=True):
         assert [(text[e["start"] : e["end"]], e["entity_group"]) for e in pred] == expected, (text, pred)
         assert [e["word"] for e in pred] == [e.lower() for e, _ in expected]
 
