@@ -13,8 +13,11 @@ from grpc_tools import protoc  # type: ignore[import-untyped]
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
-# Generated modules live where their proto package says: tandem.tokenizer.v1 -> tandem/tokenizer/v1/.
+# Generated modules live where their proto package says: tandem.tokenizer.v1 -> tandem/tokenizer/v1/, and a
+# third-party package keeps its own root: the Open Inference Protocol's `inference` -> inference/.
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
+# Top-level packages that also hold hand-written code (and their own __init__.py), which generation leaves alone.
+HAND_WRITTEN_PACKAGES = {Path("tandem")}
 
 
 def _plugin(name: str) -> str:
@@ -27,6 +30,11 @@ def _plugin(name: str) -> str:
 
 def proto_files() -> list[Path]:
     return sorted(PROTOS.rglob("*.proto"))
+
+
+def generated_roots() -> list[str]:
+    """Top-level folders that hold generated code: one per top-level folder of protos/ (tandem, inference)."""
+    return sorted(p.name for p in PROTOS.iterdir() if p.is_dir())
 
 
 def generate(out: Path) -> list[Path]:
@@ -57,7 +65,7 @@ def generate(out: Path) -> list[Path]:
             if parent == Path("."):
                 continue
             init = out / parent / "__init__.py"
-            if not init.exists() and parent != Path("tandem"):
+            if not init.exists() and parent not in HAND_WRITTEN_PACKAGES:
                 init.write_text("")
                 files.append(parent / "__init__.py")
     return sorted(set(files))
@@ -65,8 +73,13 @@ def generate(out: Path) -> list[Path]:
 
 def existing_generated(root: Path) -> list[Path]:
     """Generated files currently in the tree (so that stale ones from deleted protos are found)."""
-    base = root / "tandem"
-    found = [p.relative_to(root) for p in base.rglob("*") if p.name.endswith(GENERATED_SUFFIXES)]
+    found = [
+        p.relative_to(root)
+        for name in generated_roots()
+        if (root / name).is_dir()
+        for p in (root / name).rglob("*")
+        if p.name.endswith(GENERATED_SUFFIXES)
+    ]
     return sorted(found)
 
 

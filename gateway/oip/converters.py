@@ -1,0 +1,214 @@
+"""Open Inference Protocol messages <-> the data plane's types: all reading and building of inference messages.
+
+Inputs arrive as typed `contents` or as `raw_input_contents` (BYTES raw: per element a 4-byte little-endian length
+and the bytes); outputs always leave as `raw_output_contents`, which every client reads (tritonclient's as_numpy)
+and which costs no per-element protobuf work.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from gateway.oip import core
+from gateway.oip.statistics import Duration, VersionStatistics
+from inference import grpc_service_pb2 as pb
+from services.common import errors
+
+_LENGTH = struct.Struct("<I")
+_NUMPY: dict[str, np.dtype[np.generic]] = {core.FP32: np.dtype("<f4"), core.INT64: np.dtype("<i8")}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Requests
+
+
+def decode_bytes_tensor(raw: bytes, count: int, name: str) -> list[bytes]:
+    """The elements of a BYTES tensor in raw form; INVALID_ARGUMENT naming the input when it is malformed."""
+    field_name = f"inputs[{name}]"
+    elements: list[bytes] = []
+    view = memoryview(raw)
+    offset, end = 0, len(raw)
+    while offset < end:
+        if offset + _LENGTH.size > end:
+            raise errors.invalid_argument(
+                f"input {name!r}: raw BYTES data ends inside the 4-byte length of element {len(elements)}", field_name
+            )
+        (length,) = _LENGTH.unpack_from(view, offset)
+        offset += _LENGTH.size
+        if offset + length > end:
+            raise errors.invalid_argument(
+                f"input {name!r}: element {len(elements)} claims {length} bytes, but only {end - offset} remain",
+                field_name,
+            )
+        elements.append(bytes(view[offset : offset + length]))
+        offset += length
+        if len(elements) > count:
+            break
+    if len(elements) > count:
+        raise errors.invalid_argument(
+            f"input {name!r}: raw data holds more than the {count} elements its shape needs", field_name
+        )
+    if len(elements) < count:
+        raise errors.invalid_argument(
+            f"input {name!r}: raw data holds {len(elements)} elements, its shape needs {count}", field_name
+        )
+    return elements
+
+
+def encode_bytes_tensor(elements: Sequence[bytes]) -> bytes:
+    return b"".join(_LENGTH.pack(len(e)) + e for e in elements)
+
+
+def _parameter(value: pb.InferParameter, field_name: str) -> core.Parameter:
+    kind = value.WhichOneof("parameter_choice")
+    if kind is None:
+        raise errors.invalid_argument(f"{field_name} has no value", field_name)
+    result: core.Parameter = getattr(value, kind)
+    return result
+
+
+def parameters(entries: Mapping[str, pb.InferParameter], prefix: str = "parameters") -> dict[str, core.Parameter]:
+    return {key: _parameter(value, f"{prefix}[{key}]") for key, value in entries.items()}
+
+
+def _input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> core.InputTensor:
+    name, field_name = tensor.name, f"inputs[{tensor.name}]"
+    shape = tuple(int(d) for d in tensor.shape)
+    if any(d < 0 for d in shape):
+        raise errors.invalid_argument(f"input {name!r}: invalid shape {list(shape)}", field_name)
+    count = math.prod(shape)
+    if raw is not None and tensor.HasField("contents"):
+        raise errors.invalid_argument(
+            f"input {name!r}: give its data in contents or in raw_input_contents, not both", field_name
+        )
+    elements: list[bytes] | None = None
+    if tensor.datatype == core.BYTES:
+        if raw is not None:
+            elements = decode_bytes_tensor(raw, count, name)
+        else:
+            elements = list(tensor.contents.bytes_contents)
+            if len(elements) != count:
+                raise errors.invalid_argument(
+                    f"input {name!r}: {len(elements)} elements in contents.bytes_contents, its shape "
+                    f"{list(shape)} needs {count}",
+                    field_name,
+                )
+    return core.InputTensor(name, tensor.datatype, shape, elements)
+
+
+def infer_call(request: pb.ModelInferRequest) -> core.InferCall:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise errors.invalid_argument(
+            f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: give one per input, in input order",
+            "raw_input_contents",
+        )
+    return core.InferCall(
+        model_name=request.model_name,
+        model_version=request.model_version,
+        id=request.id,
+        parameters=parameters(request.parameters),
+        inputs=[_input(tensor, raw[i] if raw else None) for i, tensor in enumerate(request.inputs)],
+        outputs=[
+            core.RequestedOutput(o.name, parameters(o.parameters, f"outputs[{o.name}].parameters"))
+            for o in request.outputs
+        ],
+    )
+
+
+def repository_parameters(entries: Mapping[str, pb.ModelRepositoryParameter]) -> dict[str, object]:
+    return {
+        key: getattr(value, value.WhichOneof("parameter_choice") or "string_param") for key, value in entries.items()
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Responses
+
+
+def _raw(output: core.OutputTensor) -> bytes:
+    if isinstance(output.data, np.ndarray):
+        return bytes(np.ascontiguousarray(output.data, dtype=_NUMPY[output.datatype]).tobytes())
+    return encode_bytes_tensor(output.data)
+
+
+def infer_response(result: core.InferResult) -> pb.ModelInferResponse:
+    return pb.ModelInferResponse(
+        model_name=result.model_name,
+        model_version=result.model_version,
+        id=result.id,
+        outputs=[
+            pb.ModelInferResponse.InferOutputTensor(name=o.name, datatype=o.datatype, shape=o.shape)
+            for o in result.outputs
+        ],
+        raw_output_contents=[_raw(o) for o in result.outputs],
+    )
+
+
+def stream_response(result: core.InferResult) -> pb.ModelStreamInferResponse:
+    return pb.ModelStreamInferResponse(infer_response=infer_response(result))
+
+
+def stream_error(request: pb.ModelInferRequest, err: errors.TandemError) -> pb.ModelStreamInferResponse:
+    """A failed request of a stream: its status code and message, and its id so that the client can match it.
+
+    The id is also in the message, since tritonclient hands stream errors to the callback as the message alone.
+    """
+    about = f" (request id {request.id!r})" if request.id else ""
+    return pb.ModelStreamInferResponse(
+        error_message=f"{err.code.name}: {err.message}{about}",
+        infer_response=pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        ),
+    )
+
+
+def _tensors(specs: Sequence[core.TensorSpec]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    return [pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in specs]
+
+
+def model_metadata_response(metadata: core.ModelMetadata) -> pb.ModelMetadataResponse:
+    return pb.ModelMetadataResponse(
+        name=metadata.name,
+        versions=metadata.versions,
+        platform=metadata.platform,
+        inputs=_tensors(metadata.inputs),
+        outputs=_tensors(metadata.outputs),
+    )
+
+
+def server_metadata_response(metadata: core.ServerMetadata) -> pb.ServerMetadataResponse:
+    return pb.ServerMetadataResponse(name=metadata.name, version=metadata.version, extensions=metadata.extensions)
+
+
+def _duration(value: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=value.count, ns=value.ns)
+
+
+def model_statistics_response(stats: Sequence[VersionStatistics]) -> pb.ModelStatisticsResponse:
+    return pb.ModelStatisticsResponse(
+        model_stats=[
+            pb.ModelStatistics(
+                name=s.name,
+                version=s.version,
+                last_inference=s.last_inference_ms,
+                inference_count=s.inference_count,
+                execution_count=s.execution_count,
+                inference_stats=pb.InferStatistics(success=_duration(s.success), fail=_duration(s.fail)),
+            )
+            for s in stats
+        ]
+    )
+
+
+def repository_index_response(entries: Sequence[core.IndexEntry]) -> pb.RepositoryIndexResponse:
+    return pb.RepositoryIndexResponse(
+        models=[
+            pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=e.version, state=e.state, reason=e.reason)
+            for e in entries
+        ]
+    )

@@ -1,0 +1,701 @@
+"""The Open Inference Protocol on the gateway, through its generated stub: over real in-process stages on the tiny
+models, answers equal to the native API's, every error with its code and details, streams, statistics.
+
+tests/test_oip_tritonclient.py drives the same server with the real tritonclient package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import struct
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from gateway.clients import InferenceClient, PostprocessClient, TokenizerClient
+from gateway.core import Pipeline
+from gateway.oip import converters
+from gateway.oip.core import in_completion_order
+from gateway.oip.servicer import registrar as oip_registrar
+from gateway.servicer import registrar as gateway_registrar
+from inference import grpc_service_pb2 as pb
+from inference import grpc_service_pb2_grpc as pb_grpc
+from services.common import errors
+from services.common.repository import ModelRepository
+from services.common.server import RunningServer, start_server
+from services.inference.core import Inference
+from services.inference.servicer import registrar as inference_registrar
+from services.postprocess.core import Postprocessor
+from services.postprocess.servicer import registrar as postprocess_registrar
+from services.tokenizer.core import Tokenizer
+from services.tokenizer.servicer import registrar as tokenizer_registrar
+from tandem.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from tests.fixtures import tiny_models
+from tests.status import details_of
+
+MiB = 1024 * 1024
+MAX_INPUTS = 100
+
+
+@dataclass
+class Stack:
+    """Stages and a gateway serving both protocols, with a stub of each."""
+
+    oip: pb_grpc.GRPCInferenceServiceStub
+    native: gateway_pb2_grpc.GatewayServiceStub
+    channel: grpc.aio.Channel
+    pipeline: Pipeline
+    gateway: RunningServer
+    stages: dict[str, RunningServer]
+    repository: Path
+
+
+@contextlib.asynccontextmanager
+async def serve_stack(repository: Path, home: Path) -> AsyncIterator[Stack]:
+    """The stack of tests/test_gateway_pipeline.py, with the gateway registering both services as __main__ does."""
+    tokenizer = Tokenizer(ModelRepository(repository))
+    tokenizer.preload()
+    inference = Inference(ModelRepository(repository), home=home, intra_op_threads=1)
+    await inference.start()
+    postprocess = Postprocessor(ModelRepository(repository))
+    stages = {
+        "tokenizer": await start_server("127.0.0.1:0", [tokenizer_registrar(tokenizer)]),
+        "inference": await start_server("127.0.0.1:0", [inference_registrar(inference)]),
+        "postprocess": await start_server("127.0.0.1:0", [postprocess_registrar(postprocess)]),
+    }
+    pipeline = Pipeline(
+        TokenizerClient(stages["tokenizer"].address, 64 * MiB),
+        InferenceClient(stages["inference"].address, 64 * MiB),
+        PostprocessClient(stages["postprocess"].address, 64 * MiB),
+        max_inputs=MAX_INPUTS,
+    )
+    gateway = await start_server("127.0.0.1:0", [gateway_registrar(pipeline), oip_registrar(pipeline)])
+    try:
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            yield Stack(
+                pb_grpc.GRPCInferenceServiceStub(channel),
+                gateway_pb2_grpc.GatewayServiceStub(channel),
+                channel,
+                pipeline,
+                gateway,
+                stages,
+                repository,
+            )
+    finally:
+        await gateway.stop(0)
+        await pipeline.close()
+        for server in stages.values():
+            await server.stop(0)
+        await inference.close()
+
+
+@pytest.fixture(scope="module")
+async def stack(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    async with serve_stack(tiny_repository, tmp_path_factory.mktemp("home")) as running:
+        yield running
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building requests by hand
+
+
+def raw_bytes(elements: Sequence[bytes]) -> bytes:
+    """BYTES in raw form, written here independently of the server's codec: 4-byte LE length, then the bytes."""
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+
+
+def text_input(
+    name: str, texts: Sequence[str | bytes], shape: Sequence[int] | None = None
+) -> pb.ModelInferRequest.InferInputTensor:
+    data = [t.encode() if isinstance(t, str) else t for t in texts]
+    return pb.ModelInferRequest.InferInputTensor(
+        name=name,
+        datatype="BYTES",
+        shape=list(shape) if shape is not None else [len(data)],
+        contents=pb.InferTensorContents(bytes_contents=data),
+    )
+
+
+def infer_request(
+    model: str,
+    inputs: dict[str, Sequence[str | bytes]],
+    *,
+    raw: bool = False,
+    column: bool = False,
+    version: str = "",
+    request_id: str = "",
+    outputs: Sequence[str] = (),
+    **parameters: bool | int | str,
+) -> pb.ModelInferRequest:
+    """A ModelInfer request with typed contents, or with raw_input_contents when `raw`; shape [n, 1] when `column`."""
+    request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+    for name, texts in inputs.items():
+        tensor = text_input(name, texts, [len(texts), 1] if column else None)
+        if raw:
+            request.raw_input_contents.append(raw_bytes(list(tensor.contents.bytes_contents)))
+            tensor.ClearField("contents")
+        request.inputs.append(tensor)
+    for key, value in parameters.items():
+        if isinstance(value, bool):
+            request.parameters[key].bool_param = value
+        elif isinstance(value, int):
+            request.parameters[key].int64_param = value
+        else:
+            request.parameters[key].string_param = value
+    request.outputs.extend(pb.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in outputs)
+    return request
+
+
+def outputs_of(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+    """Decodes raw_output_contents (FP32, INT64, BYTES) independently of the server's codec."""
+    assert len(response.raw_output_contents) == len(response.outputs)
+    assert all(not o.HasField("contents") for o in response.outputs)
+    found: dict[str, np.ndarray] = {}
+    for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True):
+        shape = tuple(tensor.shape)
+        if tensor.datatype == "BYTES":
+            elements, offset = [], 0
+            while offset < len(raw):
+                (length,) = struct.unpack_from("<I", raw, offset)
+                elements.append(raw[offset + 4 : offset + 4 + length])
+                offset += 4 + length
+            found[tensor.name] = np.array(elements, dtype=np.object_).reshape(shape)
+        else:
+            dtype = {"FP32": "<f4", "INT64": "<i8"}[tensor.datatype]
+            found[tensor.name] = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Server, models, metadata
+
+
+async def test_reflection_lists_both_services(stack: Stack) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(stack.channel)
+
+    async def ask(**request: str) -> reflection_pb2.ServerReflectionResponse:
+        async for reply in stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(**request)])):
+            return reply
+        raise AssertionError("no reflection reply")
+
+    listed = {s.name for s in (await ask(list_services="")).list_services_response.service}
+    assert {"inference.GRPCInferenceService", "tandem.gateway.v1.GatewayService"} <= listed
+    files = (await ask(file_containing_symbol="inference.GRPCInferenceService")).file_descriptor_response
+    assert files.file_descriptor_proto  # grpcurl can call it with no proto files
+
+
+async def test_server_live_ready_and_metadata(stack: Stack) -> None:
+    assert (await stack.oip.ServerLive(pb.ServerLiveRequest())).live
+    assert (await stack.oip.ServerReady(pb.ServerReadyRequest())).ready
+    meta = await stack.oip.ServerMetadata(pb.ServerMetadataRequest())
+    assert (meta.name, meta.version) == ("tandem", importlib.metadata.version("tandem"))
+    assert list(meta.extensions) == ["parameters", "statistics"]
+
+
+async def test_model_ready(stack: Stack) -> None:
+    ready = stack.oip.ModelReady
+    assert (await ready(pb.ModelReadyRequest(name="tiny-embed"))).ready
+    assert (await ready(pb.ModelReadyRequest(name="tiny-embed", version="1"))).ready
+    assert not (await ready(pb.ModelReadyRequest(name="nope"))).ready
+    assert not (await ready(pb.ModelReadyRequest(name="tiny-embed", version="9"))).ready
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await ready(pb.ModelReadyRequest(name="tiny-embed", version="one"))
+    d = details_of(caught.value)
+    assert (d.code, d.fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["version"])
+
+
+@pytest.mark.parametrize(
+    ("model", "platform", "inputs", "outputs"),
+    [
+        ("tiny-embed", "tandem_embedding", [("text", "BYTES", [-1])], [("embedding", "FP32", [-1, "dim"])]),
+        (
+            "tiny-sentiment",
+            "tandem_classification",
+            [("text", "BYTES", [-1])],
+            [("scores", "FP32", [-1, -1]), ("labels", "BYTES", [-1, -1])],
+        ),
+        ("tiny-ner", "tandem_token_classification", [("text", "BYTES", [-1])], [("entities", "BYTES", [-1])]),
+        (
+            "tiny-rerank",
+            "tandem_rerank",
+            [("query", "BYTES", [1]), ("text", "BYTES", [-1])],
+            [("scores", "FP32", [-1]), ("ranking", "INT64", [-1])],
+        ),
+    ],
+)
+async def test_model_metadata(
+    stack: Stack, model: str, platform: str, inputs: list[tuple[Any, ...]], outputs: list[tuple[Any, ...]]
+) -> None:
+    info = (await stack.native.GetModel(gateway_pb2.GetModelRequest(model=model))).model
+    meta = await stack.oip.ModelMetadata(pb.ModelMetadataRequest(name=model))
+    assert (meta.name, list(meta.versions), meta.platform) == (model, list(info.versions), platform)
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == inputs
+    dims = {"dim": info.embedding_dimension}
+    expected = [(n, d, [dims.get(x, x) for x in s]) for n, d, s in outputs]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == expected
+    pinned = await stack.oip.ModelMetadata(pb.ModelMetadataRequest(name=model, version="1"))
+    assert pinned == meta
+
+
+async def test_repository_index_and_load(stack: Stack) -> None:
+    index = await stack.oip.RepositoryIndex(pb.RepositoryIndexRequest())
+    names = ["tiny-embed", "tiny-embed-cls", "tiny-ner", "tiny-rerank", "tiny-sentiment", "tiny-topics"]
+    assert [(m.name, m.version, m.state, m.reason) for m in index.models] == [(n, "1", "READY", "") for n in names]
+    ready_only = await stack.oip.RepositoryIndex(pb.RepositoryIndexRequest(ready=True))
+    assert ready_only == index
+    await stack.oip.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="tiny-embed"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inference: the same answers as the native API
+
+
+@pytest.mark.parametrize(("raw", "column"), [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("normalize", [True, False])
+async def test_embeddings_equal_native(stack: Stack, raw: bool, column: bool, normalize: bool) -> None:
+    texts = [*tiny_models.embedding_texts(seed=3, n=5), "naïve café ☕"]
+    reply = await stack.oip.ModelInfer(
+        infer_request("tiny-embed", {"text": texts}, raw=raw, column=column, request_id="e1", normalize=normalize)
+    )
+    native = await stack.native.Embed(gateway_pb2.EmbedRequest(model="tiny-embed", inputs=texts, normalize=normalize))
+    expected = np.array([e.values for e in native.embeddings], dtype=np.float32)
+    served = outputs_of(reply)
+    assert list(served) == ["embedding"]
+    assert served["embedding"].shape == expected.shape
+    np.testing.assert_allclose(served["embedding"], expected, rtol=0, atol=1e-6)
+    assert (reply.model_name, reply.model_version, reply.id) == ("tiny-embed", "1", "e1")
+
+
+async def test_classification_equals_native(stack: Stack) -> None:
+    texts = [t for t, _ in tiny_models.classifier_examples(seed=4, n=9)]
+    reply = await stack.oip.ModelInfer(infer_request("tiny-sentiment", {"text": texts}, raw=True))
+    native = await stack.native.Classify(gateway_pb2.ClassifyRequest(model="tiny-sentiment", inputs=texts))
+    served = outputs_of(reply)
+    n_labels = len(tiny_models.SENTIMENT_LABELS)
+    assert served["scores"].shape == served["labels"].shape == (len(texts), n_labels)
+    for row, (scores, labels) in enumerate(zip(served["scores"], served["labels"], strict=True)):
+        expected = native.results[row].labels
+        assert [label.decode() for label in labels] == [s.label for s in expected]
+        np.testing.assert_allclose(scores, [s.score for s in expected], rtol=0, atol=1e-6)
+        assert list(scores) == sorted(scores, reverse=True)
+
+    top = await stack.oip.ModelInfer(
+        infer_request("tiny-sentiment", {"text": texts[:3]}, column=True, outputs=["labels"], top_k=1)
+    )
+    assert [o.name for o in top.outputs] == ["labels"]
+    assert [[x.decode()] for x in outputs_of(top)["labels"][:, 0]] == [[r.labels[0].label] for r in native.results[:3]]
+
+
+async def test_multi_label_classification_equals_native(stack: Stack) -> None:
+    texts = [t for t, _ in tiny_models.multilabel_examples(seed=2, n=5)]
+    reply = await stack.oip.ModelInfer(infer_request("tiny-topics", {"text": texts}, top_k=2))
+    native = await stack.native.Classify(gateway_pb2.ClassifyRequest(model="tiny-topics", inputs=texts, top_k=2))
+    served = outputs_of(reply)
+    assert served["scores"].shape == (5, 2)
+    for row in range(5):
+        assert [x.decode() for x in served["labels"][row]] == [s.label for s in native.results[row].labels]
+        np.testing.assert_allclose(served["scores"][row], [s.score for s in native.results[row].labels], atol=1e-6)
+
+
+async def test_entities_equal_native(stack: Stack) -> None:
+    texts = [t for t, _ in tiny_models.ner_examples(seed=6, n=8)]
+    reply = await stack.oip.ModelInfer(infer_request("tiny-ner", {"text": texts}, raw=True))
+    native = await stack.native.ClassifyTokens(gateway_pb2.ClassifyTokensRequest(model="tiny-ner", inputs=texts))
+    served = outputs_of(reply)["entities"]
+    assert served.shape == (len(texts),)
+    assert sum(len(json.loads(x)) for x in served) > 0
+    for element, result in zip(served, native.results, strict=True):
+        got = json.loads(element.decode())
+        assert [(e["label"], e["start"], e["end"], e["text"]) for e in got] == [
+            (e.label, e.start, e.end, e.text) for e in result.entities
+        ]
+        assert [e["score"] for e in got] == pytest.approx([e.score for e in result.entities], abs=1e-7)
+
+
+async def test_rerank_equals_native(stack: Stack) -> None:
+    for query, documents, relevant in tiny_models.rerank_examples(seed=8, n=4):
+        reply = await stack.oip.ModelInfer(
+            infer_request("tiny-rerank", {"query": [query], "text": documents}, raw=True)
+        )
+        native = await stack.native.Rerank(
+            gateway_pb2.RerankRequest(model="tiny-rerank", query=query, documents=documents)
+        )
+        served = outputs_of(reply)
+        expected = np.zeros(len(documents), dtype=np.float32)
+        for r in native.results:
+            expected[r.index] = r.score
+        np.testing.assert_allclose(served["scores"], expected, rtol=0, atol=1e-6)
+        assert list(served["ranking"]) == [r.index for r in native.results]
+        assert served["ranking"][0] == relevant
+    query, documents, _ = tiny_models.rerank_examples(seed=8, n=1)[0]
+    top = await stack.oip.ModelInfer(
+        infer_request("tiny-rerank", {"query": [query], "text": documents}, column=True, top_n=2)
+    )
+    served = outputs_of(top)
+    assert served["scores"].shape == (len(documents),) and served["ranking"].shape == (2,)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Errors
+
+
+def _raw_request(model: str, name: str, raw: bytes, shape: list[int]) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.append(pb.ModelInferRequest.InferInputTensor(name=name, datatype="BYTES", shape=shape))
+    request.raw_input_contents.append(raw)
+    return request
+
+
+def _fp32_text() -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="tiny-embed")
+    request.inputs.append(
+        pb.ModelInferRequest.InferInputTensor(
+            name="text", datatype="FP32", shape=[2], contents=pb.InferTensorContents(fp32_contents=[1, 2])
+        )
+    )
+    return request
+
+
+def _both_forms() -> pb.ModelInferRequest:
+    request = infer_request("tiny-embed", {"text": ["a"]})
+    request.raw_input_contents.append(raw_bytes([b"a"]))
+    return request
+
+
+def _classification_extension() -> pb.ModelInferRequest:
+    request = infer_request("tiny-sentiment", {"text": ["a"]})
+    request.outputs.add(name="scores").parameters["classification"].int64_param = 2
+    return request
+
+
+def _sequence() -> pb.ModelInferRequest:
+    request = infer_request("tiny-embed", {"text": ["a"]})
+    request.parameters["sequence_id"].int64_param = 7
+    return request
+
+
+INFER_ERRORS: dict[str, Callable[[], pb.ModelInferRequest]] = {
+    "unknown model": lambda: infer_request("nope", {"text": ["a"]}),
+    "unknown version": lambda: infer_request("tiny-embed", {"text": ["a"]}, version="9"),
+    "version not a number": lambda: infer_request("tiny-embed", {"text": ["a"]}, version="v1"),
+    "no model name": lambda: infer_request("", {"text": ["a"]}),
+    "colon in model name": lambda: infer_request("tiny-embed:1", {"text": ["a"]}),
+    "wrong datatype": _fp32_text,
+    "missing input": lambda: infer_request("tiny-rerank", {"text": ["a", "b"]}),
+    "unexpected input": lambda: infer_request("tiny-embed", {"text": ["a"], "extra": ["b"]}),
+    "input given twice": lambda: pb.ModelInferRequest(
+        model_name="tiny-embed", inputs=[text_input("text", ["a"]), text_input("text", ["b"])]
+    ),
+    "wrong shape": lambda: pb.ModelInferRequest(
+        model_name="tiny-embed", inputs=[text_input("text", ["a", "b", "c", "d"], [2, 2])]
+    ),
+    "query of two": lambda: infer_request("tiny-rerank", {"query": ["a", "b"], "text": ["c"]}),
+    "negative dimension": lambda: pb.ModelInferRequest(model_name="tiny-embed", inputs=[text_input("text", [], [-1])]),
+    "elements do not fill shape": lambda: pb.ModelInferRequest(
+        model_name="tiny-embed", inputs=[text_input("text", ["a", "b"], [3])]
+    ),
+    "no texts": lambda: infer_request("tiny-embed", {"text": []}),
+    "too many texts": lambda: infer_request("tiny-embed", {"text": ["a"] * (MAX_INPUTS + 1)}),
+    "invalid utf-8": lambda: infer_request("tiny-embed", {"text": ["fine", b"caf\xe9"]}),
+    "invalid utf-8 raw": lambda: infer_request("tiny-embed", {"text": [b"\xff\xfe"]}, raw=True),
+    "raw cut inside a length": lambda: _raw_request("tiny-embed", "text", raw_bytes([b"ab"]) + b"\x01\x00", [2]),
+    "raw cut inside an element": lambda: _raw_request("tiny-embed", "text", struct.pack("<I", 10) + b"abc", [1]),
+    "raw holds more elements": lambda: _raw_request("tiny-embed", "text", raw_bytes([b"a", b"b"]), [1]),
+    "raw holds fewer elements": lambda: _raw_request("tiny-embed", "text", raw_bytes([b"a"]), [3]),
+    "raw count": lambda: pb.ModelInferRequest(
+        model_name="tiny-embed",
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[1])],
+        raw_input_contents=[raw_bytes([b"a"]), raw_bytes([b"b"])],
+    ),
+    "raw and contents": _both_forms,
+    "normalize not a bool": lambda: infer_request("tiny-embed", {"text": ["a"]}, normalize=1),
+    "top_k not an int": lambda: infer_request("tiny-sentiment", {"text": ["a"]}, top_k="two"),
+    "negative top_n": lambda: infer_request("tiny-rerank", {"query": ["q"], "text": ["a"]}, top_n=-1),
+    "unknown output": lambda: infer_request("tiny-embed", {"text": ["a"]}, outputs=["scores"]),
+    "classification extension": _classification_extension,
+    "sequence": _sequence,
+    "too long": lambda: infer_request("tiny-embed", {"text": ["good", "good " * 100]}, truncate=False),
+}
+
+
+INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+# fmt: off
+INFER_ERROR_CASES = [
+    ("unknown model", NOT_FOUND, "MODEL_NOT_FOUND", [], "model 'nope' not found"),
+    ("unknown version", NOT_FOUND, "MODEL_NOT_FOUND", [], "no version 9"),
+    ("version not a number", INVALID, "INVALID_INPUT", ["model_version"], "must be a number"),
+    ("no model name", INVALID, "INVALID_INPUT", ["model_name"], "model_name is required"),
+    ("colon in model name", INVALID, "INVALID_INPUT", ["model_name"], "must not contain ':'"),
+    ("wrong datatype", INVALID, "INVALID_INPUT", ["inputs[text]"], "input 'text' must be BYTES (UTF-8 texts), got FP32"),
+    ("missing input", INVALID, "INVALID_INPUT", ["inputs[query]"], "missing input 'query': model 'tiny-rerank' takes 'query', 'text'"),
+    ("unexpected input", INVALID, "INVALID_INPUT", ["inputs[extra]"], "unexpected input 'extra'"),
+    ("input given twice", INVALID, "INVALID_INPUT", ["inputs[text]"], "given twice"),
+    ("wrong shape", INVALID, "INVALID_INPUT", ["inputs[text]"], "must have shape [n] or [n, 1], got [2, 2]"),
+    ("query of two", INVALID, "INVALID_INPUT", ["inputs[query]"], "must have shape [1] or [1, 1], got [2]"),
+    ("negative dimension", INVALID, "INVALID_INPUT", ["inputs[text]"], "invalid shape [-1]"),
+    ("elements do not fill shape", INVALID, "INVALID_INPUT", ["inputs[text]"], "2 elements in contents.bytes_contents"),
+    ("no texts", INVALID, "INVALID_INPUT", ["inputs[text]"], "at least one text"),
+    ("too many texts", INVALID, "TOO_MANY_INPUTS", ["inputs[text]"], "limit of 100"),
+    ("invalid utf-8", INVALID, "INVALID_INPUT", ["inputs[text]"], "element 1 is not valid UTF-8"),
+    ("invalid utf-8 raw", INVALID, "INVALID_INPUT", ["inputs[text]"], "element 0 is not valid UTF-8"),
+    ("raw cut inside a length", INVALID, "INVALID_INPUT", ["inputs[text]"], "inside the 4-byte length"),
+    ("raw cut inside an element", INVALID, "INVALID_INPUT", ["inputs[text]"], "claims 10 bytes"),
+    ("raw holds more elements", INVALID, "INVALID_INPUT", ["inputs[text]"], "more than the 1 elements its shape needs"),
+    ("raw holds fewer elements", INVALID, "INVALID_INPUT", ["inputs[text]"], "raw data holds 1 elements, its shape needs 3"),
+    ("raw count", INVALID, "INVALID_INPUT", ["raw_input_contents"], "2 raw_input_contents for 1 inputs"),
+    ("raw and contents", INVALID, "INVALID_INPUT", ["inputs[text]"], "not both"),
+    ("normalize not a bool", INVALID, "INVALID_INPUT", ["parameters[normalize]"], "must be a bool"),
+    ("top_k not an int", INVALID, "INVALID_INPUT", ["parameters[top_k]"], "must be an integer"),
+    ("negative top_n", INVALID, "INVALID_INPUT", ["parameters[top_n]"], "must be an integer >= 0"),
+    ("unknown output", INVALID, "INVALID_INPUT", ["outputs[scores]"], "unknown output 'scores'"),
+    ("classification extension", INVALID, "INVALID_INPUT", ["outputs[scores]"], "classification extension"),
+    ("sequence", INVALID, "INVALID_INPUT", ["parameters[sequence_id]"], "stateless"),
+    # A stage's own error passes through unchanged (its field names the text by index, as in the native API).
+    ("too long", INVALID, "INPUT_TOO_LONG", ["inputs[1]"], "limit of 64"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("case", "code", "reason", "fields", "message"), INFER_ERROR_CASES)
+async def test_infer_errors(
+    stack: Stack, case: str, code: grpc.StatusCode, reason: str, fields: list[str], message: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.oip.ModelInfer(INFER_ERRORS[case]())
+    d = details_of(caught.value)
+    assert (d.code, d.reason, d.fields) == (code, reason, fields)
+    assert message in d.message
+
+
+@pytest.mark.parametrize(
+    ("call", "code", "reason", "message"),
+    [
+        ("metadata of unknown", grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", "model 'nope' not found"),
+        ("load unknown", grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", "model 'nope' not found"),
+        ("load with config", grpc.StatusCode.UNIMPLEMENTED, "UNSUPPORTED", "loading with parameters (config)"),
+        ("unload", grpc.StatusCode.UNIMPLEMENTED, "UNSUPPORTED", "unloading models is not supported yet"),
+        ("unload unknown", grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", "model 'nope' not found"),
+        ("statistics of unknown", grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", "model 'nope' not found"),
+        ("statistics of unknown version", grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", "no version 7"),
+        ("load no name", grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT", "model_name is required"),
+    ],
+)
+async def test_other_errors(stack: Stack, call: str, code: grpc.StatusCode, reason: str, message: str) -> None:
+    oip = stack.oip
+    load_with_config = pb.RepositoryModelLoadRequest(model_name="tiny-embed")
+    load_with_config.parameters["config"].string_param = "{}"
+    calls = {
+        "metadata of unknown": lambda: oip.ModelMetadata(pb.ModelMetadataRequest(name="nope")),
+        "load unknown": lambda: oip.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="nope")),
+        "load with config": lambda: oip.RepositoryModelLoad(load_with_config),
+        "unload": lambda: oip.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="tiny-embed")),
+        "unload unknown": lambda: oip.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="nope")),
+        "statistics of unknown": lambda: oip.ModelStatistics(pb.ModelStatisticsRequest(name="nope")),
+        "statistics of unknown version": lambda: oip.ModelStatistics(
+            pb.ModelStatisticsRequest(name="tiny-embed", version="7")
+        ),
+        "load no name": lambda: oip.RepositoryModelLoad(pb.RepositoryModelLoadRequest()),
+    }
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await calls[call]()
+    d = details_of(caught.value)
+    assert (d.code, d.reason) == (code, reason)
+    assert message in d.message
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Streams
+
+
+async def test_stream_answers_many_in_flight_by_id(stack: Stack) -> None:
+    """Requests sent without waiting, answered as they finish; failures answered in place; all match by id."""
+    texts = tiny_models.embedding_texts(seed=12, n=40)
+    requests: dict[str, pb.ModelInferRequest] = {}
+    for i in range(40):
+        rid = f"r{i}"
+        if i % 10 == 3:
+            requests[rid] = infer_request("nope", {"text": ["a"]}, request_id=rid)
+        elif i % 10 == 7:
+            requests[rid] = infer_request("tiny-embed", {"text": [b"\xff"]}, request_id=rid)
+        elif i % 5 == 4:
+            requests[rid] = infer_request("tiny-sentiment", {"text": texts[i : i + 2]}, request_id=rid, raw=True)
+        else:
+            requests[rid] = infer_request("tiny-embed", {"text": texts[i : i + 1 + i % 3]}, request_id=rid, raw=True)
+    runs_before = stack.pipeline._embeds.runs
+
+    async def send() -> AsyncIterator[pb.ModelInferRequest]:
+        for request in requests.values():
+            yield request
+
+    answers: dict[str, pb.ModelStreamInferResponse] = {}
+    async for response in stack.oip.ModelStreamInfer(send()):
+        rid = response.infer_response.id
+        assert rid not in answers
+        answers[rid] = response
+    # In flight together: concurrent embedding requests were merged into fewer pipeline runs than requests.
+    assert stack.pipeline._embeds.runs - runs_before < 24
+    assert set(answers) == set(requests)
+    for rid, request in requests.items():
+        answer = answers[rid]
+        if request.model_name == "nope":
+            assert answer.error_message == f"NOT_FOUND: model 'nope' not found (request id {rid!r})"
+        elif request.inputs[0].contents.bytes_contents == [b"\xff"]:
+            assert answer.error_message.startswith("INVALID_ARGUMENT: input 'text': element 0 is not valid UTF-8")
+        else:
+            assert answer.error_message == ""
+            alone = await stack.oip.ModelInfer(request)
+            got, expected = outputs_of(answer.infer_response), outputs_of(alone)
+            assert list(got) == list(expected)
+            for name in got:
+                if got[name].dtype == np.object_:
+                    assert got[name].tolist() == expected[name].tolist()
+                else:
+                    np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-6)
+            assert (answer.infer_response.model_name, answer.infer_response.model_version) == (
+                request.model_name,
+                "1",
+            )
+
+
+async def test_stream_cancelled_by_the_client_stops_its_work(stack: Stack) -> None:
+    async def send() -> AsyncIterator[pb.ModelInferRequest]:
+        yield infer_request("tiny-embed", {"text": ["first"]}, request_id="first")
+        await asyncio.sleep(3600)  # the stream stays open until the client cancels it
+
+    def stream_tasks() -> list[asyncio.Task[Any]]:
+        return [
+            t
+            for t in asyncio.all_tasks()
+            if getattr(t.get_coro(), "__qualname__", "").startswith("in_completion_order")
+        ]
+
+    call = stack.oip.ModelStreamInfer(send())
+    async for response in call:
+        assert response.infer_response.id == "first"
+        break
+    assert stream_tasks()
+    call.cancel()
+    for _ in range(100):
+        if not stream_tasks():
+            break
+        await asyncio.sleep(0.02)
+    assert not stream_tasks()
+    reply = await stack.oip.ModelInfer(infer_request("tiny-embed", {"text": ["after"]}))
+    assert outputs_of(reply)["embedding"].shape[0] == 1
+
+
+async def test_in_completion_order_bounds_work_in_flight() -> None:
+    running = peak = 0
+    gates = {i: asyncio.Event() for i in range(6)}
+
+    async def items() -> AsyncIterator[int]:
+        for i in range(6):
+            yield i
+
+    async def answer(i: int) -> int:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await gates[i].wait()
+        running -= 1
+        return i
+
+    async def release() -> None:
+        for i in (1, 0, 3, 2, 5, 4):  # out of order
+            await asyncio.sleep(0.01)
+            gates[i].set()
+
+    opener = asyncio.create_task(release())
+    got = [x async for x in in_completion_order(items(), answer, limit=2)]
+    await opener
+    assert sorted(got) == list(range(6)) and peak == 2
+
+    async def failing(i: int) -> int:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _ = [x async for x in in_completion_order(items(), failing, limit=2)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Statistics
+
+
+async def test_statistics_count_what_the_protocol_served(stack: Stack) -> None:
+    def stats(reply: pb.ModelStatisticsResponse) -> pb.ModelStatistics:
+        (only,) = reply.model_stats
+        return only
+
+    before = stats(await stack.oip.ModelStatistics(pb.ModelStatisticsRequest(name="tiny-topics")))
+    start_ms = time.time_ns() // 1_000_000
+    for n in (2, 3, 4):
+        await stack.oip.ModelInfer(infer_request("tiny-topics", {"text": ["football match"] * n}))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stack.oip.ModelInfer(infer_request("tiny-topics", {"text": ["pizza " * 100]}, truncate=False))
+    with pytest.raises(grpc.aio.AioRpcError):  # refused before the pipeline: not counted
+        await stack.oip.ModelInfer(infer_request("tiny-topics", {"text": [b"\xff"]}))
+    await stack.native.Classify(gateway_pb2.ClassifyRequest(model="tiny-topics", inputs=["x"]))  # not counted
+    end_ms = time.time_ns() // 1_000_000
+    after = stats(await stack.oip.ModelStatistics(pb.ModelStatisticsRequest(name="tiny-topics", version="1")))
+    assert (after.name, after.version) == ("tiny-topics", "1")
+    assert after.inference_count - before.inference_count == 9
+    assert after.execution_count - before.execution_count == 3
+    s, f = after.inference_stats.success, after.inference_stats.fail
+    assert s.count - before.inference_stats.success.count == 3 and s.ns > before.inference_stats.success.ns
+    assert f.count - before.inference_stats.fail.count == 1 and f.ns > before.inference_stats.fail.ns
+    assert start_ms <= after.last_inference <= end_ms
+
+    every = await stack.oip.ModelStatistics(pb.ModelStatisticsRequest())
+    assert {(m.name, m.version) for m in every.model_stats} >= {
+        ("tiny-embed", "1"),
+        ("tiny-ner", "1"),
+        ("tiny-topics", "1"),
+    }
+    assert next(m for m in every.model_stats if m.name == "tiny-topics") == after
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Wire codec
+
+
+@pytest.mark.parametrize("elements", [[], [b""], [b"a", b"", "naïve ☕".encode(), b"\x00" * 300]])
+def test_bytes_tensor_codec(elements: list[bytes]) -> None:
+    raw = converters.encode_bytes_tensor(elements)
+    assert raw == raw_bytes(elements)
+    assert converters.decode_bytes_tensor(raw, len(elements), "text") == elements
+    with pytest.raises(errors.TandemError):
+        converters.decode_bytes_tensor(raw, len(elements) + 1, "text")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stages down (last: it restarts a stage)
+
+
+async def test_ready_follows_the_stages(stack: Stack) -> None:
+    address = stack.stages["postprocess"].address
+    await stack.stages["postprocess"].stop(0)
+    try:
+        assert not (await stack.oip.ServerReady(pb.ServerReadyRequest())).ready
+        assert (await stack.oip.ServerLive(pb.ServerLiveRequest())).live
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stack.oip.ModelInfer(infer_request("tiny-embed", {"text": ["good"]}), timeout=20)
+        d = details_of(caught.value)
+        assert (d.code, d.reason) == (grpc.StatusCode.UNAVAILABLE, "STAGE_UNAVAILABLE")
+    finally:
+        postprocess = Postprocessor(ModelRepository(stack.repository))
+        stack.stages["postprocess"] = await start_server(address, [postprocess_registrar(postprocess)])
+    for _ in range(100):
+        if (await stack.oip.ServerReady(pb.ServerReadyRequest())).ready:
+            break
+        await asyncio.sleep(0.05)
+    assert (await stack.oip.ServerReady(pb.ServerReadyRequest())).ready
