@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from services.common import logging as tandem_logging
 from services.common.default_model import repository_root
 from services.common.repository import ModelRepository
-from services.common.server import start_server, wait_for_termination
+from services.common.server import exit_with_parent, start_server, wait_for_termination
 from services.inference.core import Inference
-from services.inference.servicer import registrar
+from services.inference.servicer import management_registrar, registrar
 from services.inference.settings import InferenceSettings
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,16 @@ log = logging.getLogger(__name__)
 
 def build_core(settings: InferenceSettings) -> Inference:
     repository = ModelRepository(repository_root(settings.model_repository, settings.home), settings.default_model)
-    return Inference(repository, home=settings.home, intra_op_threads=settings.intra_op_threads, device=settings.device)
+    return Inference(
+        repository,
+        home=settings.home,
+        intra_op_threads=settings.intra_op_threads,
+        device=settings.device,
+        spinning=settings.intra_op_spinning,
+        watch_s=settings.watch_interval_s or None,
+        unload_idle_s=settings.unload_idle_s,
+        unload_timeout_s=settings.unload_timeout_s,
+    )
 
 
 async def serve(settings: InferenceSettings) -> None:
@@ -29,7 +38,7 @@ async def serve(settings: InferenceSettings) -> None:
     # Bound and answering health checks (NOT_SERVING) while models export and warm up, which can take minutes.
     running = await start_server(
         settings.listen,
-        [registrar(core)],
+        [registrar(core), management_registrar(core)],
         reflection_enabled=settings.reflection,
         max_message_bytes=settings.max_message_bytes,
         serving=False,
@@ -45,6 +54,7 @@ async def serve(settings: InferenceSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = InferenceSettings.from_args(sys.argv[1:] if argv is None else argv, "tandem inference")
     tandem_logging.configure(settings.log_level, settings.json_logs, service="inference")
+    exit_with_parent(settings.parent_pid)
     # Progress bars from model loading would interleave with the structured log lines.
     from transformers.utils import logging as hf_logging
 

@@ -6,9 +6,17 @@ import numpy as np
 import numpy.typing as npt
 
 from services.common import errors, tensors
-from services.common.repository import ModelVersion, Task
-from services.inference.core import IntArray, ModelDescription, TokenInputs
+from services.common.repository import AccuracyReport, ModelVersion, Task, VersionPolicy
+from services.inference.core import (
+    IntArray,
+    ModelDescription,
+    ModelState,
+    ModelStatus,
+    TokenInputs,
+    VersionStatus,
+)
 from tandem.inference.v1 import inference_pb2
+from tandem.management.v1 import management_pb2
 from tandem.model.v1 import model_pb2
 from tandem.tensor.v1 import tensor_pb2
 
@@ -74,3 +82,71 @@ def list_models_response(descriptions: list[ModelDescription]) -> inference_pb2.
 
 def get_model_response(description: ModelDescription) -> inference_pb2.GetModelResponse:
     return inference_pb2.GetModelResponse(model=model_info(description))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# tandem.management.v1
+
+_STATES: dict[ModelState, management_pb2.VersionState.ValueType] = {
+    ModelState.LOADING: management_pb2.VERSION_STATE_LOADING,
+    ModelState.READY: management_pb2.VERSION_STATE_READY,
+    ModelState.FAILED: management_pb2.VERSION_STATE_FAILED,
+    ModelState.UNLOADING: management_pb2.VERSION_STATE_UNLOADING,
+    ModelState.UNLOADED: management_pb2.VERSION_STATE_UNLOADED,
+}
+_PRECISIONS: dict[str, management_pb2.Precision.ValueType] = {
+    "fp32": management_pb2.PRECISION_FP32,
+    "fp16": management_pb2.PRECISION_FP16,
+    "int8": management_pb2.PRECISION_INT8,
+}
+
+
+def _policy(policy: VersionPolicy) -> management_pb2.VersionPolicy:
+    if policy.all:
+        return management_pb2.VersionPolicy(all=True)
+    if policy.specific is not None:
+        return management_pb2.VersionPolicy(specific=[str(v) for v in policy.specific])
+    return management_pb2.VersionPolicy(latest=policy.latest or 1)
+
+
+def _accuracy(report: AccuracyReport) -> management_pb2.AccuracyReport:
+    message = management_pb2.AccuracyReport(reference=report.reference, texts=report.texts)
+    for name in ("min_cosine", "mean_cosine", "top1_agreement", "max_probability_difference"):
+        value = getattr(report, name)
+        if value is not None:
+            setattr(message, name, value)
+    return message
+
+
+def version_status(status: VersionStatus) -> management_pb2.VersionStatus:
+    message = management_pb2.VersionStatus(
+        version=status.version,
+        state=_STATES[status.state],
+        reason=status.reason,
+        aliases=status.aliases,
+        is_default=status.is_default,
+        precision=_PRECISIONS.get(status.precision, management_pb2.PRECISION_UNSPECIFIED),
+        backend=status.backend,
+        tokenizer_fingerprint=status.fingerprint,
+        source=status.source,
+        in_flight=status.in_flight,
+    )
+    if status.created is not None:
+        message.create_time.FromDatetime(status.created)
+    if status.accuracy is not None:
+        message.accuracy.CopyFrom(_accuracy(status.accuracy))
+    return message
+
+
+def model_status(status: ModelStatus) -> management_pb2.ModelStatus:
+    message = management_pb2.ModelStatus(
+        name=status.name,
+        task=_TASKS[status.task] if status.task is not None else model_pb2.TASK_UNSPECIFIED,
+        versions=[version_status(v) for v in status.versions],
+        aliases=status.aliases,
+        default_version=status.default_version,
+        reason=status.reason,
+    )
+    if status.policy is not None:
+        message.version_policy.CopyFrom(_policy(status.policy))
+    return message

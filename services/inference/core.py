@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import inspect
 import logging
 import os
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,24 @@ import numpy.typing as npt
 import torch
 
 from services.common import errors, tensors
-from services.common.repository import ModelConfig, ModelRepository, ModelVersion, Task, parse_reference
+from services.common.repository import (
+    DEFAULT_ALIAS,
+    METADATA_FILE,
+    MODEL_BROKEN,
+    MODEL_CONFIG_INVALID,
+    MODEL_NOT_LOADED,
+    TOKENIZER_MISMATCH,
+    AccuracyReport,
+    Listing,
+    ModelConfig,
+    ModelRepository,
+    ModelVersion,
+    Task,
+    VersionPolicy,
+    check_alias,
+    parse_reference,
+    tokenizer_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +91,10 @@ class BackendOptions:
     intra_op_threads: int
     # Overrides every model's tandem.json "device" when set.
     device: str | None = None
+    # ONNX Runtime's pool threads spin briefly for the next piece of work. Measured on 2 quiet cores with MiniLM,
+    # one text: 3.9 ms with spinning, 7.5 ms without; on cores shared with busy neighbours spinning can cost more
+    # than it saves, so it can be turned off (--no-intra-op-spinning).
+    spinning: bool = True
 
 
 def _cuda_present() -> bool:
@@ -120,7 +143,13 @@ class OnnxBackend(Backend):
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path, providers: Sequence[str | tuple[str, dict[str, Any]]], threads: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        providers: Sequence[str | tuple[str, dict[str, Any]]],
+        threads: int,
+        spinning: bool = True,
+    ) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -129,9 +158,8 @@ class OnnxBackend(Backend):
         # One model call at a time per session (the batcher's worker): parallelism lives inside the operators.
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Spinning pool threads burn the cores that the event loop, gRPC and the other stages on this host need
-        # between calls; measured on 2 busy cores, spinning doubled the latency of a MiniLM call.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # See BackendOptions.spinning for the trade-off.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.path = path
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
         declared = {i.name: i.type for i in self.session.get_inputs()}
@@ -369,7 +397,7 @@ def create_backend(model: ModelVersion, options: BackendOptions) -> Backend:
         return TorchBackend(model, device, options.intra_op_threads)
     path, _ = ensure_onnx(model, options.home, options.intra_op_threads)
     providers = onnx_providers(device, model, options.home, path)
-    return OnnxBackend(path, providers, options.intra_op_threads)
+    return OnnxBackend(path, providers, options.intra_op_threads, options.spinning)
 
 
 BackendFactory = Callable[[ModelVersion, BackendOptions], Backend]
@@ -601,14 +629,19 @@ class Batcher:
 
 
 class ModelState(StrEnum):
+    """Where a version is in its lifecycle; the value reads well in messages ("model m:2 is loading")."""
+
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
+    UNLOADING = "unloading"
+    UNLOADED = "unloaded"
 
 
-@dataclass
+@dataclass(eq=False)
 class LoadedModel:
-    """One model version and how far it got: loading, ready with its backend and batcher, or failed and why."""
+    """One model version in memory and how far it got: loading, ready with its backend and batcher, failed and why,
+    or on its way out (unloading: answers the requests already pinned to it, then frees its backend)."""
 
     model: ModelVersion
     state: ModelState = ModelState.LOADING
@@ -616,6 +649,57 @@ class LoadedModel:
     backend: Backend | None = None
     batcher: Batcher | None = None
     task: asyncio.Task[None] | None = None
+    # tokenizer_fingerprint() of the version folder as loaded: ids from any other tokenizer are refused.
+    fingerprint: str = ""
+    in_flight: int = 0
+    # When the latest request arrived (monotonic): an unloading version waits until it has been idle a while.
+    last_used: float = 0.0
+    retired_at: float = 0.0
+    # Past the unload timeout: new requests are refused while the running ones finish.
+    refusing: bool = False
+    drain: asyncio.Task[None] | None = None
+
+    @property
+    def serving(self) -> bool:
+        return self.state in (ModelState.READY, ModelState.UNLOADING) and not self.refusing and self.batcher is not None
+
+
+@dataclass
+class ModelEntry:
+    """What the stage knows of one model folder, and where its requests go.
+
+    `default` and `aliases` only ever name READY versions: a version that an alias or the policy moves to takes
+    requests once it is warm, in one step on the event loop, and the one it replaces unloads after it falls idle.
+    """
+
+    name: str
+    listing: Listing | None = None
+    # Why the model as a whole cannot be served (tandem.json unreadable); what is loaded keeps serving.
+    error: str = ""
+    models: dict[str, ModelVersion] = field(default_factory=dict)
+    # Versions whose folder cannot be read (no config.json, invalid metadata.json), and why.
+    broken: dict[str, str] = field(default_factory=dict)
+    default: str | None = None
+    aliases: dict[str, str] = field(default_factory=dict)
+    # Versions loaded by LoadModel beyond the policy, and versions unloaded by UnloadModel (both until undone).
+    requested: set[str] = field(default_factory=set)
+    held: set[str] = field(default_factory=set)
+    held_all: bool = False
+    # Versions being loaded for a SetAlias that has not written the alias yet.
+    pending: Counter[str] = field(default_factory=Counter)
+    scanned_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """One model folder read in a worker thread, applied on the event loop."""
+
+    name: str
+    started: float
+    listing: Listing | None
+    error: str
+    models: dict[str, ModelVersion]
+    broken: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -634,6 +718,37 @@ class ModelDescription:
     multi_label: bool
     # Why the model is not ready (loading, or the failure); empty when it is.
     reason: str = ""
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    """One version as the management API shows it."""
+
+    version: str
+    state: ModelState
+    reason: str
+    aliases: tuple[str, ...]
+    is_default: bool
+    precision: str
+    backend: str
+    fingerprint: str
+    source: str
+    created: datetime | None
+    accuracy: AccuracyReport | None
+    in_flight: int
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """One model as the management API shows it."""
+
+    name: str
+    task: Task | None
+    policy: VersionPolicy | None
+    versions: tuple[VersionStatus, ...]
+    aliases: dict[str, str]
+    default_version: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -656,8 +771,21 @@ def _warm_up(backend: Backend, model: ModelVersion) -> None:
         raise ValueError(f"the model returns {out.shape[-1]} scores but names {len(model.labels)} labels")
 
 
+def _checked_fingerprint(model: ModelVersion) -> str:
+    """The version folder's tokenizer fingerprint, which must equal the one its metadata.json recorded."""
+    fingerprint = tokenizer_fingerprint(model.path)
+    recorded = model.metadata.tokenizer_fingerprint if model.metadata is not None else ""
+    if recorded and fingerprint != recorded:
+        raise ValueError(
+            f"the tokenizer files ({fingerprint}) differ from the tokenizer {METADATA_FILE} recorded ({recorded})"
+        )
+    return fingerprint
+
+
 class Inference:
-    """Serves every model of the repository: loads them, validates requests, and hands them to their batcher."""
+    """Serves every model of the repository: loads the versions each model's policy and aliases want, routes
+    requests to ready versions, validates them, and hands them to their batcher. Also the model lifecycle behind
+    the management API: load, unload, aliases, reload."""
 
     def __init__(
         self,
@@ -666,90 +794,329 @@ class Inference:
         home: Path,
         intra_op_threads: int | None = None,
         device: str | None = None,
+        spinning: bool = True,
         backend_factory: BackendFactory = create_backend,
+        watch_s: float | None = 1.0,
+        unload_idle_s: float = 3.0,
+        unload_timeout_s: float = 60.0,
     ) -> None:
         self.repository = repository
         threads = intra_op_threads or os.cpu_count() or 1
-        self.options = BackendOptions(home=home, intra_op_threads=threads, device=device)
+        self.options = BackendOptions(home=home, intra_op_threads=threads, device=device, spinning=spinning)
         self.backend_factory = backend_factory
+        self.watch_s = watch_s
+        # A version leaving service keeps answering until no request has reached it for this long: the gateway
+        # pins versions for up to a second (its model cache) before its calls arrive here.
+        self.unload_idle_s = unload_idle_s
+        self.unload_timeout_s = unload_timeout_s
         self._slots: dict[tuple[str, str], LoadedModel] = {}
-        # Version answering requests that name none: the newest one that is ready, so that a version added to the
-        # repository takes over only once it has loaded.
-        self._served: dict[str, str] = {}
-        self._broken: dict[str, str] = {}
+        self._models: dict[str, ModelEntry] = {}
+        self._refresh_lock = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
         # Exports and loads are CPU-heavy: one at a time, away from the event loop and the model workers.
         self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-load")
 
+    # ------------------------------------------------------------------------------------------------------------------
+    # Reading the repository
+
     async def start(self) -> None:
-        """Loads and warms up the newest version of every model; a model that fails is logged and marked failed."""
-        for name in self.repository.names():
+        """Loads and warms up what every model's policy wants (by default its newest version); a version that fails
+        is marked failed, and with a `latest` policy the next older one loads instead. Then watches the folder."""
+        await self.refresh()
+        while loading := [s.task for s in self._slots.values() if s.state is ModelState.LOADING and s.task]:
+            await asyncio.gather(*loading)
+        if self.watch_s and self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(self.watch_s), name="model-watch")
+
+    async def _watch(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
             try:
-                model = self.repository.resolve(name)
+                # A version folder copied in place (not renamed in) may still be filling up: new ones are taken
+                # only once they have not changed for a second.
+                await self.refresh(settle_s=1.0)
+            except Exception:
+                log.exception("reading the model repository failed")
+
+    async def refresh(self, names: Sequence[str] | None = None, settle_s: float = 0.0) -> list[ModelEntry]:
+        """Reads model folders (all, and any new ones, when `names` is None) and loads or unloads what changed."""
+        async with self._refresh_lock:
+            if names is None:
+                found = await asyncio.to_thread(self.repository.names)
+                names = sorted(set(found) | set(self._models))
+            known = {name: self._known_versions(name) for name in names}
+            scans = await asyncio.to_thread(lambda: [self._scan(n, known[n], settle_s) for n in names])
+            return [self._apply(scan) for scan in scans]
+
+    def _known_versions(self, name: str) -> set[str]:
+        entry = self._models.get(name)
+        return set(entry.models) | set(entry.broken) if entry is not None else set()
+
+    def _scan(self, name: str, known: set[str] | None = None, settle_s: float = 0.0) -> _Scan:
+        """Worker thread: the folder's listing and every version's metadata."""
+        started = time.monotonic()
+        try:
+            listing = self.repository.listing(name)
+        except errors.TandemError:
+            return _Scan(name, started, None, "", {}, {})
+        if settle_s > 0:
+            now = time.time()
+            fresh = [
+                v
+                for v in listing.versions
+                if v not in (known or ()) and now - (self.repository.root / name / v).stat().st_mtime < settle_s
+            ]
+            if fresh:
+                listing = dataclasses.replace(listing, versions=tuple(v for v in listing.versions if v not in fresh))
+        if listing.config_error:
+            return _Scan(name, started, listing, listing.config_error, {}, {})
+        models: dict[str, ModelVersion] = {}
+        broken: dict[str, str] = {}
+        for version in listing.versions:
+            try:
+                models[version] = self.repository.load(name, version)
             except errors.TandemError as exc:
-                log.error("model %s cannot be served: %s", name, exc)
-                self._broken[name] = str(exc)
-                continue
-            self._begin_load(model)
-        await asyncio.gather(*(slot.task for slot in self._slots.values() if slot.task is not None))
+                broken[version] = str(exc)
+        return _Scan(name, started, listing, "", models, broken)
+
+    def _apply(self, scan: _Scan) -> ModelEntry:
+        entry = self._models.setdefault(scan.name, ModelEntry(scan.name))
+        if scan.started < entry.scanned_at:  # an older read finishing late
+            return entry
+        entry.scanned_at = scan.started
+        for version, reason in scan.broken.items():
+            if entry.broken.get(version) != reason:
+                log.error("model %s:%s cannot be served: %s", scan.name, version, reason)
+        if scan.error and scan.error != entry.error:
+            log.error("model %s cannot be served: %s", scan.name, scan.error)
+        entry.listing, entry.error, entry.models, entry.broken = scan.listing, scan.error, scan.models, scan.broken
+        self._route(entry)
+        self._converge(entry)
+        return entry
+
+    def _entry(self, name: str) -> ModelEntry:
+        """The entry of a model the stage may not have read yet (read now: NOT_FOUND for unknown models)."""
+        entry = self._models.get(name)
+        if entry is None or entry.listing is None:
+            entry = self._apply(self._scan(name))
+            if entry.listing is None:
+                raise errors.not_found(f"model {name!r} not found", model=name)
+        return entry
+
+    def _knows(self, entry: ModelEntry, version: str) -> bool:
+        return version in entry.models or version in entry.broken
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Which versions load, and where requests go
+
+    def _ready(self, entry: ModelEntry, version: str | None) -> bool:
+        if version is None or version not in entry.models:
+            return False
+        slot = self._slots.get((entry.name, version))
+        return slot is not None and slot.state is ModelState.READY
+
+    def _failed(self, entry: ModelEntry) -> set[str]:
+        return {
+            version
+            for version in entry.models
+            if (slot := self._slots.get((entry.name, version))) is not None and slot.state is ModelState.FAILED
+        }
+
+    def _wanted(self, entry: ModelEntry) -> set[str]:
+        """Versions that should be loaded: the policy's, the aliased, and the requested; minus the unloaded."""
+        if entry.listing is None or entry.error:
+            return set()
+        readable = set(entry.models)
+        if entry.held_all:
+            return (entry.requested | set(entry.pending)) & readable
+        versions = [v for v in entry.listing.versions if v in readable]
+        wanted = set(entry.listing.policy.select(versions, self._failed(entry)))
+        wanted |= set(entry.listing.aliases.values()) | entry.requested
+        return (wanted - entry.held | set(entry.pending)) & readable
+
+    def _route(self, entry: ModelEntry) -> None:
+        """Points aliases and the bare name at READY versions; one that waits for its version keeps the old one."""
+        listing = entry.listing
+        if listing is None:
+            entry.default, entry.aliases = None, {}
+            return
+        aliases: dict[str, str] = {}
+        for alias, version in listing.aliases.items():
+            if self._ready(entry, version):
+                aliases[alias] = version
+            elif self._ready(entry, entry.aliases.get(alias)):
+                aliases[alias] = entry.aliases[alias]
+        entry.aliases = aliases
+        if DEFAULT_ALIAS in listing.aliases:
+            target = aliases.get(DEFAULT_ALIAS)
+        else:
+            versions = [v for v in listing.versions if v in entry.models]
+            chosen = listing.policy.select(versions, self._failed(entry))
+            target = chosen[-1] if chosen else None
+        if self._ready(entry, target):
+            entry.default = target
+        elif not self._ready(entry, entry.default):
+            ready = [v for v in listing.versions if self._ready(entry, v)]
+            preferred = [v for v in ready if v in self._wanted(entry)]
+            candidates = preferred or ready
+            entry.default = candidates[-1] if candidates else None
+
+    def _converge(self, entry: ModelEntry) -> None:
+        """Starts loading wanted versions; retires loaded ones that nothing wants or routes to any more."""
+        if entry.error:
+            return
+        wanted = self._wanted(entry)
+        for version in sorted(wanted, key=int):
+            slot = self._slots.get((entry.name, version))
+            if slot is None or slot.state is ModelState.UNLOADED:
+                self._begin_load(entry.models[version])
+            elif slot.state is ModelState.UNLOADING and not slot.refusing:
+                self._revive(slot)
+        routed = {entry.default, *entry.aliases.values()}
+        for (name, version), slot in list(self._slots.items()):
+            if name == entry.name and slot.state is ModelState.READY and version not in wanted | routed:
+                self._retire(slot, self._why_unloaded(entry, version))
+
+    def _why_unloaded(self, entry: ModelEntry, version: str) -> str:
+        if entry.held_all or version in entry.held:
+            return "unloaded on request (LoadModel loads it again)"
+        if version not in entry.models:
+            return "its folder is gone from the repository"
+        policy = entry.listing.policy.describe() if entry.listing is not None else "the version policy"
+        return f"outside the version policy ({policy}) and named by no alias"
 
     def _begin_load(self, model: ModelVersion) -> LoadedModel:
         slot = LoadedModel(model)
         self._slots[(model.name, model.version)] = slot
-        slot.task = asyncio.get_running_loop().create_task(self._load(slot), name=f"load-{model.name}")
+        slot.task = asyncio.get_running_loop().create_task(self._load(slot), name=f"load-{model.ref}")
         return slot
 
     async def _load(self, slot: LoadedModel) -> None:
         model = slot.model
         try:
-            backend = await asyncio.get_running_loop().run_in_executor(self._loader, self._load_sync, model)
+            backend, fingerprint = await asyncio.get_running_loop().run_in_executor(
+                self._loader, self._load_sync, model
+            )
         except Exception as exc:
-            log.exception("model %s:%s failed to load", model.name, model.version)
+            log.exception("model %s failed to load", model.ref)
             slot.state, slot.reason = ModelState.FAILED, f"{type(exc).__name__}: {exc}"
-            return
-        pad = model.hf_config.get("pad_token_id")
-        # Padded positions are masked out; the id only has to be a valid embedding row.
-        pad_id = pad if isinstance(pad, int) and 0 <= pad < self._vocab_size(model, pad + 1) else 0
-        slot.backend = backend
-        slot.batcher = Batcher(backend, model.config, f"{model.name}:{model.version}", pad_id)
-        slot.state = ModelState.READY
-        served = self._served.get(model.name)
-        if served is None or int(model.version) > int(served):
-            self._served[model.name] = model.version
+        else:
+            pad = model.hf_config.get("pad_token_id")
+            # Padded positions are masked out; the id only has to be a valid embedding row.
+            pad_id = pad if isinstance(pad, int) and 0 <= pad < self._vocab_size(model, pad + 1) else 0
+            slot.backend, slot.fingerprint = backend, fingerprint
+            slot.batcher = Batcher(backend, model.config, model.ref, pad_id)
+            slot.state = ModelState.READY
+        entry = self._models.get(model.name)
+        if entry is not None:
+            self._route(entry)
+            self._converge(entry)
 
-    def _load_sync(self, model: ModelVersion) -> Backend:
+    def _load_sync(self, model: ModelVersion) -> tuple[Backend, str]:
         started = time.perf_counter()
+        fingerprint = _checked_fingerprint(model)
         backend = self.backend_factory(model, self.options)
         try:
             _warm_up(backend, model)
         except Exception:
             backend.close()
             raise
-        log.info(
-            "model %s:%s ready on %s in %.1fs", model.name, model.version, backend.name, time.perf_counter() - started
-        )
-        return backend
+        log.info("model %s ready on %s in %.1fs", model.ref, backend.name, time.perf_counter() - started)
+        return backend, fingerprint
+
+    def _retire(self, slot: LoadedModel, reason: str) -> None:
+        """No longer routed to; unloads once idle for unload_idle_s (at most unload_timeout_s from now)."""
+        if slot.state is not ModelState.READY:
+            return
+        slot.state, slot.reason = ModelState.UNLOADING, reason
+        slot.retired_at = time.monotonic()
+        slot.drain = asyncio.get_running_loop().create_task(self._drain(slot), name=f"unload-{slot.model.ref}")
+        log.info("model %s unloading: %s", slot.model.ref, reason)
+
+    def _revive(self, slot: LoadedModel) -> None:
+        if slot.drain is not None:
+            slot.drain.cancel()
+        slot.state, slot.reason, slot.drain = ModelState.READY, "", None
+        log.info("model %s stays loaded", slot.model.ref)
+
+    async def _drain(self, slot: LoadedModel) -> None:
+        while True:
+            now = time.monotonic()
+            if not slot.refusing and now - slot.retired_at >= self.unload_timeout_s:
+                slot.refusing = True
+                log.warning(
+                    "model %s still busy after %.0fs: refusing new requests", slot.model.ref, now - slot.retired_at
+                )
+            idle_for = now - max(slot.last_used, slot.retired_at)
+            if slot.in_flight == 0 and (slot.refusing or idle_for >= self.unload_idle_s):
+                break
+            wait = 0.02 if slot.in_flight or slot.refusing else self.unload_idle_s - idle_for
+            await asyncio.sleep(max(0.005, min(wait, slot.retired_at + self.unload_timeout_s - now)))
+        # From here no await until the state says UNLOADED, so no request can slip in.
+        slot.state, slot.drain = ModelState.UNLOADED, None
+        batcher, backend = slot.batcher, slot.backend
+        slot.batcher = slot.backend = None
+        if batcher is not None:
+            await batcher.close()
+        elif backend is not None:
+            backend.close()
+        log.info("model %s unloaded", slot.model.ref)
+        entry = self._models.get(slot.model.name)
+        if entry is not None:
+            self._converge(entry)
 
     @staticmethod
     def _vocab_size(model: ModelVersion, default: int) -> int:
         value = model.hf_config.get("vocab_size")
         return value if isinstance(value, int) and value > 0 else default
 
-    def _select(self, model_ref: str) -> LoadedModel:
-        """The slot a reference names; an unloaded version starts loading, and a bare name keeps its served one."""
-        _, version = parse_reference(model_ref)
-        model = self.repository.resolve(model_ref)
-        slot = self._slots.get((model.name, model.version))
-        if slot is None:
+    # ------------------------------------------------------------------------------------------------------------------
+    # Requests
+
+    def _select(self, model_ref: str) -> tuple[ModelVersion, LoadedModel | None]:
+        """The version a reference names and its slot (None when that version is not loaded and should not be).
+
+        A bare name gets the model's default version, an alias the version it points to now, both only ever READY
+        ones once one is; a version the stage has not seen yet is read first and, if wanted, starts loading."""
+        parsed = parse_reference(model_ref)
+        name = parsed.name or self.repository.default_model
+        if not name:
+            raise errors.invalid_argument("no model named and this server has no default model", "model")
+        entry = self._entry(name)
+        if parsed.version is not None:
+            _, version = self.repository.target(model_ref)
+        else:
+            routed = entry.default if parsed.alias is None else entry.aliases.get(parsed.alias)
+            if routed is not None and self._ready(entry, routed):
+                version = routed
+            else:
+                _, version = self.repository.target(f"{name}@{parsed.alias}" if parsed.alias else name)
+        if not self._knows(entry, version):
+            entry = self._apply(self._scan(name))
+        model = self.repository.load(name, version)
+        slot = self._slots.get((name, version))
+        if slot is None or slot.state is ModelState.UNLOADED:
+            if version not in self._wanted(entry):
+                return model, None
             slot = self._begin_load(model)
-        if slot.state is not ModelState.READY and version is None:
-            served = self._served.get(model.name)
-            if served is not None:
-                return self._slots[(model.name, served)]
-        return slot
+        return model, slot
 
     def loaded(self, model_ref: str) -> LoadedModel:
         """The slot that serves a reference (tests and diagnostics)."""
-        return self._select(model_ref)
+        model, slot = self._select(model_ref)
+        if slot is None:
+            raise self._not_loaded(model)
+        return slot
+
+    def _not_loaded(self, model: ModelVersion) -> errors.TandemError:
+        entry = self._models.get(model.name)
+        why = self._why_unloaded(entry, model.version) if entry is not None else "not loaded"
+        return errors.failed_precondition(
+            f"model {model.ref} is not loaded: {why}",
+            reason=MODEL_NOT_LOADED,
+            model=model.name,
+            version=model.version,
+        )
 
     async def infer(
         self,
@@ -758,19 +1125,35 @@ class Inference:
         token_type_ids: IntArray | None,
         cu_seqlens: npt.NDArray[np.int32],
         deadline: float | None,
+        tokenizer_fingerprint: str = "",
     ) -> tuple[ModelVersion, FloatArray]:
         """Runs a ragged batch through the model's batcher: [total_tokens, width] or [n, width] float32."""
-        slot = self._select(model_ref)
-        model = slot.model
-        self._validate(model, input_ids, token_type_ids, cu_seqlens)
-        if slot.state is not ModelState.READY or slot.batcher is None:
-            detail = f": {slot.reason}" if slot.reason else ""
-            raise errors.unavailable(
-                f"model {model.name}:{model.version} is {slot.state}{detail}", model=model.name, version=model.version
+        model, slot = self._select(model_ref)
+        if slot is None:
+            raise self._not_loaded(model)
+        if tokenizer_fingerprint and slot.fingerprint and tokenizer_fingerprint != slot.fingerprint:
+            raise errors.failed_precondition(
+                f"the token ids were made by another tokenizer ({tokenizer_fingerprint}) than {model.ref}'s"
+                f" ({slot.fingerprint}); the tokenizer and inference stages read different files for this version",
+                reason=TOKENIZER_MISMATCH,
+                model=model.name,
+                version=model.version,
+                expected=slot.fingerprint,
+                got=tokenizer_fingerprint,
             )
+        self._validate(model, input_ids, token_type_ids, cu_seqlens)
+        if not slot.serving or slot.batcher is None:
+            detail = f": {slot.reason}" if slot.reason else ""
+            state = "unloading" if slot.refusing else slot.state
+            raise errors.unavailable(f"model {model.ref} is {state}{detail}", model=model.name, version=model.version)
         if not slot.batcher.backend.uses_token_type_ids:
             token_type_ids = None
-        output = await slot.batcher.submit(input_ids, token_type_ids, cu_seqlens, deadline)
+        slot.in_flight += 1
+        slot.last_used = time.monotonic()
+        try:
+            output = await slot.batcher.submit(input_ids, token_type_ids, cu_seqlens, deadline)
+        finally:
+            slot.in_flight -= 1
         return model, output
 
     def _validate(
@@ -834,31 +1217,25 @@ class Inference:
         for name in self.repository.names():
             try:
                 versions = tuple(self.repository.versions(name))
-                slot = self._select_quietly(name)
+                model, slot = self._select(name)
             except errors.TandemError as exc:
                 out.append(self._describe_broken(name, str(exc)))
                 continue
-            if slot is None:
-                out.append(self._describe_broken(name, self._broken.get(name, "not loaded"), versions))
-            else:
-                out.append(self._describe(slot, versions))
+            out.append(self._describe(model, slot, versions))
         return out
 
-    def _select_quietly(self, name: str) -> LoadedModel | None:
-        served = self._served.get(name)
-        if served is not None:
-            return self._slots[(name, served)]
-        versions = self.repository.versions(name)
-        return self._slots.get((name, versions[-1])) if versions else None
-
     def model(self, model_ref: str) -> ModelDescription:
-        """One model, described by the version the reference names (or the one serving a bare name)."""
-        slot = self._select(model_ref)
-        return self._describe(slot, tuple(self.repository.versions(slot.model.name)))
+        """One model, described by the version the reference names (or the one serving a bare name or alias)."""
+        model, slot = self._select(model_ref)
+        return self._describe(model, slot, tuple(self.repository.versions(model.name)))
 
-    def _describe(self, slot: LoadedModel, versions: tuple[str, ...]) -> ModelDescription:
-        model = slot.model
-        ready = slot.state is ModelState.READY
+    def _describe(self, model: ModelVersion, slot: LoadedModel | None, versions: tuple[str, ...]) -> ModelDescription:
+        ready = slot is not None and slot.state is ModelState.READY
+        reason = ""
+        if slot is None:
+            reason = str(self._not_loaded(model))
+        elif not ready:
+            reason = slot.reason or str(slot.state)
         return ModelDescription(
             name=model.name,
             task=model.task,
@@ -868,9 +1245,9 @@ class Inference:
             embedding_dimension=model.hidden_size if model.task is Task.EMBEDDING else 0,
             labels=model.labels if model.task is not Task.EMBEDDING else (),
             ready=ready,
-            backend=slot.backend.name if slot.backend is not None else _backend_label(model.config),
+            backend=slot.backend.name if slot is not None and slot.backend else _backend_label(model.config),
             multi_label=model.multi_label,
-            reason="" if ready else slot.reason or str(slot.state),
+            reason=reason,
         )
 
     @staticmethod
@@ -889,11 +1266,217 @@ class Inference:
             reason=reason,
         )
 
+    # ------------------------------------------------------------------------------------------------------------------
+    # The management API
+
+    async def statuses(self) -> list[ModelStatus]:
+        """Every model of the repository as of now (reading the folder starts loads the watcher would start)."""
+        entries = await self.refresh()
+        return [self._status(e) for e in sorted(entries, key=lambda e: e.name) if self._listed(e)]
+
+    def _listed(self, entry: ModelEntry) -> bool:
+        return entry.listing is not None or any(name == entry.name for name, _ in self._slots)
+
+    async def _managed(self, name: str, version: str | None = None) -> ModelEntry:
+        """The entry of a model named by a management call, read now: INVALID_ARGUMENT for names or versions that
+        reach outside the repository (before anything is read), NOT_FOUND for unknown ones."""
+        await asyncio.to_thread(self.repository.contained_folder, name, version or None)
+        (entry,) = await self.refresh([name])
+        if entry.listing is None:
+            raise errors.not_found(f"model {name!r} not found", model=name)
+        if entry.error:
+            raise errors.failed_precondition(entry.error, reason=MODEL_CONFIG_INVALID, model=name)
+        if version and version in entry.broken:
+            raise errors.failed_precondition(entry.broken[version], reason=MODEL_BROKEN, model=name, version=version)
+        return entry
+
+    async def load(self, name: str, version: str = "", wait: bool = False) -> ModelStatus:
+        """Loads one version (kept until unloaded), or what the policy wants; requests move once it is READY."""
+        entry = await self._managed(name, version)
+        if version:
+            entry.held.discard(version)
+            entry.requested.add(version)
+            targets = [version]
+        else:
+            entry.held_all = False
+            entry.held.clear()
+            targets = sorted(self._wanted(entry), key=int)
+        for target in targets:
+            slot = self._slots.get((name, target))
+            if slot is not None and slot.state is ModelState.FAILED:
+                self._begin_load(entry.models.get(target, slot.model))  # retried on request
+        self._converge(entry)
+        self._route(entry)
+        if wait:
+            await self._settle(name, targets)
+            if version:
+                slot = self._slots.get((name, version))
+                if slot is not None and slot.state is ModelState.FAILED:
+                    raise errors.failed_precondition(
+                        f"model {name}:{version} failed to load: {slot.reason}",
+                        reason=MODEL_BROKEN,
+                        model=name,
+                        version=version,
+                    )
+        return self._status(entry)
+
+    async def _settle(self, name: str, versions: Sequence[str]) -> None:
+        """Waits for the loads of these versions, and for any they set off (fallbacks), without cancelling them."""
+        while pending := [
+            slot.task
+            for (n, v), slot in self._slots.items()
+            if n == name and slot.state is ModelState.LOADING and slot.task and (v in versions or not versions)
+        ]:
+            await asyncio.wait(pending)
+
+    async def unload(self, name: str, version: str = "", wait: bool = False) -> ModelStatus:
+        """Unloads one version, or all of them; each keeps answering what is pinned to it until idle."""
+        entry = await self._managed(name, version)
+        if version:
+            entry.requested.discard(version)
+            entry.held.add(version)
+            versions = [version]
+        else:
+            entry.held_all = True
+            entry.requested.clear()
+            versions = [v for n, v in self._slots if n == name]
+        for v in versions:
+            slot = self._slots.get((name, v))
+            if slot is not None:
+                self._retire(slot, self._why_unloaded(entry, v))
+        self._route(entry)
+        self._converge(entry)
+        if wait:
+            await self._settle(name, versions)  # a version still loading retires once it is loaded
+            drains = [s.drain for (n, v), s in self._slots.items() if n == name and v in versions and s.drain]
+            if drains:
+                await asyncio.wait(drains)
+        return self._status(entry)
+
+    async def set_alias(self, name: str, alias: str, version: str) -> ModelStatus:
+        """Loads and warms up the version first (the alias stays where it was if that fails), then moves it."""
+        check_alias(alias)
+        entry = await self._managed(name, version)
+        entry.held.discard(version)
+        if entry.held_all:  # every version was unloaded on request: the alias asks for this one back
+            entry.requested.add(version)
+        entry.pending[version] += 1
+        try:
+            slot = self._slots.get((name, version))
+            if slot is None or slot.state in (ModelState.UNLOADED, ModelState.FAILED):
+                slot = self._begin_load(entry.models[version])
+            elif slot.state is ModelState.UNLOADING and not slot.refusing:
+                self._revive(slot)
+            while slot.state is not ModelState.READY:
+                if slot.state is ModelState.LOADING and slot.task is not None:
+                    await asyncio.wait({slot.task})
+                elif slot.state is ModelState.UNLOADING and slot.drain is not None:
+                    await asyncio.wait({slot.drain})
+                    slot = self._begin_load(slot.model)
+                else:
+                    raise errors.failed_precondition(
+                        f"model {name}:{version} failed to load, so alias {alias!r} was not changed: {slot.reason}",
+                        reason=MODEL_BROKEN,
+                        model=name,
+                        version=version,
+                    )
+            await asyncio.to_thread(self.repository.set_alias, name, alias, version)
+        finally:
+            entry.pending[version] -= 1
+            if entry.pending[version] <= 0:
+                del entry.pending[version]
+        (entry,) = await self.refresh([name])
+        return self._status(entry)
+
+    async def delete_alias(self, name: str, alias: str) -> ModelStatus:
+        check_alias(alias)
+        await self._managed(name)
+        await asyncio.to_thread(self.repository.delete_alias, name, alias)
+        (entry,) = await self.refresh([name])
+        return self._status(entry)
+
+    async def reload(self, name: str = "", wait: bool = False) -> list[ModelStatus]:
+        """Reads model folders again (all when `name` is empty), retrying versions that failed."""
+        if name:
+            await asyncio.to_thread(self.repository.contained_folder, name)
+        names = [name] if name else sorted(set(await asyncio.to_thread(self.repository.names)) | set(self._models))
+        for n in names:
+            self.repository.invalidate(n)
+            for (slot_name, version), slot in list(self._slots.items()):
+                if slot_name == n and slot.state is ModelState.FAILED:
+                    del self._slots[(slot_name, version)]
+        entries = await self.refresh(names)
+        if name and entries[0].listing is None:
+            raise errors.not_found(f"model {name!r} not found", model=name)
+        if wait:
+            for n in names:
+                await self._settle(n, ())
+        return [self._status(e) for e in entries if self._listed(e)]
+
+    def _status(self, entry: ModelEntry) -> ModelStatus:
+        listing = entry.listing
+        versions = set(listing.versions if listing is not None else ()) | {v for n, v in self._slots if n == entry.name}
+        by_version: dict[str, list[str]] = {}
+        for alias, version in sorted(entry.aliases.items()):
+            by_version.setdefault(version, []).append(alias)
+        out: list[VersionStatus] = []
+        task: Task | None = None
+        for version in sorted(versions, key=int):
+            slot = self._slots.get((entry.name, version))
+            model = slot.model if slot is not None else entry.models.get(version)
+            if model is not None:
+                task = model.task
+            if slot is not None and not (slot.state is ModelState.UNLOADED and version in entry.broken):
+                state, reason = slot.state, slot.reason
+                if state is ModelState.UNLOADED:
+                    reason = self._why_unloaded(entry, version)
+            elif version in entry.broken:
+                state, reason = ModelState.FAILED, entry.broken[version]
+            else:
+                state, reason = ModelState.UNLOADED, self._why_unloaded(entry, version)
+            metadata = model.metadata if model is not None else None
+            backend = ""
+            if slot is not None and slot.backend is not None:
+                backend = slot.backend.name
+            elif model is not None:
+                backend = _backend_label(model.config)
+            out.append(
+                VersionStatus(
+                    version=version,
+                    state=state,
+                    reason=reason,
+                    aliases=tuple(by_version.get(version, ())),
+                    is_default=version == entry.default,
+                    precision=metadata.precision if metadata is not None else "fp32",
+                    backend=backend,
+                    fingerprint=(slot.fingerprint if slot is not None else "")
+                    or (metadata.tokenizer_fingerprint if metadata is not None else ""),
+                    source=metadata.source if metadata is not None else "",
+                    created=metadata.created if metadata is not None else None,
+                    accuracy=metadata.accuracy if metadata is not None else None,
+                    in_flight=slot.in_flight if slot is not None else 0,
+                )
+            )
+        return ModelStatus(
+            name=entry.name,
+            task=task,
+            policy=listing.policy if listing is not None and not entry.error else None,
+            versions=tuple(out),
+            aliases=dict(listing.aliases) if listing is not None else {},
+            default_version=entry.default or "",
+            reason=entry.error or (listing.aliases_error if listing is not None else "its folder is gone"),
+        )
+
     async def close(self) -> None:
-        """Stops every batcher (failing what is still queued) and the loader thread."""
+        """Stops watching, fails what is still queued, frees every backend and the loader thread."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         for slot in self._slots.values():
-            if slot.task is not None and not slot.task.done():
-                slot.task.cancel()
+            for task in (slot.task, slot.drain):
+                if task is not None and not task.done():
+                    task.cancel()
         for slot in self._slots.values():
             if slot.batcher is not None:
                 await slot.batcher.close()

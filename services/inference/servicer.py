@@ -10,6 +10,7 @@ import grpc
 from services.inference import converters
 from services.inference.core import Inference
 from tandem.inference.v1 import inference_pb2, inference_pb2_grpc
+from tandem.management.v1 import management_pb2, management_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -29,7 +30,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> inference_pb2.InferResponse:
         inputs = converters.token_inputs(request)
         model, output = await self.core.infer(
-            request.model, inputs.input_ids, inputs.token_type_ids, inputs.cu_seqlens, deadline_of(context)
+            request.model,
+            inputs.input_ids,
+            inputs.token_type_ids,
+            inputs.cu_seqlens,
+            deadline_of(context),
+            request.tokenizer_fingerprint,
         )
         return converters.infer_response(model, output)
 
@@ -50,3 +56,56 @@ SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].ful
 def registrar(core: Inference) -> tuple[Any, str]:
     servicer = InferenceServicer(core)
     return (lambda server: inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)), SERVICE_NAME
+
+
+class ManagementServicer(management_pb2_grpc.ManagementServiceServicer):
+    """The model lifecycle: convert, await the core, convert back."""
+
+    def __init__(self, core: Inference) -> None:
+        self.core = core
+
+    async def ListModels(  # noqa: N802
+        self, request: management_pb2.ListModelsRequest, context: Context
+    ) -> management_pb2.ListModelsResponse:
+        statuses = await self.core.statuses()
+        return management_pb2.ListModelsResponse(models=[converters.model_status(s) for s in statuses])
+
+    async def LoadModel(  # noqa: N802
+        self, request: management_pb2.LoadModelRequest, context: Context
+    ) -> management_pb2.LoadModelResponse:
+        status = await self.core.load(request.name, request.version, request.wait)
+        return management_pb2.LoadModelResponse(model=converters.model_status(status))
+
+    async def UnloadModel(  # noqa: N802
+        self, request: management_pb2.UnloadModelRequest, context: Context
+    ) -> management_pb2.UnloadModelResponse:
+        status = await self.core.unload(request.name, request.version, request.wait)
+        return management_pb2.UnloadModelResponse(model=converters.model_status(status))
+
+    async def SetAlias(  # noqa: N802
+        self, request: management_pb2.SetAliasRequest, context: Context
+    ) -> management_pb2.SetAliasResponse:
+        status = await self.core.set_alias(request.name, request.alias, request.version)
+        return management_pb2.SetAliasResponse(model=converters.model_status(status))
+
+    async def DeleteAlias(  # noqa: N802
+        self, request: management_pb2.DeleteAliasRequest, context: Context
+    ) -> management_pb2.DeleteAliasResponse:
+        status = await self.core.delete_alias(request.name, request.alias)
+        return management_pb2.DeleteAliasResponse(model=converters.model_status(status))
+
+    async def ReloadModel(  # noqa: N802
+        self, request: management_pb2.ReloadModelRequest, context: Context
+    ) -> management_pb2.ReloadModelResponse:
+        statuses = await self.core.reload(request.name, request.wait)
+        return management_pb2.ReloadModelResponse(models=[converters.model_status(s) for s in statuses])
+
+
+MANAGEMENT_SERVICE_NAME = management_pb2.DESCRIPTOR.services_by_name["ManagementService"].full_name
+
+
+def management_registrar(core: Inference) -> tuple[Any, str]:
+    servicer = ManagementServicer(core)
+    return (
+        lambda server: management_pb2_grpc.add_ManagementServiceServicer_to_server(servicer, server)
+    ), MANAGEMENT_SERVICE_NAME

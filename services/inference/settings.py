@@ -17,6 +17,18 @@ class InferenceSettings(ServiceSettings):
     intra_op_threads: int | None = Field(
         None, ge=1, description="threads inside one model call (ONNX Runtime and torch); default: all CPUs"
     )
+    intra_op_spinning: bool = Field(
+        True, description="let ONNX Runtime's threads spin for work (faster alone; turn off on crowded cores)"
+    )
     device: Literal["auto", "cpu", "cuda"] | None = Field(
         None, description="device for every model, overriding each tandem.json; unset follows tandem.json"
+    )
+    watch_interval_s: float = Field(
+        1.0, ge=0, description="how often the repository is read for new versions and aliases; 0 turns it off"
+    )
+    unload_idle_s: float = Field(
+        3.0, ge=0, description="a version leaving service unloads once no request has reached it for this long"
+    )
+    unload_timeout_s: float = Field(
+        60.0, gt=0, description="longest a version leaving service answers new requests before it refuses them"
     )

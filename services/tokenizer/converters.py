@@ -34,7 +34,10 @@ def batch_to_proto(encoded: Encoded) -> tensor_pb2.TokenBatch:
 
 def tokenize_response(encoded: Encoded) -> tokenizer_pb2.TokenizeResponse:
     response = tokenizer_pb2.TokenizeResponse(
-        batch=batch_to_proto(encoded), model=encoded.model, version=encoded.version
+        batch=batch_to_proto(encoded),
+        model=encoded.model,
+        version=encoded.version,
+        tokenizer_fingerprint=encoded.tokenizer_fingerprint,
     )
     if encoded.tokens is not None:
         response.tokens.extend(tokenizer_pb2.TokenStrings(tokens=t) for t in encoded.tokens)

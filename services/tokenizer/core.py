@@ -14,7 +14,7 @@ import tokenizers
 from transformers import AutoTokenizer
 
 from services.common import errors
-from services.common.repository import ModelRepository, ModelVersion
+from services.common.repository import ModelRepository, ModelVersion, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ class Encoded:
     special_tokens_mask: npt.NDArray[np.uint8] | None = None
     word_ids: npt.NDArray[np.int32] | None = None
     tokens: list[list[str]] | None = None
+    # tokenizer_fingerprint() of the version folder whose tokenizer made the ids.
+    tokenizer_fingerprint: str = ""
 
 
 class LoadedTokenizer:
@@ -63,6 +65,8 @@ class LoadedTokenizer:
         self.truncating.enable_truncation(model.max_length)
         self.truncating.no_padding()
         self.vocab_size = self.plain.get_vocab_size(with_added_tokens=True)
+        # The inference stage compares it with its own for the version, so both must have read the same files.
+        self.fingerprint = tokenizer_fingerprint(model.path)
 
     def encode(self, texts: Sequence[str], pairs: Sequence[str], options: TokenizeOptions) -> Encoded:
         inputs: list[str] | list[tuple[str, str]] = list(zip(texts, pairs, strict=True)) if pairs else list(texts)
@@ -87,6 +91,7 @@ class LoadedTokenizer:
             input_ids=np.fromiter((i for e in encodings for i in e.ids), dtype=np.int64, count=int(cu[-1])),
             token_type_ids=np.fromiter((i for e in encodings for i in e.type_ids), dtype=np.int64, count=int(cu[-1])),
             cu_seqlens=cu,
+            tokenizer_fingerprint=self.fingerprint,
         )
         if options.return_offsets:
             encoded.offsets = np.array([o for e in encodings for o in e.offsets], dtype=np.int32).reshape(-1, 2)

@@ -28,8 +28,13 @@ class InferRequest(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Model name, optionally "name:version"; empty for the default model."""
+    """Model name, "name:version" or "name@alias"; empty for the default model."""
+    tokenizer_fingerprint: _builtins.str
+    """Fingerprint of the tokenizer that made the ids (TokenizeResponse.tokenizer_fingerprint); when set and it
+    differs from the version's own, the call fails with FAILED_PRECONDITION (reason TOKENIZER_MISMATCH).
+    """
     @_builtins.property
     def batch(self) -> _tensor_pb2.TokenBatch:
         """The sequences, flat with cumulative lengths."""
@@ -39,10 +44,11 @@ class InferRequest(_message.Message):
         *,
         model: _builtins.str = ...,
         batch: _tensor_pb2.TokenBatch | None = ...,
+        tokenizer_fingerprint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "model", b"model", "tokenizer_fingerprint", b"tokenizer_fingerprint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -131,7 +137,7 @@ class GetModelRequest(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Model name, optionally "name:version"; empty for the default model."""
+    """Model name, "name:version" or "name@alias"; empty for the default model. The answer names the version."""
     def __init__(
         self,
         *,

@@ -103,10 +103,15 @@ class TokenizeResponse(_message.Message):
     TOKENS_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model that tokenized."""
     version: _builtins.str
     """Version of the model whose tokenizer was used."""
+    tokenizer_fingerprint: _builtins.str
+    """SHA-256 of that version's canonical tokenizer.json and special tokens, as "sha256:<hex>"; the gateway
+    passes it to the inference stage, which refuses ids made by another tokenizer.
+    """
     @_builtins.property
     def batch(self) -> _tensor_pb2.TokenBatch:
         """Ids and, if asked for, offsets, special-token mask and word ids."""
@@ -122,10 +127,11 @@ class TokenizeResponse(_message.Message):
         tokens: _abc.Iterable[Global___TokenStrings] | None = ...,
         model: _builtins.str = ...,
         version: _builtins.str = ...,
+        tokenizer_fingerprint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "model", b"model", "tokens", b"tokens", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "model", b"model", "tokenizer_fingerprint", b"tokenizer_fingerprint", "tokens", b"tokens", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,48 @@
+"""Typed client of the inference stage's ManagementService: the caller's deadline, the stage's status kept."""
+
+from __future__ import annotations
+
+from gateway.clients import StageClient
+from tandem.management.v1 import management_pb2, management_pb2_grpc
+
+SERVICE_NAME = "tandem.management.v1.ManagementService"
+
+
+class ManagementClient(StageClient):
+    """A channel of its own to the inference stage (every call is idempotent, so the stage channel's retries on
+    UNAVAILABLE apply). Behind a round-robin target one replica answers each call: aliases reach the others
+    through the repository (aliases.json, read every second); loads and unloads stay with the replica."""
+
+    def __init__(self, target: str, max_message_bytes: int) -> None:
+        super().__init__("inference", SERVICE_NAME, target, max_message_bytes)
+        self._stub = management_pb2_grpc.ManagementServiceStub(self.channel)
+
+    async def list_models(
+        self, request: management_pb2.ListModelsRequest, deadline: float
+    ) -> management_pb2.ListModelsResponse:
+        return await self.call(self._stub.ListModels, request, deadline)
+
+    async def load_model(
+        self, request: management_pb2.LoadModelRequest, deadline: float
+    ) -> management_pb2.LoadModelResponse:
+        return await self.call(self._stub.LoadModel, request, deadline)
+
+    async def unload_model(
+        self, request: management_pb2.UnloadModelRequest, deadline: float
+    ) -> management_pb2.UnloadModelResponse:
+        return await self.call(self._stub.UnloadModel, request, deadline)
+
+    async def set_alias(
+        self, request: management_pb2.SetAliasRequest, deadline: float
+    ) -> management_pb2.SetAliasResponse:
+        return await self.call(self._stub.SetAlias, request, deadline)
+
+    async def delete_alias(
+        self, request: management_pb2.DeleteAliasRequest, deadline: float
+    ) -> management_pb2.DeleteAliasResponse:
+        return await self.call(self._stub.DeleteAlias, request, deadline)
+
+    async def reload_model(
+        self, request: management_pb2.ReloadModelRequest, deadline: float
+    ) -> management_pb2.ReloadModelResponse:
+        return await self.call(self._stub.ReloadModel, request, deadline)
