@@ -10,10 +10,13 @@ from collections.abc import Sequence
 
 from gateway.clients import InferenceClient, PostprocessClient, TokenizerClient
 from gateway.core import Pipeline
+from gateway.management.client import ManagementClient
+from gateway.management.servicer import registrar as management_registrar
+from gateway.oip.servicer import registrar as oip_registrar
 from gateway.servicer import registrar
 from gateway.settings import GatewaySettings
 from services.common import logging as tandem_logging
-from services.common.server import RunningServer, start_server, wait_for_termination
+from services.common.server import RunningServer, exit_with_parent, start_server, wait_for_termination
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +24,9 @@ log = logging.getLogger(__name__)
 def build_pipeline(settings: GatewaySettings) -> Pipeline:
     size = settings.max_message_bytes
     return Pipeline(
-        TokenizerClient(settings.tokenizer, size),
-        InferenceClient(settings.inference, size),
-        PostprocessClient(settings.postprocess, size),
+        TokenizerClient(settings.tokenizer, size, settings.hedge_after_s),
+        InferenceClient(settings.inference, size, settings.hedge_after_s),
+        PostprocessClient(settings.postprocess, size, settings.hedge_after_s),
         default_timeout_s=settings.default_timeout_s,
         max_inputs=settings.max_inputs,
         model_cache_ttl_s=settings.model_cache_ttl_s,
@@ -36,7 +39,11 @@ async def follow_stage_health(running: RunningServer, pipeline: Pipeline, interv
     """The gateway is SERVING exactly while all three stages answer SERVING."""
     serving: bool | None = None
     while True:
-        now = await pipeline.stages_serving(timeout_s=max(interval_s, 0.5))
+        try:
+            now = await pipeline.stages_serving(timeout_s=max(interval_s, 0.5))
+        except Exception:  # the watcher must outlive any failure, or health would freeze at its last value
+            log.exception("checking the stages' health failed")
+            now = False
         if now != serving:
             log.info("stages %s", "reachable: SERVING" if now else "not all reachable: NOT_SERVING")
             await running.set_serving(now)
@@ -46,13 +53,21 @@ async def follow_stage_health(running: RunningServer, pipeline: Pipeline, interv
 
 async def serve(settings: GatewaySettings) -> None:
     pipeline = build_pipeline(settings)
+    management = ManagementClient(settings.inference, settings.max_message_bytes)
     running = await start_server(
         settings.listen,
-        [registrar(pipeline)],
+        # The native API and the Open Inference Protocol (KServe v2 / Triton clients) on one port; the model
+        # lifecycle API forwarded to the inference stage.
+        [
+            registrar(pipeline),
+            oip_registrar(pipeline),
+            management_registrar(management, settings.management_timeout_s),
+        ],
         reflection_enabled=settings.reflection,
         max_message_bytes=settings.max_message_bytes,
         address_file=settings.address_file,
         serving=False,
+        max_connection_age_s=None,
     )
     log.info("gateway serving on %s", running.address)
     watcher = asyncio.create_task(follow_stage_health(running, pipeline, settings.health_interval_s))
@@ -62,6 +77,7 @@ async def serve(settings: GatewaySettings) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         await pipeline.close()
+        await management.close()
 
     await wait_for_termination(running, settings.grace_s, close)
 
@@ -69,6 +85,7 @@ async def serve(settings: GatewaySettings) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = GatewaySettings.from_args(sys.argv[1:] if argv is None else argv, "tandem gateway")
     tandem_logging.configure(settings.log_level, settings.json_logs, service="gateway")
+    exit_with_parent(settings.parent_pid)
     asyncio.run(serve(settings))
 
 

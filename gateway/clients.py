@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -27,7 +28,9 @@ Response = TypeVar("Response")
 def service_config(service_name: str) -> str:
     """Client-side round-robin over every address the target resolves to, and bounded retries on UNAVAILABLE.
 
-    Every stage RPC is idempotent, so a retry after a replica went away is safe; no other code is retried.
+    Every stage RPC is idempotent, so a retry after a replica went away is safe; no other code is retried (not
+    INVALID_ARGUMENT, and never past the deadline, which bounds every attempt). A replica that is draining or still
+    warming up answers UNAVAILABLE, so its calls are retried on another.
     """
     return json.dumps(
         {
@@ -54,11 +57,14 @@ def channel_options(service_name: str, max_message_bytes: int) -> list[tuple[str
         ("grpc.enable_retries", 1),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
+        # Stage links are internal and short: pinging every 2 s finds a hung (not just dead) replica within
+        # seconds, closes its connection and lets round_robin and the retry policy move its calls elsewhere.
+        ("grpc.keepalive_time_ms", 2_000),
+        ("grpc.keepalive_timeout_ms", 2_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
         ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 2_000),
+        ("grpc.max_reconnect_backoff_ms", 1_000),
     ]
 
 
@@ -82,14 +88,16 @@ def stage_error(stage: str, exc: grpc.aio.AioRpcError) -> errors.TandemError:
 class StageClient:
     """A channel to one stage (any number of replicas behind the target) and the call discipline."""
 
-    def __init__(self, stage: str, service_name: str, target: str, max_message_bytes: int) -> None:
+    def __init__(
+        self, stage: str, service_name: str, target: str, max_message_bytes: int, hedge_after_s: float = 0.0
+    ) -> None:
         self.stage = stage
         self.target = target
+        self.hedge_after_s = hedge_after_s
         self.channel = grpc.aio.insecure_channel(target, options=channel_options(service_name, max_message_bytes))
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
-    async def call(self, rpc: Callable[..., Awaitable[Response]], request: Any, deadline: float) -> Response:
-        """Calls with the caller's remaining time as timeout; fails DEADLINE_EXCEEDED when none is left."""
+    async def _attempt(self, rpc: Callable[..., Awaitable[Response]], request: Any, deadline: float) -> Response:
         timeout = deadline - time.monotonic()
         if timeout <= 0:
             raise errors.deadline_exceeded(f"deadline exceeded before calling the {self.stage} stage", stage=self.stage)
@@ -98,10 +106,37 @@ class StageClient:
         except grpc.aio.AioRpcError as exc:
             raise stage_error(self.stage, exc) from None
 
+    async def call(self, rpc: Callable[..., Awaitable[Response]], request: Any, deadline: float) -> Response:
+        """Calls with the caller's remaining time as timeout; fails DEADLINE_EXCEEDED when none is left.
+
+        With hedging on, a call that has not answered after `hedge_after_s` gets a second attempt (round_robin
+        sends it to the next replica) and the first success wins: a replica that hangs, rather than dies, then
+        costs a delay instead of a failure. Channel retries cannot do this: they only follow a failure.
+        """
+        if self.hedge_after_s <= 0:
+            return await self._attempt(rpc, request, deadline)
+        first = asyncio.ensure_future(self._attempt(rpc, request, deadline))
+        attempts: set[asyncio.Future[Response]] = {first}
+        try:
+            done, _ = await asyncio.wait(attempts, timeout=self.hedge_after_s)
+            if not done:
+                log.warning("no answer from the %s stage after %.1fs: hedging", self.stage, self.hedge_after_s)
+                attempts.add(asyncio.ensure_future(self._attempt(rpc, request, deadline)))
+            while True:
+                done, attempts = await asyncio.wait(attempts, return_when=asyncio.FIRST_COMPLETED)
+                for attempt in done:
+                    # The first success wins; a failure counts only once no other attempt is left.
+                    if attempt.exception() is None or not attempts:
+                        return attempt.result()
+        finally:
+            for attempt in attempts:
+                attempt.cancel()
+
     async def serving(self, timeout_s: float) -> bool:
         try:
             reply = await self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
-        except grpc.aio.AioRpcError:
+        except grpc.aio.AioRpcError as exc:
+            log.debug("%s stage health check failed: %s", self.stage, exc.code())
             return False
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
@@ -110,8 +145,8 @@ class StageClient:
 
 
 class TokenizerClient(StageClient):
-    def __init__(self, target: str, max_message_bytes: int) -> None:
-        super().__init__("tokenizer", "tandem.tokenizer.v1.TokenizerService", target, max_message_bytes)
+    def __init__(self, target: str, max_message_bytes: int, hedge_after_s: float = 0.0) -> None:
+        super().__init__("tokenizer", "tandem.tokenizer.v1.TokenizerService", target, max_message_bytes, hedge_after_s)
         self._stub = tokenizer_pb2_grpc.TokenizerServiceStub(self.channel)
 
     async def tokenize(self, request: tokenizer_pb2.TokenizeRequest, deadline: float) -> tokenizer_pb2.TokenizeResponse:
@@ -124,8 +159,8 @@ class TokenizerClient(StageClient):
 
 
 class InferenceClient(StageClient):
-    def __init__(self, target: str, max_message_bytes: int) -> None:
-        super().__init__("inference", "tandem.inference.v1.InferenceService", target, max_message_bytes)
+    def __init__(self, target: str, max_message_bytes: int, hedge_after_s: float = 0.0) -> None:
+        super().__init__("inference", "tandem.inference.v1.InferenceService", target, max_message_bytes, hedge_after_s)
         self._stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
 
     async def infer(self, request: inference_pb2.InferRequest, deadline: float) -> inference_pb2.InferResponse:
@@ -139,8 +174,10 @@ class InferenceClient(StageClient):
 
 
 class PostprocessClient(StageClient):
-    def __init__(self, target: str, max_message_bytes: int) -> None:
-        super().__init__("postprocess", "tandem.postprocess.v1.PostprocessService", target, max_message_bytes)
+    def __init__(self, target: str, max_message_bytes: int, hedge_after_s: float = 0.0) -> None:
+        super().__init__(
+            "postprocess", "tandem.postprocess.v1.PostprocessService", target, max_message_bytes, hedge_after_s
+        )
         self._stub = postprocess_pb2_grpc.PostprocessServiceStub(self.channel)
 
     async def pool(self, request: postprocess_pb2.PoolRequest, deadline: float) -> postprocess_pb2.PoolResponse:

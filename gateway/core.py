@@ -34,6 +34,10 @@ _TASK_NAMES: dict[int, str] = {
 }
 
 
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
 @dataclass(frozen=True)
 class Served:
     """Which model and version answered, and how many tokens it read per input."""
@@ -184,8 +188,8 @@ class Pipeline:
         info = await self.catalog.get(ref, deadline)
         if info.task != task:
             raise errors.invalid_argument(
-                f"model {info.name!r} is a {_TASK_NAMES.get(info.task, 'unknown')} model; {rpc} needs a "
-                f"{_TASK_NAMES[task]} model",
+                f"model {info.name!r} is {_a(_TASK_NAMES.get(info.task, 'unknown'))} model; {rpc} needs "
+                f"{_a(_TASK_NAMES[task])} model",
                 "model",
                 reason=errors.WRONG_TASK,
                 model=info.name,
@@ -211,7 +215,12 @@ class Pipeline:
             ),
             deadline,
         )
-        inferred = await self.inference.infer(inference_pb2.InferRequest(model=pinned, batch=tokenized.batch), deadline)
+        inferred = await self.inference.infer(
+            inference_pb2.InferRequest(
+                model=pinned, batch=tokenized.batch, tokenizer_fingerprint=tokenized.tokenizer_fingerprint
+            ),
+            deadline,
+        )
         cu = tensors.decode(tokenized.batch.cu_seqlens, "cu_seqlens")
         return tokenized, inferred, Served(inferred.model, inferred.version, np.diff(cu).astype(np.int32))
 

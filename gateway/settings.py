@@ -22,5 +22,11 @@ class GatewaySettings(ServiceSettings):
     model_cache_ttl_s: float = Field(1.0, ge=0, description="how long a model description is reused")
     coalesce: bool = Field(True, description="merge concurrent requests for one model into one pipeline run")
     coalesce_max_inputs: int = Field(256, ge=1, description="most texts in one merged run")
+    hedge_after_s: float = Field(
+        2.0, ge=0, description="send a second attempt to another replica when a stage call is this slow (0: off)"
+    )
     stream_window: int = Field(64, ge=1, description="requests of one EmbedStream in flight at once")
     health_interval_s: float = Field(1.0, gt=0, description="how often the stages' health is checked")
+    management_timeout_s: float = Field(
+        600.0, gt=0, description="deadline for management calls that set none (loads can take minutes)"
+    )

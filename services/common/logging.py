@@ -11,10 +11,17 @@ import time
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
-class _RequestIdFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id.get()
-        return True
+_base_factory = logging.getLogRecordFactory()
+
+
+def _record_with_request_id(*args: object, **kwargs: object) -> logging.LogRecord:
+    # Every record, whoever handles it, carries the request id of the call it was logged in.
+    record = _base_factory(*args, **kwargs)
+    record.request_id = request_id.get()
+    return record
+
+
+logging.setLogRecordFactory(_record_with_request_id)
 
 
 class _JsonFormatter(logging.Formatter):
@@ -37,7 +44,6 @@ class _JsonFormatter(logging.Formatter):
 def configure(level: str = "INFO", json_logs: bool = False, service: str = "tandem") -> None:
     """Call once, from a service's __main__."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_RequestIdFilter())
     if json_logs:
         handler.setFormatter(_JsonFormatter())
     else:

@@ -62,6 +62,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 request_id.set(rid)
                 try:
+                    await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
                     return await inner(request, context)
                 except errors.TandemError as err:
                     await abort_with(context, err)
@@ -80,6 +81,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def stream_stream(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 request_id.set(rid)
                 try:
+                    await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
                     async for response in inner_ss(request_iterator, context):
                         yield response
                 except errors.TandemError as err:
@@ -96,20 +98,27 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    return [
+def server_options(max_message_bytes: int, max_connection_age_s: float | None = 60.0) -> list[tuple[str, Any]]:
+    options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # The gateway pings its stages every 2 s to find hung replicas; accept that instead of sending GOAWAY.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),
+        ("grpc.http2.max_ping_strikes", 0),
         ("grpc.keepalive_permit_without_calls", 1),
-        # Connections are recycled now and then so that clients re-resolve DNS and find replicas added by a
-        # scale-out (gRPC only re-resolves when a connection goes away); in-flight calls get the grace period.
-        ("grpc.max_connection_age_ms", 60_000),
-        ("grpc.max_connection_age_grace_ms", 30_000),
     ]
+    if max_connection_age_s:
+        # Stage connections are recycled now and then so that callers re-resolve DNS and find replicas added by a
+        # scale-out (gRPC only re-resolves when a connection goes away); in-flight calls get a grace period. Not on
+        # the gateway's public port, where it would cut long-lived client streams.
+        options += [
+            ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", 30_000),
+        ]
+    return options
 
 
 @dataclass
@@ -148,9 +157,12 @@ async def start_server(
     max_message_bytes: int = 64 * 1024 * 1024,
     serving: bool = True,
     address_file: Path | None = None,
+    max_connection_age_s: float | None = 60.0,
 ) -> RunningServer:
     """Builds the server, registers health and reflection, binds `listen` (port 0 picks one) and starts it."""
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=server_options(max_message_bytes))
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor()], options=server_options(max_message_bytes, max_connection_age_s)
+    )
     names = tuple(name for _, name in registrars)
     for register, _ in registrars:
         register(server)
@@ -188,3 +200,22 @@ async def wait_for_termination(running: RunningServer, grace_s: float, close: Ca
     serve_task.cancel()
     stop_task.cancel()
     log.info("stopped")
+
+
+def exit_with_parent(parent_pid: int | None) -> None:
+    """Asks the kernel for SIGTERM when the supervisor that started us dies, so no stage outlives it.
+
+    Done in the child itself after exec: a preexec_fn in a threaded parent can crash the fork.
+    """
+    if parent_pid is None:
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the supervisor still stops us on a clean exit
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -32,6 +32,7 @@ class ServiceSettings(BaseSettings):
     grace_s: float = Field(10.0, description="seconds to finish in-flight calls after SIGTERM")
     reflection: bool = Field(True, description="serve gRPC server reflection")
     max_message_bytes: int = Field(64 * 1024 * 1024, description="largest gRPC message sent or received")
+    parent_pid: int | None = Field(None, description="exit when this process (a supervisor) exits")
     address_file: Path | None = Field(
         None, description="write the bound address here once listening (for port 0 and supervisors)"
     )

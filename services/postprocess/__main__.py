@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from services.common import logging as tandem_logging
 from services.common.default_model import repository_root
 from services.common.repository import ModelRepository
-from services.common.server import start_server, wait_for_termination
+from services.common.server import exit_with_parent, start_server, wait_for_termination
 from services.postprocess.core import Postprocessor
 from services.postprocess.servicer import registrar
 from services.postprocess.settings import PostprocessSettings
@@ -44,6 +44,7 @@ async def serve(settings: PostprocessSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = PostprocessSettings.from_args(sys.argv[1:] if argv is None else argv, "tandem postprocess")
     tandem_logging.configure(settings.log_level, settings.json_logs, service="postprocess")
+    exit_with_parent(settings.parent_pid)
     asyncio.run(serve(settings))
 
 

@@ -1,0 +1,237 @@
+"""Runs a whole Tandem deployment on one host: replicas of each stage and the gateway, as separate processes.
+
+`tandem serve` uses it; the fault tests drive it directly to kill, hang and restart replicas.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STAGES = ("tokenizer", "inference", "postprocess")
+MODULES = {
+    "tokenizer": "services.tokenizer",
+    "inference": "services.inference",
+    "postprocess": "services.postprocess",
+    "gateway": "gateway",
+}
+
+
+def parse_replicas(text: str) -> dict[str, int]:
+    """'tokenizer=2,inference=2' -> counts per stage (1 for the ones not named)."""
+    counts = dict.fromkeys(STAGES, 1)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        stage, _, number = part.partition("=")
+        if stage not in STAGES or not number.isdigit() or int(number) < 1:
+            raise ValueError(f"bad replica count {part!r}: use STAGE=N with STAGE in {', '.join(STAGES)}")
+        counts[stage] = int(number)
+    return counts
+
+
+@dataclass
+class Replica:
+    """One process of a role; `listen` is fixed after the first bind so a restart comes back at the same address."""
+
+    name: str
+    role: str
+    listen: str
+    process: subprocess.Popen[bytes] | None = None
+    address: str | None = None
+    restarts: int = 0
+
+
+@dataclass
+class Supervisor:
+    """Starts replicas of each stage and the gateway, waits for health, restarts what dies, stops in order."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    repository: Path | None = None
+    home: Path | None = None
+    log_level: str = "INFO"
+    tcp_stages: bool = False
+    startup_timeout_s: float = 600.0
+    replicas: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 1))
+    extra: dict[str, list[str]] = field(default_factory=dict)
+    run_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tandem-")))
+    members: dict[str, Replica] = field(default_factory=dict)
+
+    def _address_file(self, replica: Replica) -> Path:
+        return self.run_dir / f"{replica.name}.address"
+
+    def _common(self) -> list[str]:
+        args: list[str] = []
+        if self.repository is not None:
+            args += ["--model-repository", str(self.repository)]
+        if self.home is not None:
+            args += ["--home", str(self.home)]
+        return args
+
+    def _args(self, replica: Replica) -> list[str]:
+        args = ["--listen", replica.listen, "--address-file", str(self._address_file(replica))]
+        # Each child asks the kernel to stop it when this process dies (services.common.server.exit_with_parent).
+        args += ["--parent-pid", str(os.getpid())]
+        # The gateway gets its stage targets from spawn's extra_args; stages get the repository.
+        return args if replica.role == "gateway" else args + self._common()
+
+    def spawn(self, replica: Replica, extra_args: list[str] | None = None) -> None:
+        self._address_file(replica).unlink(missing_ok=True)
+        command = [
+            sys.executable,
+            "-m",
+            MODULES[replica.role],
+            *self._args(replica),
+            *(extra_args or []),
+            "--log-level",
+            self.log_level,
+            *self.extra.get(replica.role, []),
+        ]
+        replica.process = subprocess.Popen(command)
+
+    def stage_target(self, stage: str) -> str:
+        """One address, or an `ipv4:` list that gRPC's round_robin spreads calls over."""
+        addresses = [m.address for m in self.members.values() if m.role == stage and m.address]
+        if len(addresses) == 1:
+            return addresses[0]
+        return "ipv4:" + ",".join(a.removeprefix("ipv4:") for a in addresses)
+
+    def start(self) -> str:
+        from services.common.default_model import ensure_default_repository
+        from services.common.settings import default_home
+
+        if self.repository is None:
+            # Made once here rather than racing in every stage process.
+            self.repository = ensure_default_repository(self.home or default_home())
+        for stage in STAGES:
+            count = self.replicas.get(stage, 1)
+            for index in range(count):
+                # Several replicas need distinct TCP ports (a gRPC target lists many ip:port, not many sockets).
+                unix = not self.tcp_stages and count == 1
+                listen = f"unix:{self.run_dir / stage}.sock" if unix else "127.0.0.1:0"
+                replica = Replica(f"{stage}-{index}", stage, listen)
+                self.members[replica.name] = replica
+                self.spawn(replica)
+        for replica in list(self.members.values()):
+            self._settle(replica)
+        gateway = Replica("gateway-0", "gateway", f"{self.host}:{self.port}")
+        self.members[gateway.name] = gateway
+        self.spawn(gateway, self._gateway_args())
+        self._settle(gateway)
+        assert gateway.address is not None
+        self.wait_for_health(gateway.address)
+        return gateway.address
+
+    def _gateway_args(self) -> list[str]:
+        args: list[str] = []
+        for stage in STAGES:
+            args += [f"--{stage}", self.stage_target(stage)]
+        return args
+
+    def _settle(self, replica: Replica) -> None:
+        """Waits for the replica's bound address and pins it, so a restart binds the same one."""
+        path = self._address_file(replica)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not path.exists():
+            if replica.process is not None and replica.process.poll() is not None:
+                raise RuntimeError(f"{replica.name} exited with code {replica.process.returncode} during start-up")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{replica.name} did not start listening within {self.startup_timeout_s:.0f}s")
+            time.sleep(0.05)
+        replica.address = path.read_text().strip()
+        replica.listen = replica.address if not replica.address.startswith("unix:") else replica.listen
+
+    def wait_for_health(self, address: str, timeout_s: float | None = None) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + (timeout_s or self.startup_timeout_s)
+        with grpc.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                for replica in self.members.values():
+                    if replica.process is not None and replica.process.poll() is not None and replica.restarts == 0:
+                        raise RuntimeError(f"{replica.name} exited with code {replica.process.returncode}")
+                with contextlib.suppress(grpc.RpcError):
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                time.sleep(0.1)
+        raise TimeoutError(f"{address} did not become healthy in time")
+
+    def restart(self, name: str) -> None:
+        """Starts a replica again at its pinned address (after it died or was stopped)."""
+        replica = self.members[name]
+        if replica.process is not None and replica.process.poll() is None:
+            raise RuntimeError(f"{name} is still running")
+        replica.restarts += 1
+        self.spawn(replica, self._gateway_args() if replica.role == "gateway" else None)
+        self._settle(replica)
+
+    def terminate(self, name: str, grace_s: float = 30.0) -> None:
+        """Graceful stop of one replica: SIGTERM, then it drains and exits."""
+        replica = self.members[name]
+        if replica.process is None or replica.process.poll() is not None:
+            return
+        replica.process.send_signal(signal.SIGTERM)
+        try:
+            replica.process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            replica.process.kill()
+            replica.process.wait()
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """Gateway first (stop taking requests), then the stages; SIGKILL whatever outlives the grace period."""
+        order = sorted(self.members.values(), key=lambda r: r.role != "gateway")
+        for replica in order:
+            proc = replica.process
+            if proc is None or proc.poll() is not None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)  # a stopped (hung) process cannot handle SIGTERM otherwise
+                proc.send_signal(signal.SIGTERM)
+            if replica.role == "gateway":
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(grace_s)
+        deadline = time.monotonic() + grace_s
+        for replica in order:
+            proc = replica.process
+            if proc is None:
+                continue
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def watch(self, should_stop: Callable[[], bool], poll_s: float = 0.2) -> None:
+        """Restarts any replica that dies (with backoff), until `should_stop()`; like a tiny kubelet."""
+        next_try: dict[str, float] = {}
+        while not should_stop():
+            for name, replica in self.members.items():
+                proc = replica.process
+                if proc is None or proc.poll() is None:
+                    continue
+                now = time.monotonic()
+                if now < next_try.get(name, 0.0):
+                    continue
+                log.warning("%s exited with code %s; restarting", name, proc.returncode)
+                print(f"tandem: {name} exited with code {proc.returncode}; restarting", file=sys.stderr, flush=True)
+                next_try[name] = now + min(30.0, 2.0 ** min(replica.restarts, 5))
+                try:
+                    self.restart(name)
+                except (RuntimeError, TimeoutError) as exc:
+                    print(f"tandem: restarting {name} failed: {exc}", file=sys.stderr, flush=True)
+            time.sleep(poll_s)
