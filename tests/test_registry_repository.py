@@ -108,6 +108,8 @@ def test_bare_names_follow_stable_then_the_policy(tmp_path: Path, source: Path) 
     assert [p.name for p in model_dir.iterdir() if p.name.endswith(".tmp")] == []
     assert repo.resolve("emb").version == "1"
     assert repo.resolve("emb@canary").version == "3"
+    (model_dir / "aliases.json").write_text('{"stable": 1, "canary": 3}')  # numbers, as typed by hand
+    assert (repo.resolve("emb").version, repo.resolve("emb@canary").version) == ("1", "3")
     assert repo.resolve("emb:2").version == "2"
     repo.delete_alias("emb", "stable")
     assert repo.resolve("emb").version == "2"
@@ -176,7 +178,7 @@ def test_an_alias_to_a_removed_version_is_not_found(tmp_path: Path, source: Path
 
 def test_a_corrupt_aliases_file_is_reported(tmp_path: Path, source: Path) -> None:
     model_dir = make_repo(tmp_path, source, (1,))
-    (model_dir / "aliases.json").write_text('{"stable": 1}')
+    (model_dir / "aliases.json").write_text('{"canary": 2, "stable": "one"}')
     with pytest.raises(errors.TandemError) as caught:
         ModelRepository(tmp_path).resolve("emb@stable")
     assert_error(caught.value, grpc.StatusCode.FAILED_PRECONDITION, MODEL_CONFIG_INVALID, "aliases.json", None)

@@ -177,9 +177,6 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-_read_json = read_json
-
-
 def write_json_atomic(path: Path, data: Mapping[str, Any] | BaseModel) -> None:
     """Writes a file that readers see either whole or not at all (a temporary file renamed over it)."""
     if isinstance(data, BaseModel):
@@ -497,11 +494,14 @@ class ModelRepository:
         path = self._model_folder(name) / ALIASES_FILE
         if not path.is_file():
             return {}
-        data = read_json(path)
-        for alias, version in data.items():
-            if not isinstance(version, str) or not _ALIAS.fullmatch(alias) or not _VERSION.fullmatch(version):
+        aliases: dict[str, str] = {}
+        for alias, version in read_json(path).items():
+            # Written as strings; numbers typed by hand ({"stable": 2}) are taken too.
+            text = str(version) if isinstance(version, int) and not isinstance(version, bool) else version
+            if not isinstance(text, str) or not _ALIAS.fullmatch(alias) or not _VERSION.fullmatch(text):
                 raise ValueError(f"{ALIASES_FILE} maps {alias!r} to {version!r}; expected alias -> version number")
-        return dict(data)
+            aliases[alias] = text
+        return aliases
 
     def set_alias(self, name: str, alias: str, version: str) -> dict[str, str]:
         """Points an alias at an existing version in aliases.json (atomically, under the model's lock)."""
