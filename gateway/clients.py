@@ -98,13 +98,27 @@ class StageClient:
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     async def _attempt(self, rpc: Callable[..., Awaitable[Response]], request: Any, deadline: float) -> Response:
-        timeout = deadline - time.monotonic()
-        if timeout <= 0:
-            raise errors.deadline_exceeded(f"deadline exceeded before calling the {self.stage} stage", stage=self.stage)
-        try:
-            return await rpc(request, timeout=timeout, metadata=((REQUEST_ID_KEY, request_id.get()),))
-        except grpc.aio.AioRpcError as exc:
-            raise stage_error(self.stage, exc) from None
+        """One logical attempt; UNAVAILABLE or CANCELLED is tried again (on the next replica) while time is left.
+
+        The channel's retry policy cannot retry a call whose response headers already arrived (the stages send
+        the request id in them), such as one cut off by a replica that died mid-call; every stage RPC is
+        idempotent, so it is retried here.
+        """
+        for retry in range(3):
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                raise errors.deadline_exceeded(
+                    f"deadline exceeded before calling the {self.stage} stage", stage=self.stage
+                )
+            try:
+                return await rpc(request, timeout=timeout, metadata=((REQUEST_ID_KEY, request_id.get()),))
+            except grpc.aio.AioRpcError as exc:
+                # CANCELLED here was the stage's doing (a replica draining past its grace period), not ours: our own
+                # cancellation arrives as asyncio.CancelledError instead.
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) or retry == 2:
+                    raise stage_error(self.stage, exc) from None
+                await asyncio.sleep(0.02 * (retry + 1))
+        raise AssertionError("unreachable")
 
     async def call(self, rpc: Callable[..., Awaitable[Response]], request: Any, deadline: float) -> Response:
         """Calls with the caller's remaining time as timeout; fails DEADLINE_EXCEEDED when none is left.

@@ -125,6 +125,11 @@ class Supervisor:
                 self.spawn(replica)
         for replica in list(self.members.values()):
             self._settle(replica)
+        # Every replica, not just one per stage: the gateway's first calls may go to any of them (an inference
+        # replica answers NOT_SERVING until its models are warm).
+        for replica in list(self.members.values()):
+            assert replica.address is not None
+            self.wait_for_health(replica.address)
         gateway = Replica("gateway-0", "gateway", f"{self.host}:{self.port}")
         self.members[gateway.name] = gateway
         self.spawn(gateway, self._gateway_args())
