@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,22 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], err: errors.Ta
     await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
 
 
+@contextlib.asynccontextmanager
+async def _error_table(context: grpc.aio.ServicerContext[Any, Any], rid: str, method: str) -> AsyncIterator[None]:
+    """Around one RPC: its request id, then domain errors as rich statuses, anything else as a bare INTERNAL."""
+    request_id.set(rid)
+    try:
+        await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
+        yield
+    except errors.TandemError as err:
+        await abort_with(context, err)
+    except (asyncio.CancelledError, grpc.aio.AbortError):
+        raise
+    except Exception:
+        log.exception("unexpected error in %s", method)
+        await abort_with(context, errors.internal())
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns every domain error into its rich status and every unexpected one into a bare INTERNAL.
 
@@ -60,17 +77,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner: Any = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                request_id.set(rid)
-                try:
-                    await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
+                async with _error_table(context, rid, method):
                     return await inner(request, context)
-                except errors.TandemError as err:
-                    await abort_with(context, err)
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    raise
-                except Exception:
-                    log.exception("unexpected error in %s", method)
-                    await abort_with(context, errors.internal())
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, handler.request_deserializer, handler.response_serializer
@@ -79,18 +87,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner_ss: Any = handler.stream_stream
 
             async def stream_stream(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                request_id.set(rid)
-                try:
-                    await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
+                async with _error_table(context, rid, method):
                     async for response in inner_ss(request_iterator, context):
                         yield response
-                except errors.TandemError as err:
-                    await abort_with(context, err)
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    raise
-                except Exception:
-                    log.exception("unexpected error in %s", method)
-                    await abort_with(context, errors.internal())
 
             return grpc.stream_stream_rpc_method_handler(
                 stream_stream, handler.request_deserializer, handler.response_serializer
