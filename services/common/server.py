@@ -157,10 +157,15 @@ async def start_server(
     serving: bool = True,
     address_file: Path | None = None,
     max_connection_age_s: float | None = 60.0,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> RunningServer:
-    """Builds the server, registers health and reflection, binds `listen` (port 0 picks one) and starts it."""
+    """Builds the server, registers health and reflection, binds `listen` (port 0 picks one) and starts it.
+
+    `interceptors` run before the error table (outermost first), e.g. authentication, metrics, tracing.
+    """
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()], options=server_options(max_message_bytes, max_connection_age_s)
+        interceptors=[*interceptors, ErrorInterceptor()],
+        options=server_options(max_message_bytes, max_connection_age_s),
     )
     names = tuple(name for _, name in registrars)
     for register, _ in registrars:
