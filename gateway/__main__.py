@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import sys
 from collections.abc import Sequence
 
+import grpc
+
+from gateway.auth import AuthInterceptor, KeyRing
 from gateway.clients import InferenceClient, PostprocessClient, TokenizerClient
 from gateway.core import Pipeline
+from gateway.limits import RateLimiter, RateLimitInterceptor
 from gateway.management.client import ManagementClient
 from gateway.management.servicer import registrar as management_registrar
 from gateway.oip.servicer import registrar as oip_registrar
@@ -29,10 +34,47 @@ def build_pipeline(settings: GatewaySettings) -> Pipeline:
         PostprocessClient(settings.postprocess, size, settings.hedge_after_s),
         default_timeout_s=settings.default_timeout_s,
         max_inputs=settings.max_inputs,
+        max_input_chars=settings.max_input_chars,
         model_cache_ttl_s=settings.model_cache_ttl_s,
         coalesce=settings.coalesce,
         coalesce_max_inputs=settings.coalesce_max_inputs,
     )
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether `listen` is reachable only from this machine (a Unix socket, localhost, 127.0.0.0/8, ::1)."""
+    if listen.startswith("unix:"):
+        return True
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name, or empty (all interfaces)
+        return False
+
+
+def build_interceptors(settings: GatewaySettings) -> list[grpc.aio.ServerInterceptor]:
+    """Authentication first (so the rate limiter knows the key), then the per-key rate limit."""
+    keys = KeyRing.load(
+        settings.api_keys_file, settings.api_keys.get_secret_value() if settings.api_keys is not None else None
+    )
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if keys.enabled:
+        log.info("authentication on: %d API keys (%s)", len(keys.keys), ", ".join(k.key_id for k in keys.keys))
+        interceptors.append(
+            AuthInterceptor(keys, open_health=settings.auth_open_health, open_reflection=settings.auth_open_reflection)
+        )
+    elif not is_loopback(settings.listen):
+        log.warning(
+            "authentication is off and the gateway listens on %s: anyone who can reach it may call every RPC, "
+            "management included; set --api-keys-file",
+            settings.listen,
+        )
+    if settings.rate_limit_texts_per_s > 0:
+        limiter = RateLimiter(settings.rate_limit_texts_per_s, settings.rate_limit_burst)
+        interceptors.append(RateLimitInterceptor(limiter, max_cost=settings.max_inputs))
+    return interceptors
 
 
 async def follow_stage_health(running: RunningServer, pipeline: Pipeline, interval_s: float) -> None:
@@ -59,7 +101,7 @@ async def serve(settings: GatewaySettings) -> None:
         # The native API and the Open Inference Protocol (KServe v2 / Triton clients) on one port; the model
         # lifecycle API forwarded to the inference stage.
         [
-            registrar(pipeline),
+            registrar(pipeline, settings.stream_window),
             oip_registrar(pipeline),
             management_registrar(management, settings.management_timeout_s),
         ],
@@ -68,6 +110,8 @@ async def serve(settings: GatewaySettings) -> None:
         address_file=settings.address_file,
         serving=False,
         max_connection_age_s=None,
+        interceptors=build_interceptors(settings),
+        options=[("grpc.max_concurrent_streams", settings.max_concurrent_streams)],
     )
     log.info("gateway serving on %s", running.address)
     watcher = asyncio.create_task(follow_stage_health(running, pipeline, settings.health_interval_s))

@@ -149,6 +149,7 @@ class Pipeline:
         *,
         default_timeout_s: float = 30.0,
         max_inputs: int = 2048,
+        max_input_chars: int = 100_000,
         model_cache_ttl_s: float = 1.0,
         coalesce: bool = True,
         coalesce_max_inputs: int = 256,
@@ -158,6 +159,7 @@ class Pipeline:
         self.postprocess = postprocess
         self.default_timeout_s = default_timeout_s
         self.max_inputs = max_inputs
+        self.max_input_chars = max_input_chars
         self.coalesce = coalesce
         self.catalog = ModelCatalog(inference, model_cache_ttl_s)
         self._embeds: Coalescer[EmbedKey, Embeddings] = Coalescer(
@@ -182,6 +184,18 @@ class Pipeline:
                 f"{len(inputs)} entries in {field} exceed the limit of {self.max_inputs} per request",
                 field,
                 reason=errors.TOO_MANY_INPUTS,
+            )
+        for i, text in enumerate(inputs):
+            self.check_length(text, f"{field}[{i}]")
+
+    def check_length(self, text: str, field: str) -> None:
+        """INVALID_ARGUMENT naming the field for a text over the character limit (tokenizing it costs before
+        truncation can help)."""
+        if len(text) > self.max_input_chars:
+            raise errors.invalid_argument(
+                f"{field} has {len(text)} characters, more than the limit of {self.max_input_chars}",
+                field,
+                reason=errors.INPUT_TOO_LONG,
             )
 
     async def _model_for(self, ref: str, task: int, rpc: str, deadline: float) -> model_pb2.ModelInfo:
@@ -306,6 +320,7 @@ class Pipeline:
         self, ref: str, query: str, documents: Sequence[str], top_n: int, truncate: bool, deadline: float
     ) -> Ranking:
         self._check_inputs(documents, "documents")
+        self.check_length(query, "query")
         if top_n < 0:
             raise errors.invalid_argument("top_n must be 0 (every document) or positive", "top_n")
         info = await self._model_for(ref, model_pb2.TASK_RERANK, "Rerank", deadline)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -29,4 +31,24 @@ class GatewaySettings(ServiceSettings):
     health_interval_s: float = Field(1.0, gt=0, description="how often the stages' health is checked")
     management_timeout_s: float = Field(
         600.0, gt=0, description="deadline for management calls that set none (loads can take minutes)"
+    )
+    max_input_chars: int = Field(
+        100_000, ge=1, description="most characters in one text (or query, or document); longer is INVALID_ARGUMENT"
+    )
+    max_concurrent_streams: int = Field(
+        100, ge=1, description="most calls in flight at once on one client connection (HTTP/2 streams)"
+    )
+    api_keys_file: Path | None = Field(
+        None, description="API keys, one a line: KEY [SCOPE[,SCOPE]] (scopes: infer, admin; default infer)"
+    )
+    api_keys: SecretStr | None = Field(
+        None, description="API keys as in --api-keys-file, entries separated by ';' (prefer the environment)"
+    )
+    auth_open_health: bool = Field(True, description="serve grpc.health.v1 without a key")
+    auth_open_reflection: bool = Field(True, description="serve server reflection without a key")
+    rate_limit_texts_per_s: float = Field(
+        0.0, ge=0, description="texts per second each API key (or client host, with auth off) may send; 0: no limit"
+    )
+    rate_limit_burst: int = Field(
+        2048, ge=1, description="texts a key may send at once after being idle (the token bucket's size)"
     )

@@ -259,7 +259,7 @@ def _names(specs: Sequence[TensorSpec]) -> str:
     return ", ".join(repr(s.name) for s in specs)
 
 
-def _texts(tensor: InputTensor, spec: TensorSpec, max_inputs: int) -> list[str]:
+def _texts(tensor: InputTensor, spec: TensorSpec, max_inputs: int, max_chars: int) -> list[str]:
     name, field_name, shape = tensor.name, f"inputs[{tensor.name}]", tensor.shape
     if tensor.datatype != BYTES or tensor.elements is None:
         raise errors.invalid_argument(
@@ -285,10 +285,16 @@ def _texts(tensor: InputTensor, spec: TensorSpec, max_inputs: int) -> list[str]:
             raise errors.invalid_argument(
                 f"input {name!r}: element {i} is not valid UTF-8 ({exc.reason} at byte {exc.start})", field_name
             ) from None
+        if len(texts[-1]) > max_chars:
+            raise errors.invalid_argument(
+                f"input {name!r}: element {i} has {len(texts[-1])} characters, more than the limit of {max_chars}",
+                f"{field_name}[{i}]",
+                reason=errors.INPUT_TOO_LONG,
+            )
     return texts
 
 
-def _bind(call: InferCall, model: str, sig: Signature, max_inputs: int) -> dict[str, list[str]]:
+def _bind(call: InferCall, model: str, sig: Signature, max_inputs: int, max_chars: int) -> dict[str, list[str]]:
     """The texts of each input the model takes; INVALID_ARGUMENT naming the input for anything else."""
     given: dict[str, InputTensor] = {}
     for tensor in call.inputs:
@@ -308,7 +314,7 @@ def _bind(call: InferCall, model: str, sig: Signature, max_inputs: int) -> dict[
             raise errors.invalid_argument(
                 f"missing input {spec.name!r}: model {model!r} takes {_names(sig.inputs)}", f"inputs[{spec.name}]"
             )
-        texts[spec.name] = _texts(found, spec, max_inputs)
+        texts[spec.name] = _texts(found, spec, max_inputs, max_chars)
     return texts
 
 
@@ -441,7 +447,7 @@ class DataPlane:
         info = await self.pipeline.catalog.get(ref, deadline)
         sig = signature(info)
         wanted = _wanted(call.outputs, info.name, sig)
-        texts = _bind(call, info.name, sig, self.pipeline.max_inputs)
+        texts = _bind(call, info.name, sig, self.pipeline.max_inputs, self.pipeline.max_input_chars)
         options = _options(sig.task, call.parameters)
         items = len(texts[TEXT])
         started_ms = self.statistics.now_ms()

@@ -21,6 +21,10 @@ TOO_MANY_INPUTS = "TOO_MANY_INPUTS"
 QUEUE_FULL = "QUEUE_FULL"
 DEADLINE = "DEADLINE_EXCEEDED"
 STAGE_UNAVAILABLE = "STAGE_UNAVAILABLE"
+MISSING_CREDENTIALS = "MISSING_CREDENTIALS"
+INVALID_API_KEY = "INVALID_API_KEY"
+MISSING_SCOPE = "MISSING_SCOPE"
+RATE_LIMITED = "RATE_LIMITED"
 INTERNAL = "INTERNAL"
 
 
@@ -98,10 +102,12 @@ def unavailable(
     )
 
 
-def resource_exhausted(message: str, retry_after_s: float = 0.05, **metadata: str) -> TandemError:
+def resource_exhausted(
+    message: str, retry_after_s: float = 0.05, reason: str = QUEUE_FULL, **metadata: str
+) -> TandemError:
     return TandemError(
         message,
-        reason=QUEUE_FULL,
+        reason=reason,
         metadata=metadata,
         retry_after_s=retry_after_s,
         code=grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -118,6 +124,21 @@ def failed_precondition(message: str, reason: str, **metadata: str) -> TandemErr
 
 def unimplemented(message: str, **metadata: str) -> TandemError:
     return TandemError(message, reason="UNSUPPORTED", metadata=metadata, code=grpc.StatusCode.UNIMPLEMENTED)
+
+
+def unauthenticated(message: str, reason: str = MISSING_CREDENTIALS, **metadata: str) -> TandemError:
+    """No credentials, or credentials that match no key: UNAUTHENTICATED, saying which."""
+    return TandemError(message, reason=reason, metadata=metadata, code=grpc.StatusCode.UNAUTHENTICATED)
+
+
+def permission_denied(message: str, reason: str = MISSING_SCOPE, **metadata: str) -> TandemError:
+    """A known caller without the scope the call needs: PERMISSION_DENIED."""
+    return TandemError(message, reason=reason, metadata=metadata, code=grpc.StatusCode.PERMISSION_DENIED)
+
+
+def rate_limited(message: str, retry_after_s: float, **metadata: str) -> TandemError:
+    """Over the caller's rate: RESOURCE_EXHAUSTED with a RetryInfo saying when the bucket holds enough again."""
+    return resource_exhausted(message, retry_after_s=retry_after_s, reason=RATE_LIMITED, **metadata)
 
 
 def internal() -> TandemError:
@@ -148,6 +169,9 @@ __all__ = [
     "internal",
     "invalid_argument",
     "not_found",
+    "permission_denied",
+    "rate_limited",
     "resource_exhausted",
+    "unauthenticated",
     "unavailable",
 ]

@@ -158,14 +158,16 @@ async def start_server(
     address_file: Path | None = None,
     max_connection_age_s: float | None = 60.0,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    options: Sequence[tuple[str, Any]] = (),
 ) -> RunningServer:
     """Builds the server, registers health and reflection, binds `listen` (port 0 picks one) and starts it.
 
     `interceptors` run before the error table (outermost first), e.g. authentication, metrics, tracing.
+    `options` are more gRPC channel arguments (e.g. `grpc.max_concurrent_streams`), added after the defaults.
     """
     server = grpc.aio.server(
         interceptors=[*interceptors, ErrorInterceptor()],
-        options=server_options(max_message_bytes, max_connection_age_s),
+        options=[*server_options(max_message_bytes, max_connection_age_s), *options],
     )
     names = tuple(name for _, name in registrars)
     for register, _ in registrars:
