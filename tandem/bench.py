@@ -226,6 +226,7 @@ async def run_cell(
     requests: int,
     deadline_s: float,
     progress: Any,
+    api_key: str | None = None,
 ) -> None:
     """`concurrency` callers, each sending its next request as soon as the last one returns."""
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
@@ -233,7 +234,8 @@ async def run_cell(
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         counter = iter(range(requests))
         warm = gateway_pb2.EmbedRequest(model=model, inputs=list(texts[: cell.texts_per_request]))
-        await stub.Embed(warm, timeout=60)
+        metadata = (("x-api-key", api_key),) if api_key else None
+        await stub.Embed(warm, timeout=60, metadata=metadata)
 
         async def caller(worker: int) -> None:
             cursor = worker * 7919
@@ -242,7 +244,8 @@ async def run_cell(
                 cursor += cell.texts_per_request
                 start = time.perf_counter()
                 try:
-                    await stub.Embed(gateway_pb2.EmbedRequest(model=model, inputs=batch), timeout=deadline_s)
+                    request = gateway_pb2.EmbedRequest(model=model, inputs=batch)
+                    await stub.Embed(request, timeout=deadline_s, metadata=metadata)
                 except grpc.aio.AioRpcError as exc:
                     cell.failure_latencies_ms.append((time.perf_counter() - start) * 1000)
                     cell.codes[exc.code().name] += 1
@@ -315,6 +318,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--corpus", type=int, default=512, help="distinct texts")
     parser.add_argument("--texts-per-cell", type=int, default=1024, help="texts sent in each grid cell (at least)")
     parser.add_argument("--deadline-s", type=float, default=30.0)
+    parser.add_argument("--api-key", default=None, help="sent as x-api-key when the gateway has keys")
     parser.add_argument("--bare-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="bare model's ONNX threads")
     parser.add_argument("--skip-bare", action="store_true")
@@ -351,7 +355,8 @@ def main(argv: Sequence[str]) -> int:
         requests = max(concurrency * 4, opts.texts_per_cell // size)
         cell = Cell(concurrency, size)
         with tqdm(total=requests, desc=f"c={concurrency:<4} n={size:<3}", leave=False, unit="req") as progress:
-            asyncio.run(run_cell(opts.target, opts.model, texts, cell, requests, opts.deadline_s, progress))
+            run = run_cell(opts.target, opts.model, texts, cell, requests, opts.deadline_s, progress, opts.api_key)
+            asyncio.run(run)
         summary = cell.summary(ceiling)
         results.append(summary)
         print(

@@ -299,7 +299,7 @@ class TandemClient:
 
     `timeout` is each call's deadline in seconds, retries and their waits included; a call's own `timeout=`
     overrides it. `retry=NO_RETRY` turns retries off. Pass `channel` to bring your own (interceptors, load
-    balancing); the client then leaves closing it to you.
+    balancing); the client then leaves closing it to you. `api_key` is sent as `x-api-key` with every call.
     """
 
     def __init__(
@@ -310,6 +310,7 @@ class TandemClient:
         retry: RetryPolicy = RetryPolicy(),  # frozen, so one shared default is safe
         credentials: grpc.ChannelCredentials | None = None,
         channel: grpc.Channel | None = None,
+        api_key: str | None = None,
     ) -> None:
         if channel is not None and credentials is not None:
             raise ValueError("pass either a channel or credentials, not both")
@@ -324,6 +325,8 @@ class TandemClient:
         self.stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         self.timeout = timeout
         self.retry = retry
+        # Sent with every call; over an insecure channel the key travels in clear text, so use TLS beyond loopback.
+        self.metadata: tuple[tuple[str, str], ...] | None = (("x-api-key", api_key),) if api_key else None
 
     def close(self) -> None:
         if self._owns_channel:
@@ -349,7 +352,7 @@ class TandemClient:
             attempt += 1
             try:
                 # Each attempt gets what is left of the one deadline, so retries never stretch the caller's budget.
-                return method(request, timeout=max(deadline - time.monotonic(), 0.0))
+                return method(request, timeout=max(deadline - time.monotonic(), 0.0), metadata=self.metadata)
             except grpc.RpcError as rpc_error:
                 error = TandemError.from_rpc_error(rpc_error)
                 delay = self.retry.delay_s(attempt, error)
@@ -454,7 +457,9 @@ class TandemClient:
         raises TandemError. Streams are not retried (responses already yielded cannot be taken back), and
         `timeout` bounds the whole stream (default: none, as a stream may run for as long as it is fed).
         """
-        call = self.stub.EmbedStream(_stream_requests(requests, model, normalize, truncate), timeout=timeout)
+        call = self.stub.EmbedStream(
+            _stream_requests(requests, model, normalize, truncate), timeout=timeout, metadata=self.metadata
+        )
         try:
             for response in call:
                 yield _stream_result(response)
@@ -475,6 +480,7 @@ class AsyncTandemClient:
         retry: RetryPolicy = RetryPolicy(),  # frozen, so one shared default is safe
         credentials: grpc.ChannelCredentials | None = None,
         channel: grpc.aio.Channel | None = None,
+        api_key: str | None = None,
     ) -> None:
         if channel is not None and credentials is not None:
             raise ValueError("pass either a channel or credentials, not both")
@@ -489,6 +495,8 @@ class AsyncTandemClient:
         self.stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         self.timeout = timeout
         self.retry = retry
+        # Sent with every call; over an insecure channel the key travels in clear text, so use TLS beyond loopback.
+        self.metadata: tuple[tuple[str, str], ...] | None = (("x-api-key", api_key),) if api_key else None
 
     async def close(self) -> None:
         if self._owns_channel:
@@ -513,7 +521,7 @@ class AsyncTandemClient:
         while True:
             attempt += 1
             try:
-                return await method(request, timeout=max(deadline - time.monotonic(), 0.0))
+                return await method(request, timeout=max(deadline - time.monotonic(), 0.0), metadata=self.metadata)
             except grpc.RpcError as rpc_error:
                 error = TandemError.from_rpc_error(rpc_error)
                 delay = self.retry.delay_s(attempt, error)
@@ -622,7 +630,7 @@ class AsyncTandemClient:
                 for request in _stream_requests(requests, model, normalize, truncate):
                     yield request
 
-        call = self.stub.EmbedStream(produce(), timeout=timeout)
+        call = self.stub.EmbedStream(produce(), timeout=timeout, metadata=self.metadata)
         try:
             async for response in call:
                 yield _stream_result(response)
