@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -17,7 +17,7 @@ from services.common import errors
 from services.common.server import abort_with
 
 Context = grpc.aio.ServicerContext[Any, Any]
-Handler = grpc.RpcMethodHandler[Any, Any]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic only to type checkers
 # Runs once as the call starts: with the request for a unary request, None for a streaming one.
 Before = Callable[[Any, Context], Awaitable[None]]
 # Runs for each message of a streaming request, before the servicer sees it.
