@@ -1,0 +1,218 @@
+"""Request limits at the gateway: characters per text, texts per request, streams per connection, texts per second."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from gateway.auth import AuthInterceptor, KeyRing, parse_keys
+from gateway.limits import RateLimiter, RateLimitInterceptor, request_cost
+from gateway.settings import GatewaySettings
+from inference import grpc_service_pb2 as oip
+from inference import grpc_service_pb2_grpc as oip_grpc
+from tandem.client import NO_RETRY, AsyncTandemClient, RetryPolicy, TandemError
+from tandem.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from tests.conftest import Stack
+from tests.gateways import Gateway, gateway_over
+from tests.status import details_of
+
+LONG = "x" * 21  # over the limit of 20 used below
+
+
+@pytest.fixture(scope="module")
+async def limited(stack: Stack) -> AsyncIterator[Gateway]:
+    async with gateway_over(stack, max_inputs=3, max_input_chars=20) as gateway:
+        yield gateway
+
+
+async def invalid(call: object) -> tuple[grpc.StatusCode, str | None, list[str], str]:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call  # type: ignore[misc]
+    d = details_of(caught.value)
+    return d.code, d.reason, d.fields, d.message
+
+
+def oip_embed(texts: list[str], shape: list[int] | None = None) -> oip.ModelInferRequest:
+    request = oip.ModelInferRequest(model_name="tiny-embed")
+    request.inputs.append(
+        oip.ModelInferRequest.InferInputTensor(
+            name="text",
+            datatype="BYTES",
+            shape=shape or [len(texts)],
+            contents=oip.InferTensorContents(bytes_contents=[t.encode() for t in texts]),
+        )
+    )
+    return request
+
+
+async def test_too_many_characters_names_the_input(limited: Gateway) -> None:
+    stub = gateway_pb2_grpc.GatewayServiceStub(limited.channel)
+    cases = [
+        (stub.Embed(gateway_pb2.EmbedRequest(model="tiny-embed", inputs=["ok", LONG])), "inputs[1]"),
+        (stub.Classify(gateway_pb2.ClassifyRequest(model="tiny-sentiment", inputs=[LONG])), "inputs[0]"),
+        (
+            stub.ClassifyTokens(gateway_pb2.ClassifyTokensRequest(model="tiny-ner", inputs=["a", "b", LONG])),
+            "inputs[2]",
+        ),
+        (stub.Tokenize(gateway_pb2.TokenizeRequest(model="tiny-embed", inputs=[LONG])), "inputs[0]"),
+        (stub.Rerank(gateway_pb2.RerankRequest(model="tiny-rerank", query=LONG, documents=["d"])), "query"),
+        (stub.Rerank(gateway_pb2.RerankRequest(model="tiny-rerank", query="q", documents=["d", LONG])), "documents[1]"),
+    ]
+    for call, field in cases:
+        code, reason, fields, message = await invalid(call)
+        assert (code, reason, fields) == (grpc.StatusCode.INVALID_ARGUMENT, "INPUT_TOO_LONG", [field])
+        assert "21 characters" in message and "limit of 20" in message
+    # Characters, not bytes: 20 four-byte code points are within the limit.
+    reply = await stub.Embed(gateway_pb2.EmbedRequest(model="tiny-embed", inputs=["🙂" * 20]))
+    assert len(reply.embeddings) == 1
+    infer = oip_grpc.GRPCInferenceServiceStub(limited.channel)
+    code, reason, fields, _ = await invalid(infer.ModelInfer(oip_embed(["fine", LONG])))
+    assert (code, reason, fields) == (grpc.StatusCode.INVALID_ARGUMENT, "INPUT_TOO_LONG", ["inputs[text][1]"])
+
+
+async def test_too_many_inputs_on_every_entry_point(limited: Gateway) -> None:
+    stub = gateway_pb2_grpc.GatewayServiceStub(limited.channel)
+    four = ["a", "b", "c", "d"]
+    cases = [
+        (stub.Embed(gateway_pb2.EmbedRequest(model="tiny-embed", inputs=four)), "inputs"),
+        (stub.Classify(gateway_pb2.ClassifyRequest(model="tiny-sentiment", inputs=four)), "inputs"),
+        (stub.ClassifyTokens(gateway_pb2.ClassifyTokensRequest(model="tiny-ner", inputs=four)), "inputs"),
+        (stub.Tokenize(gateway_pb2.TokenizeRequest(model="tiny-embed", inputs=four)), "inputs"),
+        (stub.Rerank(gateway_pb2.RerankRequest(model="tiny-rerank", query="q", documents=four)), "documents"),
+        (oip_grpc.GRPCInferenceServiceStub(limited.channel).ModelInfer(oip_embed(four)), "inputs[text]"),
+    ]
+    for call, field in cases:
+        code, reason, fields, message = await invalid(call)
+        assert (code, reason, fields) == (grpc.StatusCode.INVALID_ARGUMENT, "TOO_MANY_INPUTS", [field])
+        assert "limit of 3" in message
+    # A stream answers the one oversized request with its error and goes on.
+    requests = [
+        gateway_pb2.EmbedStreamRequest(id="big", request=gateway_pb2.EmbedRequest(model="tiny-embed", inputs=four)),
+        gateway_pb2.EmbedStreamRequest(id="ok", request=gateway_pb2.EmbedRequest(model="tiny-embed", inputs=["a"])),
+    ]
+    answers = [a async for a in stub.EmbedStream(iter(requests))]
+    assert [a.id for a in answers] == ["big", "ok"]
+    assert answers[0].error.reason == "TOO_MANY_INPUTS" and list(answers[0].error.fields) == ["inputs"]
+    assert len(answers[1].response.embeddings) == 1
+
+
+def test_the_bucket_refills_and_big_requests_go_into_debt() -> None:
+    now = [0.0]
+    limiter = RateLimiter(rate=10, burst=5, clock=lambda: now[0])
+    assert limiter.take("a", 5) == 0
+    assert limiter.take("a", 1) == pytest.approx(0.1)  # empty: one text needs 0.1 s
+    assert limiter.take("b", 5) == 0  # callers have their own buckets
+    now[0] = 0.3
+    assert limiter.take("a", 3) == 0  # refilled by 3
+    # A request bigger than the bucket waits for a full bucket, then leaves a debt.
+    now[0] = 10.0
+    assert limiter.take("a", 25) == 0
+    assert limiter.take("a", 1) == pytest.approx(2.1)  # 20 texts of debt, then 1
+    now[0] = 12.2
+    assert limiter.take("a", 1) == 0
+
+
+def test_idle_callers_are_forgotten_when_there_are_many() -> None:
+    now = [0.0]
+    limiter = RateLimiter(rate=1, burst=2, clock=lambda: now[0], max_callers=3)
+    for caller in "abc":
+        limiter.take(caller, 1)
+    now[0] = 5.0  # all full again
+    limiter.take("d", 1)
+    assert set(limiter._buckets) == {"d"}
+
+
+def test_cost_counts_texts() -> None:
+    assert request_cost(gateway_pb2.EmbedRequest(inputs=["a", "b"])) == 2
+    assert request_cost(gateway_pb2.RerankRequest(query="q", documents=["a", "b", "c"])) == 3
+    assert request_cost(gateway_pb2.ListModelsRequest()) == 1
+    assert request_cost(gateway_pb2.EmbedRequest()) == 1
+    assert request_cost(gateway_pb2.EmbedStreamRequest(request=gateway_pb2.EmbedRequest(inputs=["a"] * 4))) == 4
+    assert request_cost(oip_embed(["a", "b"], shape=[2, 1])) == 2
+
+
+async def test_over_the_rate_is_resource_exhausted_with_retry_info(stack: Stack) -> None:
+    # Slow enough that the model's own time cannot refill the bucket between two calls on a busy machine.
+    limiter = RateLimitInterceptor(RateLimiter(rate=4, burst=4), max_cost=100)
+    async with gateway_over(stack, interceptors=[limiter]) as gateway:
+        stub = gateway_pb2_grpc.GatewayServiceStub(gateway.channel)
+        await stub.Embed(gateway_pb2.EmbedRequest(model="tiny-embed", inputs=["a"] * 4))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Embed(gateway_pb2.EmbedRequest(model="tiny-embed", inputs=["a", "b"]))
+        d = details_of(caught.value)
+        assert (d.code, d.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
+        assert d.retry_delay_s is not None and 0 < d.retry_delay_s <= 0.5 + 1e-6
+        assert "4 texts/s" in d.message
+        # After the wait it asks for, the same request goes through.
+        await asyncio.sleep(d.retry_delay_s)
+        await stub.Embed(gateway_pb2.EmbedRequest(model="tiny-embed", inputs=["a", "b"]))
+        # The Python client honours RetryInfo on its own: a burst of calls all succeed, some after waiting.
+        async with AsyncTandemClient(gateway.server.address, retry=RetryPolicy(max_attempts=20)) as client:
+            for _ in range(3):
+                await client.embed(["a", "b", "c"], model="tiny-embed")
+        async with AsyncTandemClient(gateway.server.address, retry=NO_RETRY) as impatient:
+            with pytest.raises(TandemError) as refused:
+                for _ in range(3):
+                    await impatient.embed(["a", "b", "c", "d"], model="tiny-embed")
+            assert refused.value.reason == "RATE_LIMITED" and refused.value.retry_delay_s
+
+
+async def test_each_key_has_its_own_bucket_and_streams_slow_down(stack: Stack) -> None:
+    keys = KeyRing(parse_keys("key-a;key-b", "test"))
+    interceptors = [AuthInterceptor(keys), RateLimitInterceptor(RateLimiter(rate=5, burst=2), max_cost=100)]
+    async with gateway_over(stack, interceptors=interceptors) as gateway:
+        stub = gateway_pb2_grpc.GatewayServiceStub(gateway.channel)
+        request = gateway_pb2.EmbedRequest(model="tiny-embed", inputs=["a", "b"])
+        await stub.Embed(request, metadata=(("x-api-key", "key-a"),))
+        code, reason, _, _ = await invalid(stub.Embed(request, metadata=(("x-api-key", "key-a"),)))
+        assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
+        await stub.Embed(request, metadata=(("authorization", "Bearer key-b"),))
+        # A stream over the rate is slowed down, not cut: every request is answered.
+        items = [gateway_pb2.EmbedStreamRequest(id=str(i), request=request) for i in range(3)]
+        answers = [a async for a in stub.EmbedStream(iter(items), metadata=(("x-api-key", "key-b"),))]
+        assert [a.id for a in answers] == [str(i) for i in range(3)]
+        assert all(not a.HasField("error") for a in answers)
+
+
+async def test_concurrent_streams_per_connection_are_capped(stack: Stack) -> None:
+    async with gateway_over(stack, options=[("grpc.max_concurrent_streams", 1)]) as gateway:
+        stub = gateway_pb2_grpc.GatewayServiceStub(gateway.channel)
+        release = asyncio.Event()
+
+        async def held() -> AsyncIterator[gateway_pb2.EmbedStreamRequest]:
+            await release.wait()
+            yield gateway_pb2.EmbedStreamRequest(
+                id="1", request=gateway_pb2.EmbedRequest(model="tiny-embed", inputs=["a"])
+            )
+
+        first = stub.EmbedStream(held())
+        await first.wait_for_connection()
+        second = asyncio.ensure_future(stub.Embed(gateway_pb2.EmbedRequest(model="tiny-embed", inputs=["b"])))
+        done, _ = await asyncio.wait({second}, timeout=0.5)
+        assert not done  # queued on the client until the open stream ends
+        release.set()
+        assert [a.id async for a in first] == ["1"]
+        assert len((await second).embeddings) == 1
+
+
+def test_limits_are_settings() -> None:
+    settings = GatewaySettings.from_args(
+        [
+            "--max-input-chars=500",
+            "--max-concurrent-streams=8",
+            "--rate-limit-texts-per-s=100",
+            "--rate-limit-burst=50",
+            "--api-keys=k1 admin;k2",
+            "--no-auth-open-reflection",
+        ],
+        "tandem gateway",
+    )
+    assert (settings.max_input_chars, settings.max_concurrent_streams) == (500, 8)
+    assert (settings.rate_limit_texts_per_s, settings.rate_limit_burst) == (100, 50)
+    assert settings.api_keys is not None and "k1" not in repr(settings)
+    assert not settings.auth_open_reflection and settings.auth_open_health
+    defaults = GatewaySettings()
+    assert (defaults.max_input_chars, defaults.rate_limit_texts_per_s, defaults.api_keys_file) == (100_000, 0, None)
