@@ -19,6 +19,8 @@ _TO_NUMPY: dict[int, np.dtype[np.generic]] = {
 }
 _FROM_NUMPY: dict[np.dtype[np.generic], int] = {dtype: code for code, dtype in _TO_NUMPY.items()}
 _MAX_DIMS = 8
+# Larger than any real tensor dimension; without a bound, a zero-sized tensor could claim a dimension numpy refuses.
+_MAX_DIM = 2**31 - 1
 
 
 def encode(array: npt.NDArray[np.generic]) -> tensor_pb2.Tensor:
@@ -37,7 +39,7 @@ def decode(tensor: tensor_pb2.Tensor, field: str) -> npt.NDArray[np.generic]:
     if dtype is None:
         raise errors.invalid_argument(f"{field}: unsupported dtype {tensor.dtype}", f"{field}.dtype")
     shape = tuple(int(d) for d in tensor.shape)
-    if len(shape) > _MAX_DIMS or any(d < 0 for d in shape):
+    if len(shape) > _MAX_DIMS or any(d < 0 or d > _MAX_DIM for d in shape):
         raise errors.invalid_argument(f"{field}: invalid shape {list(shape)}", f"{field}.shape")
     count = 1
     for d in shape:
