@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
@@ -51,9 +52,44 @@ async def _error_table(context: grpc.aio.ServicerContext[Any, Any], rid: str, me
         await abort_with(context, err)
     except (asyncio.CancelledError, grpc.aio.AbortError):
         raise
+    except NotImplementedError:  # what a generated base servicer raises for a method nobody overrode
+        await abort_with(context, errors.unimplemented(f"{method} is not implemented by this server"))
     except Exception:
         log.exception("unexpected error in %s", method)
         await abort_with(context, errors.internal())
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """Stands in for a request message that does not parse, so that the error table, not grpc, answers it."""
+
+    error: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    # grpc answers a message its deserializer rejects with UNKNOWN (unary) or lets the handler fail (streams);
+    # a request that does not parse is the caller's fault, so it becomes INVALID_ARGUMENT here.
+    if deserializer is None:
+        return None
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except DecodeError as exc:
+            return _Undecodable(str(exc))
+
+    return parse
+
+
+def _parsed(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise errors.invalid_argument(f"the request does not parse: {request.error}", "request")
+    return request
+
+
+async def _parsed_stream(request_iterator: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in request_iterator:
+        yield _parsed(request)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -78,21 +114,21 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 async with _error_table(context, rid, method):
-                    return await inner(request, context)
+                    return await inner(_parsed(request), context)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
+                unary_unary, _tolerant(handler.request_deserializer), handler.response_serializer
             )
         if handler.stream_stream is not None:
             inner_ss: Any = handler.stream_stream
 
             async def stream_stream(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 async with _error_table(context, rid, method):
-                    async for response in inner_ss(request_iterator, context):
+                    async for response in inner_ss(_parsed_stream(request_iterator), context):
                         yield response
 
             return grpc.stream_stream_rpc_method_handler(
-                stream_stream, handler.request_deserializer, handler.response_serializer
+                stream_stream, _tolerant(handler.request_deserializer), handler.response_serializer
             )
         return handler
 
