@@ -93,7 +93,7 @@ async def follow_stage_health(running: RunningServer, pipeline: Pipeline, interv
         await asyncio.sleep(interval_s)
 
 
-async def serve(settings: GatewaySettings) -> None:
+async def serve(settings: GatewaySettings, interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None) -> None:
     pipeline = build_pipeline(settings)
     management = ManagementClient(settings.inference, settings.max_message_bytes)
     running = await start_server(
@@ -110,7 +110,7 @@ async def serve(settings: GatewaySettings) -> None:
         address_file=settings.address_file,
         serving=False,
         max_connection_age_s=None,
-        interceptors=build_interceptors(settings),
+        interceptors=build_interceptors(settings) if interceptors is None else interceptors,
         options=[("grpc.max_concurrent_streams", settings.max_concurrent_streams)],
     )
     log.info("gateway serving on %s", running.address)
@@ -130,7 +130,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = GatewaySettings.from_args(sys.argv[1:] if argv is None else argv, "tandem gateway")
     tandem_logging.configure(settings.log_level, settings.json_logs, service="gateway")
     exit_with_parent(settings.parent_pid)
-    asyncio.run(serve(settings))
+    try:
+        interceptors = build_interceptors(settings)
+    except (OSError, ValueError) as exc:  # a bad keys file stops the gateway with a message, not a traceback
+        raise SystemExit(f"tandem gateway: cannot load API keys: {exc}") from None
+    asyncio.run(serve(settings, interceptors))
 
 
 if __name__ == "__main__":

@@ -24,9 +24,15 @@ def serve(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--replicas", default="", help="processes per stage, e.g. tokenizer=2,inference=2,postprocess=1 (default 1)"
     )
+    parser.add_argument(
+        "--api-keys-file", type=Path, default=None, help="gateway API keys, 'KEY [SCOPES]' a line (default: no auth)"
+    )
     for role in MODULES:
         parser.add_argument(f"--{role}-args", default="", help=f"extra flags for the {role} process(es)")
     opts = parser.parse_args(argv)
+    extra = {role: getattr(opts, f"{role}_args").split() for role in MODULES}
+    if opts.api_keys_file is not None:
+        extra["gateway"] += ["--api-keys-file", str(opts.api_keys_file.resolve())]
     try:
         replicas = parse_replicas(opts.replicas)
     except ValueError as exc:
@@ -40,7 +46,7 @@ def serve(argv: Sequence[str]) -> int:
         tcp_stages=opts.tcp_stages,
         startup_timeout_s=opts.startup_timeout,
         replicas=replicas,
-        extra={role: getattr(opts, f"{role}_args").split() for role in MODULES},
+        extra=extra,
     )
     try:
         address = supervisor.start()
