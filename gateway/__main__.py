@@ -60,7 +60,7 @@ async def serve(settings: GatewaySettings) -> None:
         # lifecycle API forwarded to the inference stage.
         [
             registrar(pipeline),
-            oip_registrar(pipeline),
+            oip_registrar(pipeline, management),
             management_registrar(management, settings.management_timeout_s),
         ],
         reflection_enabled=settings.reflection,
