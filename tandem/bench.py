@@ -437,12 +437,14 @@ def main(argv: Sequence[str]) -> int:
     bare = bare_by_model.get(models[0], {})
     ceiling = bare.get("ceiling_texts_per_s", 0.0)
     results = []
+    # Cells that are compared with each other (models, APIs at one concurrency and size) run back to back, so a
+    # change in the machine's background load affects them alike.
     grid = [
         (model, api, c, n)
-        for model in models
-        for api in apis
         for n in _grid(opts.texts_per_request)
         for c in _grid(opts.concurrency)
+        for model in models
+        for api in apis
     ]
     for model, api, concurrency, size in grid:
         requests = max(concurrency * 4, opts.texts_per_cell // size)
