@@ -111,8 +111,10 @@ def parent_of(span: ReadableSpan, spans: Sequence[ReadableSpan]) -> ReadableSpan
 
 
 def descends(span: ReadableSpan, ancestor: ReadableSpan, spans: Sequence[ReadableSpan]) -> bool:
-    while span.parent is not None and not span.parent.is_remote:
-        span = parent_of(span, spans)
+    """Whether `ancestor` is on the parent chain of `span`, across service boundaries."""
+    by_id = {s.context.span_id: s for s in spans}
+    while span.parent is not None and span.parent.span_id in by_id:
+        span = by_id[span.parent.span_id]
         if span is ancestor:
             return True
     return False
@@ -159,6 +161,7 @@ async def test_one_call_is_one_trace_through_all_four_services(traced: Traced) -
         servers[service] = server
 
     queue, run = one(spans, "queue"), one(spans, "model.run")
+    assert descends(run, root, spans)
     assert parent_of(queue, spans) is servers["inference"]
     assert parent_of(run, spans) is servers["inference"]
     assert run.attributes is not None
@@ -167,6 +170,25 @@ async def test_one_call_is_one_trace_through_all_four_services(traced: Traced) -
     assert run.attributes["tandem.batch_size"] == 2
     assert isinstance(run.attributes["tandem.tokens"], int) and run.attributes["tandem.tokens"] >= 4
     assert queue.end_time is not None and run.start_time is not None and queue.end_time <= run.start_time
+
+
+async def test_a_stream_is_one_trace_too(traced: Traced) -> None:
+    traced.exporter.clear()
+    trace_id, _, header = traceparent()
+
+    async def requests() -> AsyncIterator[gateway_pb2.EmbedStreamRequest]:
+        for i in range(3):
+            yield gateway_pb2.EmbedStreamRequest(
+                id=str(i), request=gateway_pb2.EmbedRequest(model="tiny-embed", inputs=[f"text {i}"])
+            )
+
+    replies = [r async for r in traced.stub.EmbedStream(requests(), metadata=(("traceparent", header),))]
+    assert len(replies) == 3 and all(r.HasField("response") for r in replies)
+    spans = await finished(traced.exporter, ["/tandem.gateway.v1.GatewayService/EmbedStream", "model.run"])
+    assert {s.context.trace_id for s in spans} == {trace_id}
+    root = one(spans, "/tandem.gateway.v1.GatewayService/EmbedStream")
+    runs = [s for s in spans if s.name == "model.run"]
+    assert runs and all(descends(run, root, spans) for run in runs)
 
 
 async def test_a_failed_call_is_an_error_span_with_its_code(traced: Traced) -> None:
