@@ -200,7 +200,8 @@ class ServerTracing(grpc.aio.ServerInterceptor):
                 code = grpc.StatusCode.CANCELLED if isinstance(exc, asyncio.CancelledError) else grpc.StatusCode.UNKNOWN
             if code is not None and code != grpc.StatusCode.OK:
                 span.set_attribute(GRPC_STATUS_ATTRIBUTE, code.value[0])
-                span.set_status(Status(StatusCode.ERROR, f"{code.name}: {context.details() or ''}".rstrip(": ")))
+                details = context.details()
+                span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}" if details else code.name))
             else:
                 span.set_attribute(GRPC_STATUS_ATTRIBUTE, grpc.StatusCode.OK.value[0])
             span.end()
