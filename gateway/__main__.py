@@ -16,6 +16,7 @@ from gateway.oip.servicer import registrar as oip_registrar
 from gateway.servicer import registrar
 from gateway.settings import GatewaySettings
 from services.common import logging as tandem_logging
+from services.common import tracing
 from services.common.server import RunningServer, exit_with_parent, start_server, wait_for_termination
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ async def serve(settings: GatewaySettings) -> None:
             management_registrar(management, settings.management_timeout_s),
         ],
         reflection_enabled=settings.reflection,
+        interceptors=tracing.server_interceptors("gateway"),
         max_message_bytes=settings.max_message_bytes,
         address_file=settings.address_file,
         serving=False,
@@ -85,6 +87,7 @@ async def serve(settings: GatewaySettings) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = GatewaySettings.from_args(sys.argv[1:] if argv is None else argv, "tandem gateway")
     tandem_logging.configure(settings.log_level, settings.json_logs, service="gateway")
+    tracing.configure(settings.otlp_endpoint, "gateway", settings.otel_service_name, settings.trace_sample_ratio)
     exit_with_parent(settings.parent_pid)
     asyncio.run(serve(settings))
 

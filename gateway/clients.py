@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from services.common import errors
+from services.common import errors, tracing
 from services.common.logging import request_id
 from services.common.server import REQUEST_ID_KEY
 from tandem.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -94,7 +94,12 @@ class StageClient:
         self.stage = stage
         self.target = target
         self.hedge_after_s = hedge_after_s
-        self.channel = grpc.aio.insecure_channel(target, options=channel_options(service_name, max_message_bytes))
+        self.channel = grpc.aio.insecure_channel(
+            target,
+            options=channel_options(service_name, max_message_bytes),
+            # A CLIENT span per attempt (hedges and retries each get one) carrying `traceparent` to the stage.
+            interceptors=tracing.client_interceptors() or None,
+        )
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     async def _attempt(self, rpc: Callable[..., Awaitable[Response]], request: Any, deadline: float) -> Response:

@@ -8,11 +8,16 @@ many callers, and each caller gets back exactly its own slice of the result.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from opentelemetry import trace
+
+from services.common import tracing
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +30,7 @@ class _Waiter(Generic[Result]):
     inputs: Sequence[str]
     future: asyncio.Future[Result]
     deadline: float
+    span: trace.Span = trace.INVALID_SPAN
 
 
 class Coalescer(Generic[Key, Result]):
@@ -50,7 +56,7 @@ class Coalescer(Generic[Key, Result]):
 
     async def submit(self, key: Key, inputs: Sequence[str], deadline: float) -> Result:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._queues.setdefault(key, []).append(_Waiter(inputs, future, deadline))
+        self._queues.setdefault(key, []).append(_Waiter(inputs, future, deadline, trace.get_current_span()))
         self._start_runs(key)
         # A cancelled caller cancels its future: its inputs are dropped if its run has not started yet.
         return await future
@@ -87,7 +93,8 @@ class Coalescer(Generic[Key, Result]):
             inputs = [text for w in live for text in w.inputs]
             self.runs += 1
             try:
-                result = await self._run_fn(key, inputs, max(w.deadline for w in live))
+                with self._run_span(live, len(inputs)):
+                    result = await self._run_fn(key, inputs, max(w.deadline for w in live))
                 parts = self._split(result, [len(w.inputs) for w in live])
             except Exception as exc:  # every caller of the run sees the run's error
                 for w in live:
@@ -102,6 +109,25 @@ class Coalescer(Generic[Key, Result]):
             if self._inflight[key] <= 0:
                 del self._inflight[key]
             self._start_runs(key)
+
+    @staticmethod
+    def _run_span(live: list[_Waiter[Result]], inputs: int) -> contextlib.AbstractContextManager[trace.Span]:
+        """The merged run belongs to its first caller's trace; every other caller's span links to it and back.
+
+        The run's task was started from whichever call freed its slot, so its parent is set here explicitly.
+        """
+        if not tracing.enabled():
+            return contextlib.nullcontext(trace.INVALID_SPAN)
+        others = [w.span for w in live[1:]]
+        span = tracing.tracer().start_span(
+            "coalesced_run",
+            context=trace.set_span_in_context(live[0].span),
+            links=[trace.Link(other.get_span_context()) for other in others],
+            attributes={"tandem.callers": len(live), tracing.INPUTS_ATTRIBUTE: inputs},
+        )
+        for other in others:
+            other.add_link(span.get_span_context(), {"tandem.link": "coalesced_run"})
+        return trace.use_span(span, end_on_exit=True)
 
     async def close(self) -> None:
         for task in list(self._tasks):

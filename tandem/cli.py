@@ -19,6 +19,11 @@ def serve(argv: Sequence[str]) -> int:
     parser.add_argument("--model-repository", type=Path, default=None, help="default: the built-in all-MiniLM-L6-v2")
     parser.add_argument("--home", type=Path, default=None, help="cache folder (default ~/.cache/tandem)")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        help="send traces of every process over OTLP gRPC, e.g. http://127.0.0.1:4317 (or OTEL_EXPORTER_OTLP_ENDPOINT)",
+    )
     parser.add_argument("--tcp-stages", action="store_true", help="stages on loopback TCP instead of Unix sockets")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for health")
     parser.add_argument(
@@ -40,6 +45,7 @@ def serve(argv: Sequence[str]) -> int:
         tcp_stages=opts.tcp_stages,
         startup_timeout_s=opts.startup_timeout,
         replicas=replicas,
+        otlp_endpoint=opts.otlp_endpoint,
         extra={role: getattr(opts, f"{role}_args").split() for role in MODULES},
     )
     try:

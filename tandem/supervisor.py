@@ -65,6 +65,8 @@ class Supervisor:
     startup_timeout_s: float = 600.0
     replicas: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 1))
     extra: dict[str, list[str]] = field(default_factory=dict)
+    # Every process traces to this OTLP gRPC endpoint (OTEL_EXPORTER_OTLP_ENDPOINT reaches them anyway, inherited).
+    otlp_endpoint: str | None = None
     run_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tandem-")))
     members: dict[str, Replica] = field(default_factory=dict)
 
@@ -83,6 +85,8 @@ class Supervisor:
         args = ["--listen", replica.listen, "--address-file", str(self._address_file(replica))]
         # Each child asks the kernel to stop it when this process dies (services.common.server.exit_with_parent).
         args += ["--parent-pid", str(os.getpid())]
+        if self.otlp_endpoint:
+            args += ["--otlp-endpoint", self.otlp_endpoint]
         # The gateway gets its stage targets from spawn's extra_args; stages get the repository.
         return args if replica.role == "gateway" else args + self._common()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
@@ -35,6 +36,16 @@ class ServiceSettings(BaseSettings):
     parent_pid: int | None = Field(None, description="exit when this process (a supervisor) exits")
     address_file: Path | None = Field(
         None, description="write the bound address here once listening (for port 0 and supervisors)"
+    )
+
+    otlp_endpoint: str | None = Field(
+        default_factory=lambda: os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+        description="send traces over OTLP gRPC here, e.g. http://127.0.0.1:4317 (default: OTEL_EXPORTER_OTLP_ENDPOINT;"
+        " unset: tracing off)",
+    )
+    otel_service_name: str | None = Field(None, description="service.name of the traces (default tandem-<service>)")
+    trace_sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="share of new traces recorded; a caller's sampling decision always wins"
     )
 
     @classmethod

@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Sequence
 
 from services.common import logging as tandem_logging
+from services.common import tracing
 from services.common.default_model import repository_root
 from services.common.repository import ModelRepository
 from services.common.server import exit_with_parent, start_server, wait_for_termination
@@ -40,6 +41,7 @@ async def serve(settings: InferenceSettings) -> None:
         settings.listen,
         [registrar(core), management_registrar(core)],
         reflection_enabled=settings.reflection,
+        interceptors=tracing.server_interceptors("inference"),
         max_message_bytes=settings.max_message_bytes,
         serving=False,
         address_file=settings.address_file,
@@ -54,6 +56,7 @@ async def serve(settings: InferenceSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = InferenceSettings.from_args(sys.argv[1:] if argv is None else argv, "tandem inference")
     tandem_logging.configure(settings.log_level, settings.json_logs, service="inference")
+    tracing.configure(settings.otlp_endpoint, "inference", settings.otel_service_name, settings.trace_sample_ratio)
     exit_with_parent(settings.parent_pid)
     # Progress bars from model loading would interleave with the structured log lines.
     from transformers.utils import logging as hf_logging

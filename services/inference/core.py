@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
+from opentelemetry import trace
 
-from services.common import errors, tensors
+from services.common import errors, tensors, tracing
 from services.common.repository import (
     DEFAULT_ALIAS,
     METADATA_FILE,
@@ -419,6 +420,9 @@ class _Request:
     future: asyncio.Future[FloatArray]
     remaining: int
     output: FloatArray | None = None
+    # The caller's span (model.run spans hang under the first caller's and link the others) and its wait here.
+    caller: trace.Span = trace.INVALID_SPAN
+    queued: trace.Span = trace.INVALID_SPAN
 
     @property
     def count(self) -> int:
@@ -479,8 +483,11 @@ class Batcher:
         future: asyncio.Future[FloatArray] = loop.create_future()
         cu = cu_seqlens.astype(np.int64)
         request = _Request(input_ids, token_type_ids, cu[:-1], np.diff(cu), deadline, future, count)
+        request.caller = trace.get_current_span()
+        request.queued = tracing.tracer().start_span("queue", attributes={"tandem.model": self.name})
         self._pending += count
         future.add_done_callback(lambda _: self._release(count))
+        future.add_done_callback(lambda _: tracing.end(request.queued))
         self._queue.append(request)
         self._wakeup.set()
         if self._worker is None:
@@ -558,6 +565,8 @@ class Batcher:
         return calls
 
     async def _process(self, taken: list[_Request]) -> None:
+        for request in taken:
+            tracing.end(request.queued)
         live = [r for r in taken if self._wanted(r, time.monotonic())]
         if not live:
             return
@@ -570,7 +579,8 @@ class Batcher:
             if not chosen:
                 continue
             try:
-                await loop.run_in_executor(self._executor, self._execute, chosen)
+                with self._model_run_span(chosen):
+                    await loop.run_in_executor(self._executor, self._execute, chosen)
             except Exception:
                 log.exception("model call of %s failed", self.name)
                 for request, _ in chosen:
@@ -582,6 +592,27 @@ class Batcher:
                 if request.remaining == 0 and not request.future.done():
                     assert request.output is not None
                     request.future.set_result(request.output)
+
+    def _model_run_span(self, chosen: list[tuple[_Request, int]]) -> contextlib.AbstractContextManager[trace.Span]:
+        """One span per model call, under its first caller's span and linked to every other caller's."""
+        if not tracing.enabled():
+            return contextlib.nullcontext(trace.INVALID_SPAN)
+        callers = list(dict.fromkeys(r for r, _ in chosen))
+        model, _, version = self.name.rpartition(":")
+        lengths = [int(r.lengths[i]) for r, i in chosen]
+        return tracing.tracer().start_as_current_span(
+            "model.run",
+            context=trace.set_span_in_context(callers[0].caller),
+            links=[trace.Link(r.caller.get_span_context()) for r in callers[1:]],
+            attributes={
+                "tandem.model": model or self.name,
+                "tandem.model_version": version,
+                "tandem.batch_size": len(chosen),
+                "tandem.requests": len(callers),
+                "tandem.tokens": sum(lengths),
+                "tandem.padded_tokens": len(chosen) * max(lengths),
+            },
+        )
 
     def _execute(self, chosen: list[tuple[_Request, int]]) -> None:
         """Worker thread: pad, run the model, write each row into its caller's output."""

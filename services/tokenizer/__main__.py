@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from services.common import logging as tandem_logging
+from services.common import tracing
 from services.common.default_model import repository_root
 from services.common.repository import ModelRepository
 from services.common.server import exit_with_parent, start_server, wait_for_termination
@@ -30,6 +31,7 @@ async def serve(settings: TokenizerSettings) -> None:
         settings.listen,
         [registrar(core)],
         reflection_enabled=settings.reflection,
+        interceptors=tracing.server_interceptors("tokenizer"),
         max_message_bytes=settings.max_message_bytes,
         address_file=settings.address_file,
     )
@@ -44,6 +46,7 @@ async def serve(settings: TokenizerSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = TokenizerSettings.from_args(sys.argv[1:] if argv is None else argv, "tandem tokenizer")
     tandem_logging.configure(settings.log_level, settings.json_logs, service="tokenizer")
+    tracing.configure(settings.otlp_endpoint, "tokenizer", settings.otel_service_name, settings.trace_sample_ratio)
     exit_with_parent(settings.parent_pid)
     asyncio.run(serve(settings))
 
