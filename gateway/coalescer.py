@@ -2,7 +2,7 @@
 
 An idle key starts at once, so a lone request waits for nothing; requests that arrive while runs are in flight
 queue up and leave together as the next run. One tokenizer, one inference and one postprocess call then serve
-many callers, and each caller gets back exactly its own slice of the result.
+many callers, and each caller gets back exactly its own slice of the result, and the run's stage timings.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from services.common import timing
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,8 @@ class _Waiter(Generic[Result]):
     inputs: Sequence[str]
     future: asyncio.Future[Result]
     deadline: float
+    # The caller's own call record, which gets the stage timings of the run that served it.
+    record: timing.CallRecord | None = None
 
 
 class Coalescer(Generic[Key, Result]):
@@ -50,7 +54,7 @@ class Coalescer(Generic[Key, Result]):
 
     async def submit(self, key: Key, inputs: Sequence[str], deadline: float) -> Result:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._queues.setdefault(key, []).append(_Waiter(inputs, future, deadline))
+        self._queues.setdefault(key, []).append(_Waiter(inputs, future, deadline, timing.current()))
         self._start_runs(key)
         # A cancelled caller cancels its future: its inputs are dropped if its run has not started yet.
         return await future
@@ -86,14 +90,17 @@ class Coalescer(Generic[Key, Result]):
                 return
             inputs = [text for w in live for text in w.inputs]
             self.runs += 1
+            run_record = timing.begin()  # this task's own context: the callers' records are untouched until the end
             try:
                 result = await self._run_fn(key, inputs, max(w.deadline for w in live))
                 parts = self._split(result, [len(w.inputs) for w in live])
             except Exception as exc:  # every caller of the run sees the run's error
+                _share(run_record, live)
                 for w in live:
                     if not w.future.done():
                         w.future.set_exception(exc)
                 return
+            _share(run_record, live)
             for w, part in zip(live, parts, strict=True):
                 if not w.future.done():
                     w.future.set_result(part)
@@ -107,3 +114,10 @@ class Coalescer(Generic[Key, Result]):
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _share(run: timing.CallRecord, waiters: Sequence[_Waiter[Result]]) -> None:
+    """A merged run's stage timings apply to every caller in it."""
+    for w in waiters:
+        if w.record is not None:
+            w.record.merge(run)
