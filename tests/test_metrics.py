@@ -307,3 +307,42 @@ async def test_dashboard_uses_only_metrics_that_exist(observed: Observed) -> Non
     # GPU memory is only exported where CUDA is initialised.
     known |= {"tandem_gpu_memory_allocated_bytes", "tandem_gpu_memory_reserved_bytes"}
     assert used and used <= known, used - known
+
+
+async def test_a_stream_counts_once_when_it_ends(observed: Observed) -> None:
+    before = scrape(observed, "gateway")
+
+    async def requests() -> AsyncIterator[gateway_pb2.EmbedStreamRequest]:
+        for i in range(3):
+            yield gateway_pb2.EmbedStreamRequest(
+                id=str(i), request=gateway_pb2.EmbedRequest(model="tiny-embed", inputs=[f"text {i}"])
+            )
+
+    replies = [reply async for reply in observed.stub.EmbedStream(requests())]
+    assert len(replies) == 3
+    after = scrape(observed, "gateway")
+    stream = "/tandem.gateway.v1.GatewayService/EmbedStream"
+    labels = {"service": "gateway", "method": stream}
+    assert (
+        value(after, "tandem_requests_total", code="OK", **labels)
+        - value(before, "tandem_requests_total", code="OK", **labels)
+        == 1
+    )
+    assert value(after, "tandem_requests_in_flight", **labels) == 0
+
+
+def test_the_access_log_can_be_turned_off(caplog: pytest.LogCaptureFixture) -> None:
+    record = timing.CallRecord({"tokenize": 0.001, "total": 0.002}, {"inputs": 1, "served_model": "m"})
+    with caplog.at_level(logging.INFO, logger="tandem.access"):
+        GatewayMetrics(CollectorRegistry(), access_log_enabled=False).observe("/x/Y", "OK", 0.002, record)
+        assert not caplog.records
+        GatewayMetrics(CollectorRegistry()).observe("/x/Y", "OK", 0.002, record)
+    (line,) = caplog.records
+    assert getattr(line, "fields") == {  # noqa: B009
+        "method": "/x/Y",
+        "code": "OK",
+        "inputs": 1,
+        "model": "m",
+        "tokenize_ms": 1.0,
+        "total_ms": 2.0,
+    }
