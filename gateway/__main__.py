@@ -8,6 +8,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from prometheus_client import REGISTRY
+
 from gateway.clients import InferenceClient, PostprocessClient, TokenizerClient
 from gateway.core import Pipeline
 from gateway.management.client import ManagementClient
@@ -17,6 +19,7 @@ from gateway.servicer import registrar
 from gateway.settings import GatewaySettings
 from services.common import logging as tandem_logging
 from services.common import tracing
+from services.common.metrics import GatewayMetrics, MetricsInterceptor, ServiceMetrics, serve_metrics
 from services.common.server import RunningServer, exit_with_parent, start_server, wait_for_termination
 
 log = logging.getLogger(__name__)
@@ -65,12 +68,18 @@ async def serve(settings: GatewaySettings) -> None:
             management_registrar(management, settings.management_timeout_s),
         ],
         reflection_enabled=settings.reflection,
-        interceptors=tracing.server_interceptors("gateway"),
         max_message_bytes=settings.max_message_bytes,
         address_file=settings.address_file,
         serving=False,
         max_connection_age_s=None,
+        interceptors=[
+            *tracing.server_interceptors("gateway"),
+            MetricsInterceptor(
+                ServiceMetrics("gateway"), [GatewayMetrics(REGISTRY, access_log_enabled=settings.access_log).observe]
+            ),
+        ],
     )
+    metrics_server = serve_metrics(REGISTRY, settings.listen, settings.metrics_port)
     log.info("gateway serving on %s", running.address)
     watcher = asyncio.create_task(follow_stage_health(running, pipeline, settings.health_interval_s))
 
@@ -80,6 +89,8 @@ async def serve(settings: GatewaySettings) -> None:
             await watcher
         await pipeline.close()
         await management.close()
+        if metrics_server is not None:
+            metrics_server.close()
 
     await wait_for_termination(running, settings.grace_s, close)
 

@@ -2,7 +2,7 @@
 
 An idle key starts at once, so a lone request waits for nothing; requests that arrive while runs are in flight
 queue up and leave together as the next run. One tokenizer, one inference and one postprocess call then serve
-many callers, and each caller gets back exactly its own slice of the result.
+many callers, and each caller gets back exactly its own slice of the result, and the run's stage timings.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Generic, TypeVar
 
 from opentelemetry import trace
 
-from services.common import tracing
+from services.common import timing, tracing
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ class _Waiter(Generic[Result]):
     future: asyncio.Future[Result]
     deadline: float
     span: trace.Span = trace.INVALID_SPAN
+    # The caller's own call record, which gets the stage timings of the run that served it.
+    record: timing.CallRecord | None = None
 
 
 class Coalescer(Generic[Key, Result]):
@@ -56,7 +58,8 @@ class Coalescer(Generic[Key, Result]):
 
     async def submit(self, key: Key, inputs: Sequence[str], deadline: float) -> Result:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._queues.setdefault(key, []).append(_Waiter(inputs, future, deadline, trace.get_current_span()))
+        waiter = _Waiter(inputs, future, deadline, trace.get_current_span(), timing.current())
+        self._queues.setdefault(key, []).append(waiter)
         self._start_runs(key)
         # A cancelled caller cancels its future: its inputs are dropped if its run has not started yet.
         return await future
@@ -92,15 +95,18 @@ class Coalescer(Generic[Key, Result]):
                 return
             inputs = [text for w in live for text in w.inputs]
             self.runs += 1
+            run_record = timing.begin()  # this task's own context: the callers' records are untouched until the end
             try:
                 with self._run_span(live, len(inputs)):
                     result = await self._run_fn(key, inputs, max(w.deadline for w in live))
                 parts = self._split(result, [len(w.inputs) for w in live])
             except Exception as exc:  # every caller of the run sees the run's error
+                _share(run_record, live)
                 for w in live:
                     if not w.future.done():
                         w.future.set_exception(exc)
                 return
+            _share(run_record, live)
             for w, part in zip(live, parts, strict=True):
                 if not w.future.done():
                     w.future.set_result(part)
@@ -133,3 +139,10 @@ class Coalescer(Generic[Key, Result]):
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _share(run: timing.CallRecord, waiters: Sequence[_Waiter[Result]]) -> None:
+    """A merged run's stage timings apply to every caller in it."""
+    for w in waiters:
+        if w.record is not None:
+            w.record.merge(run)

@@ -34,6 +34,12 @@ class ServiceSettings(BaseSettings):
     reflection: bool = Field(True, description="serve gRPC server reflection")
     max_message_bytes: int = Field(64 * 1024 * 1024, description="largest gRPC message sent or received")
     parent_pid: int | None = Field(None, description="exit when this process (a supervisor) exits")
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="serve Prometheus /metrics on this port, on the gRPC listener's host (0 picks one; unset: off)",
+    )
     address_file: Path | None = Field(
         None, description="write the bound address here once listening (for port 0 and supervisors)"
     )

@@ -7,9 +7,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from prometheus_client import REGISTRY
+
 from services.common import logging as tandem_logging
 from services.common import tracing
 from services.common.default_model import repository_root
+from services.common.metrics import MetricsInterceptor, ServiceMetrics, TokenizerMetrics, serve_metrics
 from services.common.repository import ModelRepository
 from services.common.server import exit_with_parent, start_server, wait_for_termination
 from services.tokenizer.core import Tokenizer
@@ -31,14 +34,19 @@ async def serve(settings: TokenizerSettings) -> None:
         settings.listen,
         [registrar(core)],
         reflection_enabled=settings.reflection,
-        interceptors=tracing.server_interceptors("tokenizer"),
         max_message_bytes=settings.max_message_bytes,
         address_file=settings.address_file,
+        interceptors=[
+            *tracing.server_interceptors("tokenizer"),
+            MetricsInterceptor(ServiceMetrics("tokenizer"), [TokenizerMetrics().observe]),
+        ],
     )
+    metrics_server = serve_metrics(REGISTRY, settings.listen, settings.metrics_port)
     log.info("tokenizer serving on %s", running.address)
 
     async def close() -> None:
-        return None
+        if metrics_server is not None:
+            metrics_server.close()
 
     await wait_for_termination(running, settings.grace_s, close)
 
