@@ -16,6 +16,7 @@ from grpc_status import rpc_status
 from services.common import errors
 from services.common.logging import request_id
 from services.common.server import REQUEST_ID_KEY
+from services.common.tls import ChannelSecurity, secure_or_insecure_channel
 from tandem.inference.v1 import inference_pb2, inference_pb2_grpc
 from tandem.postprocess.v1 import postprocess_pb2, postprocess_pb2_grpc
 from tandem.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
@@ -89,12 +90,20 @@ class StageClient:
     """A channel to one stage (any number of replicas behind the target) and the call discipline."""
 
     def __init__(
-        self, stage: str, service_name: str, target: str, max_message_bytes: int, hedge_after_s: float = 0.0
+        self,
+        stage: str,
+        service_name: str,
+        target: str,
+        max_message_bytes: int,
+        hedge_after_s: float = 0.0,
+        *,
+        security: ChannelSecurity | None = None,
     ) -> None:
         self.stage = stage
         self.target = target
         self.hedge_after_s = hedge_after_s
-        self.channel = grpc.aio.insecure_channel(target, options=channel_options(service_name, max_message_bytes))
+        # TLS (or mTLS) when `security` is given; the health checks share the channel, so they are secured too.
+        self.channel = secure_or_insecure_channel(target, channel_options(service_name, max_message_bytes), security)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     async def _attempt(self, rpc: Callable[..., Awaitable[Response]], request: Any, deadline: float) -> Response:
@@ -159,8 +168,22 @@ class StageClient:
 
 
 class TokenizerClient(StageClient):
-    def __init__(self, target: str, max_message_bytes: int, hedge_after_s: float = 0.0) -> None:
-        super().__init__("tokenizer", "tandem.tokenizer.v1.TokenizerService", target, max_message_bytes, hedge_after_s)
+    def __init__(
+        self,
+        target: str,
+        max_message_bytes: int,
+        hedge_after_s: float = 0.0,
+        *,
+        security: ChannelSecurity | None = None,
+    ) -> None:
+        super().__init__(
+            "tokenizer",
+            "tandem.tokenizer.v1.TokenizerService",
+            target,
+            max_message_bytes,
+            hedge_after_s,
+            security=security,
+        )
         self._stub = tokenizer_pb2_grpc.TokenizerServiceStub(self.channel)
 
     async def tokenize(self, request: tokenizer_pb2.TokenizeRequest, deadline: float) -> tokenizer_pb2.TokenizeResponse:
@@ -173,8 +196,22 @@ class TokenizerClient(StageClient):
 
 
 class InferenceClient(StageClient):
-    def __init__(self, target: str, max_message_bytes: int, hedge_after_s: float = 0.0) -> None:
-        super().__init__("inference", "tandem.inference.v1.InferenceService", target, max_message_bytes, hedge_after_s)
+    def __init__(
+        self,
+        target: str,
+        max_message_bytes: int,
+        hedge_after_s: float = 0.0,
+        *,
+        security: ChannelSecurity | None = None,
+    ) -> None:
+        super().__init__(
+            "inference",
+            "tandem.inference.v1.InferenceService",
+            target,
+            max_message_bytes,
+            hedge_after_s,
+            security=security,
+        )
         self._stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
 
     async def infer(self, request: inference_pb2.InferRequest, deadline: float) -> inference_pb2.InferResponse:
@@ -188,9 +225,21 @@ class InferenceClient(StageClient):
 
 
 class PostprocessClient(StageClient):
-    def __init__(self, target: str, max_message_bytes: int, hedge_after_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        target: str,
+        max_message_bytes: int,
+        hedge_after_s: float = 0.0,
+        *,
+        security: ChannelSecurity | None = None,
+    ) -> None:
         super().__init__(
-            "postprocess", "tandem.postprocess.v1.PostprocessService", target, max_message_bytes, hedge_after_s
+            "postprocess",
+            "tandem.postprocess.v1.PostprocessService",
+            target,
+            max_message_bytes,
+            hedge_after_s,
+            security=security,
         )
         self._stub = postprocess_pb2_grpc.PostprocessServiceStub(self.channel)
 

@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Sequence
 
 from services.common import logging as tandem_logging
+from services.common import tls
 from services.common.default_model import repository_root
 from services.common.repository import ModelRepository
 from services.common.server import exit_with_parent, start_server, wait_for_termination
@@ -33,7 +34,8 @@ def build_core(settings: InferenceSettings) -> Inference:
     )
 
 
-async def serve(settings: InferenceSettings) -> None:
+async def serve(settings: InferenceSettings, security: tls.ServiceTls | None = None) -> None:
+    security = security or tls.load(settings)
     core = build_core(settings)
     # Bound and answering health checks (NOT_SERVING) while models export and warm up, which can take minutes.
     running = await start_server(
@@ -43,6 +45,7 @@ async def serve(settings: InferenceSettings) -> None:
         max_message_bytes=settings.max_message_bytes,
         serving=False,
         address_file=settings.address_file,
+        credentials=security.server,
     )
     log.info("inference listening on %s; loading models", running.address)
     await core.start()
@@ -54,6 +57,7 @@ async def serve(settings: InferenceSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = InferenceSettings.from_args(sys.argv[1:] if argv is None else argv, "tandem inference")
     tandem_logging.configure(settings.log_level, settings.json_logs, service="inference")
+    security = tls.load_or_exit(settings, "tandem inference")
     exit_with_parent(settings.parent_pid)
     # Progress bars from model loading would interleave with the structured log lines.
     from transformers.utils import logging as hf_logging
@@ -66,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
     warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
-    asyncio.run(serve(settings))
+    asyncio.run(serve(settings, security))
 
 
 if __name__ == "__main__":

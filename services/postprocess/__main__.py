@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from services.common import logging as tandem_logging
+from services.common import tls
 from services.common.default_model import repository_root
 from services.common.repository import ModelRepository
 from services.common.server import exit_with_parent, start_server, wait_for_termination
@@ -23,7 +24,8 @@ def build_core(settings: PostprocessSettings) -> Postprocessor:
     return Postprocessor(repository)
 
 
-async def serve(settings: PostprocessSettings) -> None:
+async def serve(settings: PostprocessSettings, security: tls.ServiceTls | None = None) -> None:
+    security = security or tls.load(settings)
     core = build_core(settings)
     await asyncio.to_thread(core.preload)
     running = await start_server(
@@ -32,6 +34,7 @@ async def serve(settings: PostprocessSettings) -> None:
         reflection_enabled=settings.reflection,
         max_message_bytes=settings.max_message_bytes,
         address_file=settings.address_file,
+        credentials=security.server,
     )
     log.info("postprocess serving on %s", running.address)
 
@@ -44,8 +47,9 @@ async def serve(settings: PostprocessSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = PostprocessSettings.from_args(sys.argv[1:] if argv is None else argv, "tandem postprocess")
     tandem_logging.configure(settings.log_level, settings.json_logs, service="postprocess")
+    security = tls.load_or_exit(settings, "tandem postprocess")
     exit_with_parent(settings.parent_pid)
-    asyncio.run(serve(settings))
+    asyncio.run(serve(settings, security))
 
 
 if __name__ == "__main__":

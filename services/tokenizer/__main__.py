@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from services.common import logging as tandem_logging
+from services.common import tls
 from services.common.default_model import repository_root
 from services.common.repository import ModelRepository
 from services.common.server import exit_with_parent, start_server, wait_for_termination
@@ -23,7 +24,8 @@ def build_core(settings: TokenizerSettings) -> Tokenizer:
     return Tokenizer(repository, max_inputs=settings.max_inputs)
 
 
-async def serve(settings: TokenizerSettings) -> None:
+async def serve(settings: TokenizerSettings, security: tls.ServiceTls | None = None) -> None:
+    security = security or tls.load(settings)
     core = build_core(settings)
     await asyncio.to_thread(core.preload)
     running = await start_server(
@@ -32,6 +34,7 @@ async def serve(settings: TokenizerSettings) -> None:
         reflection_enabled=settings.reflection,
         max_message_bytes=settings.max_message_bytes,
         address_file=settings.address_file,
+        credentials=security.server,
     )
     log.info("tokenizer serving on %s", running.address)
 
@@ -44,8 +47,9 @@ async def serve(settings: TokenizerSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = TokenizerSettings.from_args(sys.argv[1:] if argv is None else argv, "tandem tokenizer")
     tandem_logging.configure(settings.log_level, settings.json_logs, service="tokenizer")
+    security = tls.load_or_exit(settings, "tandem tokenizer")
     exit_with_parent(settings.parent_pid)
-    asyncio.run(serve(settings))
+    asyncio.run(serve(settings, security))
 
 
 if __name__ == "__main__":
