@@ -226,10 +226,19 @@ async def run_cell(
     requests: int,
     deadline_s: float,
     progress: Any,
+    credentials: grpc.ChannelCredentials | None = None,
+    server_name: str | None = None,
 ) -> None:
     """`concurrency` callers, each sending its next request as soon as the last one returns."""
-    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-    async with grpc.aio.insecure_channel(target, options=options) as channel:
+    options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    channel = (
+        grpc.aio.insecure_channel(target, options=options)
+        if credentials is None
+        else grpc.aio.secure_channel(target, credentials, options=options)
+    )
+    async with channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         counter = iter(range(requests))
         warm = gateway_pb2.EmbedRequest(model=model, inputs=list(texts[: cell.texts_per_request]))
@@ -319,7 +328,19 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="bare model's ONNX threads")
     parser.add_argument("--skip-bare", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--tls-ca", type=Path, default=None, help="PEM CA of a gateway served with TLS")
+    parser.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate (gateway with mTLS)")
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-server-name", default=None, help="name the gateway's certificate is checked for")
     opts = parser.parse_args(argv)
+    credentials = None
+    if opts.tls_ca is not None or opts.tls_cert is not None:
+        from tandem.client import tls_credentials
+
+        try:
+            credentials = tls_credentials(opts.tls_ca, opts.tls_cert, opts.tls_key)
+        except (OSError, ValueError) as exc:
+            parser.error(f"TLS: {exc}")
 
     texts = make_texts(opts.texts, opts.corpus)
     bare: dict[str, float] = {}
@@ -351,7 +372,19 @@ def main(argv: Sequence[str]) -> int:
         requests = max(concurrency * 4, opts.texts_per_cell // size)
         cell = Cell(concurrency, size)
         with tqdm(total=requests, desc=f"c={concurrency:<4} n={size:<3}", leave=False, unit="req") as progress:
-            asyncio.run(run_cell(opts.target, opts.model, texts, cell, requests, opts.deadline_s, progress))
+            asyncio.run(
+                run_cell(
+                    opts.target,
+                    opts.model,
+                    texts,
+                    cell,
+                    requests,
+                    opts.deadline_s,
+                    progress,
+                    credentials,
+                    opts.tls_server_name,
+                )
+            )
         summary = cell.summary(ceiling)
         results.append(summary)
         print(
