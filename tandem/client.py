@@ -5,8 +5,9 @@
         labels = client.classify(["great film"], model="my-sentiment", top_k=1)
 
 A gateway served with TLS (mTLS): `TandemClient(target, credentials=tls_credentials("ca.pem", "client.pem",
-"client-key.pem"))`. `AsyncTandemClient` has the same methods as coroutines, for asyncio code. Every failure raises `TandemError`, which
-carries the gRPC code and the google.rpc details the server sent (ErrorInfo reason, BadRequest fields, RetryInfo).
+"client-key.pem"))`. `AsyncTandemClient` has the same methods as coroutines, for asyncio code. Every failure raises
+`TandemError`, which carries the gRPC code and the google.rpc details the server sent (ErrorInfo reason,
+BadRequest fields, RetryInfo).
 """
 
 # `timeout` is a gRPC deadline in seconds, named as grpc.aio names it, not an asyncio timeout.
