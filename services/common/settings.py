@@ -48,9 +48,9 @@ class ServiceSettings(BaseSettings):
         None, description="PEM CA(s) that sign the stages' certificates; set: TLS on the links to the stages"
     )
     tls_client_cert: Path | None = Field(
-        None, description="PEM client certificate for the links to the stages (default: --tls-cert)"
+        None, description="PEM client certificate for the links to the stages; unset: --tls-cert"
     )
-    tls_client_key: Path | None = Field(None, description="PEM private key of --tls-client-cert (default: --tls-key)")
+    tls_client_key: Path | None = Field(None, description="PEM private key of --tls-client-cert; unset: --tls-key")
     tls_server_name: str | None = Field(
         None, description="name the stages' certificates must carry, if not the target's host (e.g. localhost)"
     )
