@@ -18,19 +18,19 @@ from gateway.oip.servicer import registrar as oip_registrar
 from gateway.servicer import registrar
 from gateway.settings import GatewaySettings
 from services.common import logging as tandem_logging
-from services.common import tracing
+from services.common import tls, tracing
 from services.common.metrics import GatewayMetrics, MetricsInterceptor, ServiceMetrics, serve_metrics
 from services.common.server import RunningServer, exit_with_parent, start_server, wait_for_termination
 
 log = logging.getLogger(__name__)
 
 
-def build_pipeline(settings: GatewaySettings) -> Pipeline:
+def build_pipeline(settings: GatewaySettings, security: tls.ChannelSecurity | None = None) -> Pipeline:
     size = settings.max_message_bytes
     return Pipeline(
-        TokenizerClient(settings.tokenizer, size, settings.hedge_after_s),
-        InferenceClient(settings.inference, size, settings.hedge_after_s),
-        PostprocessClient(settings.postprocess, size, settings.hedge_after_s),
+        TokenizerClient(settings.tokenizer, size, settings.hedge_after_s, security=security),
+        InferenceClient(settings.inference, size, settings.hedge_after_s, security=security),
+        PostprocessClient(settings.postprocess, size, settings.hedge_after_s, security=security),
         default_timeout_s=settings.default_timeout_s,
         max_inputs=settings.max_inputs,
         model_cache_ttl_s=settings.model_cache_ttl_s,
@@ -55,9 +55,10 @@ async def follow_stage_health(running: RunningServer, pipeline: Pipeline, interv
         await asyncio.sleep(interval_s)
 
 
-async def serve(settings: GatewaySettings) -> None:
-    pipeline = build_pipeline(settings)
-    management = ManagementClient(settings.inference, settings.max_message_bytes)
+async def serve(settings: GatewaySettings, security: tls.ServiceTls | None = None) -> None:
+    security = security or tls.load(settings)
+    pipeline = build_pipeline(settings, security.channels)
+    management = ManagementClient(settings.inference, settings.max_message_bytes, security=security.channels)
     running = await start_server(
         settings.listen,
         # The native API and the Open Inference Protocol (KServe v2 / Triton clients) on one port; the model
@@ -78,6 +79,7 @@ async def serve(settings: GatewaySettings) -> None:
                 ServiceMetrics("gateway"), [GatewayMetrics(REGISTRY, access_log_enabled=settings.access_log).observe]
             ),
         ],
+        credentials=security.server,
     )
     metrics_server = serve_metrics(REGISTRY, settings.listen, settings.metrics_port)
     log.info("gateway serving on %s", running.address)
@@ -99,8 +101,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = GatewaySettings.from_args(sys.argv[1:] if argv is None else argv, "tandem gateway")
     tandem_logging.configure(settings.log_level, settings.json_logs, service="gateway")
     tracing.configure(settings.otlp_endpoint, "gateway", settings.otel_service_name, settings.trace_sample_ratio)
+    security = tls.load_or_exit(settings, "tandem gateway")
     exit_with_parent(settings.parent_pid)
-    asyncio.run(serve(settings))
+    asyncio.run(serve(settings, security))
 
 
 if __name__ == "__main__":

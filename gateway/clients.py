@@ -16,6 +16,7 @@ from grpc_status import rpc_status
 from services.common import errors, timing, tracing
 from services.common.logging import request_id
 from services.common.server import REQUEST_ID_KEY
+from services.common.tls import ChannelSecurity, secure_or_insecure_channel
 from tandem.inference.v1 import inference_pb2, inference_pb2_grpc
 from tandem.postprocess.v1 import postprocess_pb2, postprocess_pb2_grpc
 from tandem.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
@@ -93,15 +94,24 @@ class StageClient:
     forwarded_timings: tuple[str, ...] = ()
 
     def __init__(
-        self, stage: str, service_name: str, target: str, max_message_bytes: int, hedge_after_s: float = 0.0
+        self,
+        stage: str,
+        service_name: str,
+        target: str,
+        max_message_bytes: int,
+        hedge_after_s: float = 0.0,
+        *,
+        security: ChannelSecurity | None = None,
     ) -> None:
         self.stage = stage
         self.target = target
         self.hedge_after_s = hedge_after_s
-        self.channel = grpc.aio.insecure_channel(
+        # TLS (or mTLS) when `security` is given; the health checks share the channel, so they are secured too.
+        # A CLIENT span per attempt (hedges and retries each get one) carries `traceparent` to the stage.
+        self.channel = secure_or_insecure_channel(
             target,
-            options=channel_options(service_name, max_message_bytes),
-            # A CLIENT span per attempt (hedges and retries each get one) carrying `traceparent` to the stage.
+            channel_options(service_name, max_message_bytes),
+            security,
             interceptors=tracing.client_interceptors() or None,
         )
         self._health = health_pb2_grpc.HealthStub(self.channel)
@@ -190,8 +200,22 @@ class StageClient:
 
 
 class TokenizerClient(StageClient):
-    def __init__(self, target: str, max_message_bytes: int, hedge_after_s: float = 0.0) -> None:
-        super().__init__("tokenizer", "tandem.tokenizer.v1.TokenizerService", target, max_message_bytes, hedge_after_s)
+    def __init__(
+        self,
+        target: str,
+        max_message_bytes: int,
+        hedge_after_s: float = 0.0,
+        *,
+        security: ChannelSecurity | None = None,
+    ) -> None:
+        super().__init__(
+            "tokenizer",
+            "tandem.tokenizer.v1.TokenizerService",
+            target,
+            max_message_bytes,
+            hedge_after_s,
+            security=security,
+        )
         self._stub = tokenizer_pb2_grpc.TokenizerServiceStub(self.channel)
 
     async def tokenize(self, request: tokenizer_pb2.TokenizeRequest, deadline: float) -> tokenizer_pb2.TokenizeResponse:
@@ -206,8 +230,22 @@ class TokenizerClient(StageClient):
 class InferenceClient(StageClient):
     forwarded_timings = ("queue", "compute")
 
-    def __init__(self, target: str, max_message_bytes: int, hedge_after_s: float = 0.0) -> None:
-        super().__init__("inference", "tandem.inference.v1.InferenceService", target, max_message_bytes, hedge_after_s)
+    def __init__(
+        self,
+        target: str,
+        max_message_bytes: int,
+        hedge_after_s: float = 0.0,
+        *,
+        security: ChannelSecurity | None = None,
+    ) -> None:
+        super().__init__(
+            "inference",
+            "tandem.inference.v1.InferenceService",
+            target,
+            max_message_bytes,
+            hedge_after_s,
+            security=security,
+        )
         self._stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
 
     async def infer(self, request: inference_pb2.InferRequest, deadline: float) -> inference_pb2.InferResponse:
@@ -221,9 +259,21 @@ class InferenceClient(StageClient):
 
 
 class PostprocessClient(StageClient):
-    def __init__(self, target: str, max_message_bytes: int, hedge_after_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        target: str,
+        max_message_bytes: int,
+        hedge_after_s: float = 0.0,
+        *,
+        security: ChannelSecurity | None = None,
+    ) -> None:
         super().__init__(
-            "postprocess", "tandem.postprocess.v1.PostprocessService", target, max_message_bytes, hedge_after_s
+            "postprocess",
+            "tandem.postprocess.v1.PostprocessService",
+            target,
+            max_message_bytes,
+            hedge_after_s,
+            security=security,
         )
         self._stub = postprocess_pb2_grpc.PostprocessServiceStub(self.channel)
 

@@ -252,14 +252,23 @@ async def run_cell(
     requests: int,
     deadline_s: float,
     progress: Any,
+    credentials: grpc.ChannelCredentials | None = None,
+    server_name: str | None = None,
 ) -> None:
     """`concurrency` requests in flight, each caller sending its next one as soon as the last returns.
 
     `embed` and `oip` use one unary call per request (native Embed, Open Inference Protocol ModelInfer); `stream`
     sends every request over one EmbedStream, keeping `concurrency` of them in flight.
     """
-    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-    async with grpc.aio.insecure_channel(target, options=options) as channel:
+    options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    channel = (
+        grpc.aio.insecure_channel(target, options=options)
+        if credentials is None
+        else grpc.aio.secure_channel(target, credentials, options=options)
+    )
+    async with channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         counter = iter(range(requests))
         warm = gateway_pb2.EmbedRequest(model=model, inputs=list(texts[: cell.texts_per_request]))
@@ -419,7 +428,19 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="bare model's ONNX threads")
     parser.add_argument("--skip-bare", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--tls-ca", type=Path, default=None, help="PEM CA of a gateway served with TLS")
+    parser.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate (gateway with mTLS)")
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-server-name", default=None, help="name the gateway's certificate is checked for")
     opts = parser.parse_args(argv)
+    credentials = None
+    if opts.tls_ca is not None or opts.tls_cert is not None:
+        from tandem.client import tls_credentials
+
+        try:
+            credentials = tls_credentials(opts.tls_ca, opts.tls_cert, opts.tls_key)
+        except (OSError, ValueError) as exc:
+            parser.error(f"TLS: {exc}")
 
     texts = make_texts(opts.texts, opts.corpus)
     models = [m.strip() for m in opts.model.split(",") if m.strip()]
@@ -451,7 +472,19 @@ def main(argv: Sequence[str]) -> int:
         cell = Cell(concurrency, size, api, model)
         label = f"{api:<6} c={concurrency:<4} n={size:<3}" + (f" {model}" if len(models) > 1 else "")
         with tqdm(total=requests, desc=label, leave=False, unit="req") as progress:
-            asyncio.run(run_cell(opts.target, model, texts, cell, requests, opts.deadline_s, progress))
+            asyncio.run(
+                run_cell(
+                    opts.target,
+                    model,
+                    texts,
+                    cell,
+                    requests,
+                    opts.deadline_s,
+                    progress,
+                    credentials,
+                    opts.tls_server_name,
+                )
+            )
         summary = cell.summary(bare_by_model.get(model, {}).get("ceiling_texts_per_s", 0.0))
         results.append(summary)
         print(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.clients import StageClient
+from services.common.tls import ChannelSecurity
 from tandem.management.v1 import management_pb2, management_pb2_grpc
 
 SERVICE_NAME = "tandem.management.v1.ManagementService"
@@ -29,8 +30,8 @@ class ManagementClient(StageClient):
     UNAVAILABLE apply). Behind a round-robin target one replica answers each call: aliases reach the others
     through the repository (aliases.json, read every second); loads and unloads stay with the replica."""
 
-    def __init__(self, target: str, max_message_bytes: int) -> None:
-        super().__init__("inference", SERVICE_NAME, target, max_message_bytes)
+    def __init__(self, target: str, max_message_bytes: int, *, security: ChannelSecurity | None = None) -> None:
+        super().__init__("inference", SERVICE_NAME, target, max_message_bytes, security=security)
         self._stub = management_pb2_grpc.ManagementServiceStub(self.channel)
 
     async def list_models(

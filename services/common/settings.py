@@ -43,6 +43,24 @@ class ServiceSettings(BaseSettings):
     address_file: Path | None = Field(
         None, description="write the bound address here once listening (for port 0 and supervisors)"
     )
+    # TLS. The listener: --tls-cert and --tls-key turn TLS on, --tls-client-ca also requires client certificates
+    # (mTLS). The links this process opens (the gateway's to its stages): --tls-ca turns TLS on, presenting
+    # --tls-client-cert/--tls-client-key, or else --tls-cert/--tls-key, as the client certificate.
+    tls_cert: Path | None = Field(None, description="PEM certificate (chain) of this server; with --tls-key: TLS")
+    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA(s) that sign client certificates; set: clients must present one (mTLS)"
+    )
+    tls_ca: Path | None = Field(
+        None, description="PEM CA(s) that sign the stages' certificates; set: TLS on the links to the stages"
+    )
+    tls_client_cert: Path | None = Field(
+        None, description="PEM client certificate for the links to the stages; unset: --tls-cert"
+    )
+    tls_client_key: Path | None = Field(None, description="PEM private key of --tls-client-cert; unset: --tls-key")
+    tls_server_name: str | None = Field(
+        None, description="name the stages' certificates must carry, if not the target's host (e.g. localhost)"
+    )
 
     otlp_endpoint: str | None = Field(
         default_factory=lambda: os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from prometheus_client import REGISTRY
 
 from services.common import logging as tandem_logging
-from services.common import tracing
+from services.common import tls, tracing
 from services.common.default_model import repository_root
 from services.common.metrics import InferenceMetrics, MetricsInterceptor, ServiceMetrics, serve_metrics
 from services.common.repository import ModelRepository
@@ -38,7 +38,8 @@ def build_core(settings: InferenceSettings, metrics: InferenceMetrics | None = N
     )
 
 
-async def serve(settings: InferenceSettings) -> None:
+async def serve(settings: InferenceSettings, security: tls.ServiceTls | None = None) -> None:
+    security = security or tls.load(settings)
     metrics = InferenceMetrics(REGISTRY)
     core = build_core(settings, metrics)
     metrics.watch(core)
@@ -51,6 +52,7 @@ async def serve(settings: InferenceSettings) -> None:
         serving=False,
         address_file=settings.address_file,
         interceptors=[*tracing.server_interceptors("inference"), MetricsInterceptor(ServiceMetrics("inference"))],
+        credentials=security.server,
     )
     metrics_server = serve_metrics(REGISTRY, settings.listen, settings.metrics_port)
     log.info("inference listening on %s; loading models", running.address)
@@ -70,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = InferenceSettings.from_args(sys.argv[1:] if argv is None else argv, "tandem inference")
     tandem_logging.configure(settings.log_level, settings.json_logs, service="inference")
     tracing.configure(settings.otlp_endpoint, "inference", settings.otel_service_name, settings.trace_sample_ratio)
+    security = tls.load_or_exit(settings, "tandem inference")
     exit_with_parent(settings.parent_pid)
     # Progress bars from model loading would interleave with the structured log lines.
     from transformers.utils import logging as hf_logging
@@ -82,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
     warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
-    asyncio.run(serve(settings))
+    asyncio.run(serve(settings, security))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from prometheus_client import REGISTRY
 
 from services.common import logging as tandem_logging
-from services.common import tracing
+from services.common import tls, tracing
 from services.common.default_model import repository_root
 from services.common.metrics import MetricsInterceptor, ServiceMetrics, serve_metrics
 from services.common.repository import ModelRepository
@@ -27,7 +27,8 @@ def build_core(settings: PostprocessSettings) -> Postprocessor:
     return Postprocessor(repository)
 
 
-async def serve(settings: PostprocessSettings) -> None:
+async def serve(settings: PostprocessSettings, security: tls.ServiceTls | None = None) -> None:
+    security = security or tls.load(settings)
     core = build_core(settings)
     await asyncio.to_thread(core.preload)
     running = await start_server(
@@ -37,6 +38,7 @@ async def serve(settings: PostprocessSettings) -> None:
         max_message_bytes=settings.max_message_bytes,
         address_file=settings.address_file,
         interceptors=[*tracing.server_interceptors("postprocess"), MetricsInterceptor(ServiceMetrics("postprocess"))],
+        credentials=security.server,
     )
     metrics_server = serve_metrics(REGISTRY, settings.listen, settings.metrics_port)
     log.info("postprocess serving on %s", running.address)
@@ -52,8 +54,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = PostprocessSettings.from_args(sys.argv[1:] if argv is None else argv, "tandem postprocess")
     tandem_logging.configure(settings.log_level, settings.json_logs, service="postprocess")
     tracing.configure(settings.otlp_endpoint, "postprocess", settings.otel_service_name, settings.trace_sample_ratio)
+    security = tls.load_or_exit(settings, "tandem postprocess")
     exit_with_parent(settings.parent_pid)
-    asyncio.run(serve(settings))
+    asyncio.run(serve(settings, security))
 
 
 if __name__ == "__main__":
