@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 import grpc
+from prometheus_client import REGISTRY
 
 from gateway.auth import AuthInterceptor, KeyRing
 from gateway.clients import InferenceClient, PostprocessClient, TokenizerClient
@@ -21,17 +22,19 @@ from gateway.oip.servicer import registrar as oip_registrar
 from gateway.servicer import registrar
 from gateway.settings import GatewaySettings
 from services.common import logging as tandem_logging
+from services.common import tls, tracing
+from services.common.metrics import GatewayMetrics, MetricsInterceptor, ServiceMetrics, serve_metrics
 from services.common.server import RunningServer, exit_with_parent, start_server, wait_for_termination
 
 log = logging.getLogger(__name__)
 
 
-def build_pipeline(settings: GatewaySettings) -> Pipeline:
+def build_pipeline(settings: GatewaySettings, security: tls.ChannelSecurity | None = None) -> Pipeline:
     size = settings.max_message_bytes
     return Pipeline(
-        TokenizerClient(settings.tokenizer, size, settings.hedge_after_s),
-        InferenceClient(settings.inference, size, settings.hedge_after_s),
-        PostprocessClient(settings.postprocess, size, settings.hedge_after_s),
+        TokenizerClient(settings.tokenizer, size, settings.hedge_after_s, security=security),
+        InferenceClient(settings.inference, size, settings.hedge_after_s, security=security),
+        PostprocessClient(settings.postprocess, size, settings.hedge_after_s, security=security),
         default_timeout_s=settings.default_timeout_s,
         max_inputs=settings.max_inputs,
         max_input_chars=settings.max_input_chars,
@@ -93,16 +96,23 @@ async def follow_stage_health(running: RunningServer, pipeline: Pipeline, interv
         await asyncio.sleep(interval_s)
 
 
-async def serve(settings: GatewaySettings, interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None) -> None:
-    pipeline = build_pipeline(settings)
-    management = ManagementClient(settings.inference, settings.max_message_bytes)
+async def serve(
+    settings: GatewaySettings,
+    security: tls.ServiceTls | None = None,
+    access: Sequence[grpc.aio.ServerInterceptor] | None = None,
+) -> None:
+    """`access`: the authentication and rate-limit interceptors (built from the settings when not given)."""
+    security = security or tls.load(settings)
+    access = build_interceptors(settings) if access is None else access
+    pipeline = build_pipeline(settings, security.channels)
+    management = ManagementClient(settings.inference, settings.max_message_bytes, security=security.channels)
     running = await start_server(
         settings.listen,
         # The native API and the Open Inference Protocol (KServe v2 / Triton clients) on one port; the model
         # lifecycle API forwarded to the inference stage.
         [
             registrar(pipeline, settings.stream_window),
-            oip_registrar(pipeline),
+            oip_registrar(pipeline, management),
             management_registrar(management, settings.management_timeout_s),
         ],
         reflection_enabled=settings.reflection,
@@ -110,9 +120,18 @@ async def serve(settings: GatewaySettings, interceptors: Sequence[grpc.aio.Serve
         address_file=settings.address_file,
         serving=False,
         max_connection_age_s=None,
-        interceptors=build_interceptors(settings) if interceptors is None else interceptors,
+        # Tracing and metrics outermost, so refused calls are traced and counted too; then who may call, and how much.
+        interceptors=[
+            *tracing.server_interceptors("gateway"),
+            MetricsInterceptor(
+                ServiceMetrics("gateway"), [GatewayMetrics(REGISTRY, access_log_enabled=settings.access_log).observe]
+            ),
+            *access,
+        ],
         options=[("grpc.max_concurrent_streams", settings.max_concurrent_streams)],
+        credentials=security.server,
     )
+    metrics_server = serve_metrics(REGISTRY, settings.listen, settings.metrics_port)
     log.info("gateway serving on %s", running.address)
     watcher = asyncio.create_task(follow_stage_health(running, pipeline, settings.health_interval_s))
 
@@ -122,6 +141,8 @@ async def serve(settings: GatewaySettings, interceptors: Sequence[grpc.aio.Serve
             await watcher
         await pipeline.close()
         await management.close()
+        if metrics_server is not None:
+            metrics_server.close()
 
     await wait_for_termination(running, settings.grace_s, close)
 
@@ -129,12 +150,14 @@ async def serve(settings: GatewaySettings, interceptors: Sequence[grpc.aio.Serve
 def main(argv: Sequence[str] | None = None) -> None:
     settings = GatewaySettings.from_args(sys.argv[1:] if argv is None else argv, "tandem gateway")
     tandem_logging.configure(settings.log_level, settings.json_logs, service="gateway")
+    tracing.configure(settings.otlp_endpoint, "gateway", settings.otel_service_name, settings.trace_sample_ratio)
+    security = tls.load_or_exit(settings, "tandem gateway")
     exit_with_parent(settings.parent_pid)
     try:
-        interceptors = build_interceptors(settings)
+        access = build_interceptors(settings)
     except (OSError, ValueError) as exc:  # a bad keys file stops the gateway with a message, not a traceback
         raise SystemExit(f"tandem gateway: cannot load API keys: {exc}") from None
-    asyncio.run(serve(settings, interceptors))
+    asyncio.run(serve(settings, security, access))
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from services.common import errors
+from services.common import errors, timing, tracing
 from services.common.logging import request_id
 from services.common.server import REQUEST_ID_KEY
+from services.common.tls import ChannelSecurity, secure_or_insecure_channel
 from tandem.inference.v1 import inference_pb2, inference_pb2_grpc
 from tandem.postprocess.v1 import postprocess_pb2, postprocess_pb2_grpc
 from tandem.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
@@ -88,13 +89,31 @@ def stage_error(stage: str, exc: grpc.aio.AioRpcError) -> errors.TandemError:
 class StageClient:
     """A channel to one stage (any number of replicas behind the target) and the call discipline."""
 
+    # Stage timings that this stage reports in its x-tandem-timing trailer and that the gateway passes on to its
+    # caller (the inference stage's queue and compute split, which the gateway cannot see).
+    forwarded_timings: tuple[str, ...] = ()
+
     def __init__(
-        self, stage: str, service_name: str, target: str, max_message_bytes: int, hedge_after_s: float = 0.0
+        self,
+        stage: str,
+        service_name: str,
+        target: str,
+        max_message_bytes: int,
+        hedge_after_s: float = 0.0,
+        *,
+        security: ChannelSecurity | None = None,
     ) -> None:
         self.stage = stage
         self.target = target
         self.hedge_after_s = hedge_after_s
-        self.channel = grpc.aio.insecure_channel(target, options=channel_options(service_name, max_message_bytes))
+        # TLS (or mTLS) when `security` is given; the health checks share the channel, so they are secured too.
+        # A CLIENT span per attempt (hedges and retries each get one) carries `traceparent` to the stage.
+        self.channel = secure_or_insecure_channel(
+            target,
+            channel_options(service_name, max_message_bytes),
+            security,
+            interceptors=tracing.client_interceptors() or None,
+        )
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     async def _attempt(self, rpc: Callable[..., Awaitable[Response]], request: Any, deadline: float) -> Response:
@@ -111,7 +130,11 @@ class StageClient:
                     f"deadline exceeded before calling the {self.stage} stage", stage=self.stage
                 )
             try:
-                return await rpc(request, timeout=timeout, metadata=((REQUEST_ID_KEY, request_id.get()),))
+                call: Any = rpc(request, timeout=timeout, metadata=((REQUEST_ID_KEY, request_id.get()),))
+                response: Response = await call
+                if self.forwarded_timings and hasattr(call, "trailing_metadata"):
+                    self._forward_timings(await call.trailing_metadata())
+                return response
             except grpc.aio.AioRpcError as exc:
                 # CANCELLED here was the stage's doing (a replica draining past its grace period), not ours: our own
                 # cancellation arrives as asyncio.CancelledError instead.
@@ -120,13 +143,31 @@ class StageClient:
                 await asyncio.sleep(0.02 * (retry + 1))
         raise AssertionError("unreachable")
 
-    async def call(self, rpc: Callable[..., Awaitable[Response]], request: Any, deadline: float) -> Response:
+    def _forward_timings(self, trailers: Any) -> None:
+        for key, value in trailers or ():
+            if key == timing.TIMING_KEY:
+                text = value.decode() if isinstance(value, bytes) else str(value)
+                for name, seconds in timing.parse_timings(text).items():
+                    if name in self.forwarded_timings:
+                        timing.add(name, seconds)
+
+    async def call(
+        self, rpc: Callable[..., Awaitable[Response]], request: Any, deadline: float, stage: str | None = None
+    ) -> Response:
         """Calls with the caller's remaining time as timeout; fails DEADLINE_EXCEEDED when none is left.
 
         With hedging on, a call that has not answered after `hedge_after_s` gets a second attempt (round_robin
         sends it to the next replica) and the first success wins: a replica that hangs, rather than dies, then
         costs a delay instead of a failure. Channel retries cannot do this: they only follow a failure.
+
+        `stage` names the call's share of the caller's x-tandem-timing trailer (tokenize, infer, postprocess).
         """
+        if stage is None:
+            return await self._call(rpc, request, deadline)
+        with timing.stage(stage):
+            return await self._call(rpc, request, deadline)
+
+    async def _call(self, rpc: Callable[..., Awaitable[Response]], request: Any, deadline: float) -> Response:
         if self.hedge_after_s <= 0:
             return await self._attempt(rpc, request, deadline)
         first = asyncio.ensure_future(self._attempt(rpc, request, deadline))
@@ -159,12 +200,26 @@ class StageClient:
 
 
 class TokenizerClient(StageClient):
-    def __init__(self, target: str, max_message_bytes: int, hedge_after_s: float = 0.0) -> None:
-        super().__init__("tokenizer", "tandem.tokenizer.v1.TokenizerService", target, max_message_bytes, hedge_after_s)
+    def __init__(
+        self,
+        target: str,
+        max_message_bytes: int,
+        hedge_after_s: float = 0.0,
+        *,
+        security: ChannelSecurity | None = None,
+    ) -> None:
+        super().__init__(
+            "tokenizer",
+            "tandem.tokenizer.v1.TokenizerService",
+            target,
+            max_message_bytes,
+            hedge_after_s,
+            security=security,
+        )
         self._stub = tokenizer_pb2_grpc.TokenizerServiceStub(self.channel)
 
     async def tokenize(self, request: tokenizer_pb2.TokenizeRequest, deadline: float) -> tokenizer_pb2.TokenizeResponse:
-        return await self.call(self._stub.Tokenize, request, deadline)
+        return await self.call(self._stub.Tokenize, request, deadline, "tokenize")
 
     async def detokenize(
         self, request: tokenizer_pb2.DetokenizeRequest, deadline: float
@@ -173,12 +228,28 @@ class TokenizerClient(StageClient):
 
 
 class InferenceClient(StageClient):
-    def __init__(self, target: str, max_message_bytes: int, hedge_after_s: float = 0.0) -> None:
-        super().__init__("inference", "tandem.inference.v1.InferenceService", target, max_message_bytes, hedge_after_s)
+    forwarded_timings = ("queue", "compute")
+
+    def __init__(
+        self,
+        target: str,
+        max_message_bytes: int,
+        hedge_after_s: float = 0.0,
+        *,
+        security: ChannelSecurity | None = None,
+    ) -> None:
+        super().__init__(
+            "inference",
+            "tandem.inference.v1.InferenceService",
+            target,
+            max_message_bytes,
+            hedge_after_s,
+            security=security,
+        )
         self._stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
 
     async def infer(self, request: inference_pb2.InferRequest, deadline: float) -> inference_pb2.InferResponse:
-        return await self.call(self._stub.Infer, request, deadline)
+        return await self.call(self._stub.Infer, request, deadline, "infer")
 
     async def list_models(self, deadline: float) -> inference_pb2.ListModelsResponse:
         return await self.call(self._stub.ListModels, inference_pb2.ListModelsRequest(), deadline)
@@ -188,24 +259,36 @@ class InferenceClient(StageClient):
 
 
 class PostprocessClient(StageClient):
-    def __init__(self, target: str, max_message_bytes: int, hedge_after_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        target: str,
+        max_message_bytes: int,
+        hedge_after_s: float = 0.0,
+        *,
+        security: ChannelSecurity | None = None,
+    ) -> None:
         super().__init__(
-            "postprocess", "tandem.postprocess.v1.PostprocessService", target, max_message_bytes, hedge_after_s
+            "postprocess",
+            "tandem.postprocess.v1.PostprocessService",
+            target,
+            max_message_bytes,
+            hedge_after_s,
+            security=security,
         )
         self._stub = postprocess_pb2_grpc.PostprocessServiceStub(self.channel)
 
     async def pool(self, request: postprocess_pb2.PoolRequest, deadline: float) -> postprocess_pb2.PoolResponse:
-        return await self.call(self._stub.Pool, request, deadline)
+        return await self.call(self._stub.Pool, request, deadline, "postprocess")
 
     async def classify(
         self, request: postprocess_pb2.ClassifyRequest, deadline: float
     ) -> postprocess_pb2.ClassifyResponse:
-        return await self.call(self._stub.Classify, request, deadline)
+        return await self.call(self._stub.Classify, request, deadline, "postprocess")
 
     async def classify_tokens(
         self, request: postprocess_pb2.ClassifyTokensRequest, deadline: float
     ) -> postprocess_pb2.ClassifyTokensResponse:
-        return await self.call(self._stub.ClassifyTokens, request, deadline)
+        return await self.call(self._stub.ClassifyTokens, request, deadline, "postprocess")
 
     async def rerank(self, request: postprocess_pb2.RerankRequest, deadline: float) -> postprocess_pb2.RerankResponse:
-        return await self.call(self._stub.Rerank, request, deadline)
+        return await self.call(self._stub.Rerank, request, deadline, "postprocess")

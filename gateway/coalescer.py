@@ -2,17 +2,22 @@
 
 An idle key starts at once, so a lone request waits for nothing; requests that arrive while runs are in flight
 queue up and leave together as the next run. One tokenizer, one inference and one postprocess call then serve
-many callers, and each caller gets back exactly its own slice of the result.
+many callers, and each caller gets back exactly its own slice of the result, and the run's stage timings.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from opentelemetry import trace
+
+from services.common import timing, tracing
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +30,9 @@ class _Waiter(Generic[Result]):
     inputs: Sequence[str]
     future: asyncio.Future[Result]
     deadline: float
+    span: trace.Span = trace.INVALID_SPAN
+    # The caller's own call record, which gets the stage timings of the run that served it.
+    record: timing.CallRecord | None = None
 
 
 class Coalescer(Generic[Key, Result]):
@@ -50,7 +58,8 @@ class Coalescer(Generic[Key, Result]):
 
     async def submit(self, key: Key, inputs: Sequence[str], deadline: float) -> Result:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._queues.setdefault(key, []).append(_Waiter(inputs, future, deadline))
+        waiter = _Waiter(inputs, future, deadline, trace.get_current_span(), timing.current())
+        self._queues.setdefault(key, []).append(waiter)
         self._start_runs(key)
         # A cancelled caller cancels its future: its inputs are dropped if its run has not started yet.
         return await future
@@ -86,14 +95,18 @@ class Coalescer(Generic[Key, Result]):
                 return
             inputs = [text for w in live for text in w.inputs]
             self.runs += 1
+            run_record = timing.begin()  # this task's own context: the callers' records are untouched until the end
             try:
-                result = await self._run_fn(key, inputs, max(w.deadline for w in live))
+                with self._run_span(live, len(inputs)):
+                    result = await self._run_fn(key, inputs, max(w.deadline for w in live))
                 parts = self._split(result, [len(w.inputs) for w in live])
             except Exception as exc:  # every caller of the run sees the run's error
+                _share(run_record, live)
                 for w in live:
                     if not w.future.done():
                         w.future.set_exception(exc)
                 return
+            _share(run_record, live)
             for w, part in zip(live, parts, strict=True):
                 if not w.future.done():
                     w.future.set_result(part)
@@ -103,7 +116,33 @@ class Coalescer(Generic[Key, Result]):
                 del self._inflight[key]
             self._start_runs(key)
 
+    @staticmethod
+    def _run_span(live: list[_Waiter[Result]], inputs: int) -> contextlib.AbstractContextManager[trace.Span]:
+        """The merged run belongs to its first caller's trace; every other caller's span links to it and back.
+
+        The run's task was started from whichever call freed its slot, so its parent is set here explicitly.
+        """
+        if not tracing.enabled():
+            return contextlib.nullcontext(trace.INVALID_SPAN)
+        others = [w.span for w in live[1:]]
+        span = tracing.tracer().start_span(
+            "coalesced_run",
+            context=trace.set_span_in_context(live[0].span),
+            links=[trace.Link(other.get_span_context()) for other in others],
+            attributes={"tandem.callers": len(live), tracing.INPUTS_ATTRIBUTE: inputs},
+        )
+        for other in others:
+            other.add_link(span.get_span_context(), {"tandem.link": "coalesced_run"})
+        return trace.use_span(span, end_on_exit=True)
+
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _share(run: timing.CallRecord, waiters: Sequence[_Waiter[Result]]) -> None:
+    """A merged run's stage timings apply to every caller in it."""
+    for w in waiters:
+        if w.record is not None:
+            w.record.merge(run)

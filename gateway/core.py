@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from gateway.clients import InferenceClient, PostprocessClient, TokenizerClient
 from gateway.coalescer import Coalescer
-from services.common import errors, tensors
+from services.common import errors, tensors, timing
 from tandem.inference.v1 import inference_pb2
 from tandem.model.v1 import model_pb2
 from tandem.postprocess.v1 import postprocess_pb2
@@ -52,6 +52,11 @@ class Served:
 
     def part(self, start: int, stop: int) -> Served:
         return Served(self.model, self.version, self.token_counts[start:stop])
+
+
+def _noted(served: Served) -> None:
+    """The call's facts for the access log and the per-model metrics: who answered, how many tokens it read."""
+    timing.note(served_model=served.model, version=served.version, tokens=served.prompt_tokens)
 
 
 def _bounds(counts: list[int]) -> list[tuple[int, int]]:
@@ -177,6 +182,7 @@ class Pipeline:
         return time.monotonic() + (self.default_timeout_s if time_remaining is None else time_remaining)
 
     def _check_inputs(self, inputs: Sequence[str], field: str) -> None:
+        timing.note(inputs=len(inputs))
         if not inputs:
             raise errors.invalid_argument(f"at least one entry is required in {field}", field)
         if len(inputs) > self.max_inputs:
@@ -199,6 +205,7 @@ class Pipeline:
             )
 
     async def _model_for(self, ref: str, task: int, rpc: str, deadline: float) -> model_pb2.ModelInfo:
+        timing.note(model=ref)
         info = await self.catalog.get(ref, deadline)
         if info.task != task:
             raise errors.invalid_argument(
@@ -248,8 +255,11 @@ class Pipeline:
         self._check_inputs(inputs, "inputs")
         key = EmbedKey(ref, normalize, truncate)
         if self._coalescing(truncate):
-            return await self._embeds.submit(key, inputs, deadline)
-        return await self._embed_run(key, list(inputs), deadline)
+            result = await self._embeds.submit(key, inputs, deadline)
+        else:
+            result = await self._embed_run(key, list(inputs), deadline)
+        _noted(result.served)
+        return result
 
     async def _embed_run(self, key: EmbedKey, inputs: list[str], deadline: float) -> Embeddings:
         ref, normalize, truncate = key.model, key.normalize, key.truncate
@@ -276,8 +286,11 @@ class Pipeline:
             raise errors.invalid_argument("top_k must be 0 (every label) or positive", "top_k")
         key = ClassifyKey(ref, top_k, truncate)
         if self._coalescing(truncate):
-            return await self._classifies.submit(key, inputs, deadline)
-        return await self._classify_run(key, list(inputs), deadline)
+            classified = await self._classifies.submit(key, inputs, deadline)
+        else:
+            classified = await self._classify_run(key, list(inputs), deadline)
+        _noted(classified.served)
+        return classified
 
     async def _classify_run(self, key: ClassifyKey, inputs: list[str], deadline: float) -> Classifications:
         ref, top_k, truncate = key.model, key.top_k, key.truncate
@@ -297,8 +310,11 @@ class Pipeline:
         self._check_inputs(inputs, "inputs")
         key = ClassifyKey(ref, 0, truncate)
         if self._coalescing(truncate):
-            return await self._token_classifies.submit(key, inputs, deadline)
-        return await self._classify_tokens_run(key, list(inputs), deadline)
+            tagged = await self._token_classifies.submit(key, inputs, deadline)
+        else:
+            tagged = await self._classify_tokens_run(key, list(inputs), deadline)
+        _noted(tagged.served)
+        return tagged
 
     async def _classify_tokens_run(self, key: ClassifyKey, inputs: list[str], deadline: float) -> TokenClassifications:
         ref, truncate = key.model, key.truncate
@@ -333,6 +349,7 @@ class Pipeline:
             ),
             deadline,
         )
+        _noted(served)
         return Ranking(served, reply.results)
 
     async def tokenize(

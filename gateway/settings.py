@@ -29,6 +29,7 @@ class GatewaySettings(ServiceSettings):
     )
     stream_window: int = Field(64, ge=1, description="requests of one EmbedStream in flight at once")
     health_interval_s: float = Field(1.0, gt=0, description="how often the stages' health is checked")
+    access_log: bool = Field(True, description="log one line per request on the tandem.access logger")
     management_timeout_s: float = Field(
         600.0, gt=0, description="deadline for management calls that set none (loads can take minutes)"
     )

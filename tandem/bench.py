@@ -8,6 +8,7 @@ import json
 import os
 import random
 import statistics
+import struct
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -192,6 +193,8 @@ class BareModel:
 class Cell:
     concurrency: int
     texts_per_request: int
+    api: str = "embed"
+    model: str = ""
     requests: int = 0
     texts: int = 0
     seconds: float = 0.0
@@ -203,6 +206,8 @@ class Cell:
     def summary(self, ceiling: float) -> dict[str, Any]:
         rate = self.texts / self.seconds if self.seconds else 0.0
         return {
+            "api": self.api,
+            "model": self.model,
             "concurrency": self.concurrency,
             "texts_per_request": self.texts_per_request,
             "requests": self.requests,
@@ -218,6 +223,27 @@ class Cell:
         }
 
 
+APIS = ("embed", "stream", "oip")
+
+
+def _code_name(number: int) -> str:
+    return next((code.name for code in grpc.StatusCode if code.value[0] == number), str(number))
+
+
+def _oip_request(model: str, batch: Sequence[str]) -> Any:
+    """ModelInfer with the texts as one BYTES input in raw_input_contents, as Triton clients send it."""
+    from inference import grpc_service_pb2
+
+    name, _, version = model.partition(":")
+    raw = b"".join(struct.pack("<I", len(b)) + b for b in (t.encode() for t in batch))
+    return grpc_service_pb2.ModelInferRequest(
+        model_name=name,
+        model_version=version,
+        inputs=[grpc_service_pb2.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[len(batch)])],
+        raw_input_contents=[raw],
+    )
+
+
 async def run_cell(
     target: str,
     model: str,
@@ -226,16 +252,47 @@ async def run_cell(
     requests: int,
     deadline_s: float,
     progress: Any,
+    credentials: grpc.ChannelCredentials | None = None,
+    server_name: str | None = None,
     api_key: str | None = None,
 ) -> None:
-    """`concurrency` callers, each sending its next request as soon as the last one returns."""
-    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-    async with grpc.aio.insecure_channel(target, options=options) as channel:
+    """`concurrency` requests in flight, each caller sending its next one as soon as the last returns.
+
+    `embed` and `oip` use one unary call per request (native Embed, Open Inference Protocol ModelInfer); `stream`
+    sends every request over one EmbedStream, keeping `concurrency` of them in flight.
+    """
+    options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    channel = (
+        grpc.aio.insecure_channel(target, options=options)
+        if credentials is None
+        else grpc.aio.secure_channel(target, credentials, options=options)
+    )
+    async with channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         counter = iter(range(requests))
         warm = gateway_pb2.EmbedRequest(model=model, inputs=list(texts[: cell.texts_per_request]))
         metadata = (("x-api-key", api_key),) if api_key else None
         await stub.Embed(warm, timeout=60, metadata=metadata)
+        if cell.api == "oip":
+            from inference import grpc_service_pb2_grpc
+
+            oip = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            await oip.ModelInfer(_oip_request(model, texts[: cell.texts_per_request]), timeout=60, metadata=metadata)
+
+        def record(start: float, batch_len: int, code: str) -> None:
+            elapsed = time.perf_counter() - start
+            if code != "OK":
+                cell.failure_latencies_ms.append(elapsed * 1000)
+                cell.codes[code] += 1
+            else:
+                cell.latencies_ms.append(elapsed * 1000)
+                cell.late += elapsed > deadline_s
+                cell.codes["OK"] += 1
+                cell.texts += batch_len
+                cell.requests += 1
+            progress.update(1)
 
         async def caller(worker: int) -> None:
             cursor = worker * 7919
@@ -244,23 +301,42 @@ async def run_cell(
                 cursor += cell.texts_per_request
                 start = time.perf_counter()
                 try:
-                    request = gateway_pb2.EmbedRequest(model=model, inputs=batch)
-                    await stub.Embed(request, timeout=deadline_s, metadata=metadata)
+                    if cell.api == "oip":
+                        await oip.ModelInfer(_oip_request(model, batch), timeout=deadline_s, metadata=metadata)
+                    else:
+                        request = gateway_pb2.EmbedRequest(model=model, inputs=batch)
+                        await stub.Embed(request, timeout=deadline_s, metadata=metadata)
                 except grpc.aio.AioRpcError as exc:
-                    cell.failure_latencies_ms.append((time.perf_counter() - start) * 1000)
-                    cell.codes[exc.code().name] += 1
-                    progress.update(1)
+                    record(start, len(batch), exc.code().name)
                     continue
-                elapsed = time.perf_counter() - start
-                cell.latencies_ms.append(elapsed * 1000)
-                cell.late += elapsed > deadline_s
-                cell.codes["OK"] += 1
-                cell.texts += len(batch)
-                cell.requests += 1
-                progress.update(1)
+                record(start, len(batch), "OK")
+
+        async def one_stream() -> None:
+            slots = asyncio.Semaphore(cell.concurrency)
+            sent: dict[str, tuple[float, int]] = {}
+
+            async def produce() -> Any:
+                cursor = 0
+                for i in counter:
+                    await slots.acquire()
+                    batch = [texts[(cursor + j) % len(texts)] for j in range(cell.texts_per_request)]
+                    cursor += cell.texts_per_request
+                    sent[str(i)] = (time.perf_counter(), len(batch))
+                    yield gateway_pb2.EmbedStreamRequest(
+                        id=str(i), request=gateway_pb2.EmbedRequest(model=model, inputs=batch)
+                    )
+
+            call = stub.EmbedStream(produce(), timeout=max(deadline_s, 600.0), metadata=metadata)
+            async for reply in call:
+                start, batch_len = sent.pop(reply.id)
+                record(start, batch_len, _code_name(reply.error.code) if reply.HasField("error") else "OK")
+                slots.release()
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(caller(w) for w in range(cell.concurrency)))
+        if cell.api == "stream":
+            await one_stream()
+        else:
+            await asyncio.gather(*(caller(w) for w in range(cell.concurrency)))
         cell.seconds = time.perf_counter() - t0
 
 
@@ -285,11 +361,16 @@ def plot(results: list[dict[str, Any]], ceiling: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for size in sorted({r["texts_per_request"] for r in results}):
-        rows = sorted((r for r in results if r["texts_per_request"] == size), key=lambda r: r["concurrency"])
+    series = sorted({(r["api"], r["model"], r["texts_per_request"]) for r in results})
+    for api, model, size in series:
+        rows = sorted(
+            (r for r in results if (r["api"], r["model"], r["texts_per_request"]) == (api, model, size)),
+            key=lambda r: r["concurrency"],
+        )
         xs = [r["concurrency"] for r in rows]
-        left.plot(xs, [r["texts_per_s"] for r in rows], marker="o", label=f"{size} text(s)/request")
-        right.plot(xs, [r["p99_ms"] for r in rows], marker="o", label=f"{size} text(s)/request")
+        name = f"{size} text(s)/request" if len(series) <= 2 else f"{api} {model} n={size}"
+        left.plot(xs, [r["texts_per_s"] for r in rows], marker="o", label=name)
+        right.plot(xs, [r["p99_ms"] for r in rows], marker="o", label=name)
     left.axhline(ceiling, color="grey", linestyle="--", label="bare model ceiling")
     for axis, title in ((left, "throughput (texts/s)"), (right, "p99 latency (ms)")):
         axis.set_xscale("log", base=2)
@@ -301,6 +382,26 @@ def plot(results: list[dict[str, Any]], ceiling: float, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def measure_bare(repository: Path, model: str, texts: Sequence[str], threads: int, batch: int) -> dict[str, float]:
+    """The model's own speed on these texts: the better of ONNX Runtime's thread spinning on and off."""
+    version_dir, onnx, max_length, pooling = _locate_model(repository, model)
+    print(f"bare model {model}: {onnx} ({threads} threads)", flush=True)
+    runs = {
+        spinning: BareModel(version_dir, onnx, max_length, pooling, threads, spinning).measure(texts, batch)
+        for spinning in (True, False)
+    }
+    bare = max(runs.values(), key=lambda r: r["ceiling_texts_per_s"])
+    bare["spinning"] = float(bare is runs[True])
+    bare["single_p50_ms"] = min(r["single_p50_ms"] for r in runs.values())
+    print(
+        "bare: one at a time {single_texts_per_s:.1f} texts/s (p50 {single_p50_ms:.2f} ms); "
+        "batches of {b}: naive {naive_batch_texts_per_s:.1f}, length-sorted {sorted_batch_texts_per_s:.1f} "
+        "texts/s; ceiling {ceiling_texts_per_s:.1f}".format(b=batch, **bare),
+        flush=True,
+    )
+    return bare
+
+
 def main(argv: Sequence[str]) -> int:
     from tqdm import tqdm
 
@@ -309,7 +410,15 @@ def main(argv: Sequence[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="tandem bench", description=__doc__)
     parser.add_argument("--target", default="127.0.0.1:50051", help="gateway address")
-    parser.add_argument("--model", default=DEFAULT_MODEL_NAME)
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL_NAME, help="model reference, or several comma-separated (compared in one run)"
+    )
+    parser.add_argument(
+        "--api",
+        default="embed",
+        help="comma-separated: embed (unary Embed), stream (one EmbedStream, concurrency = requests in flight), "
+        "oip (Open Inference Protocol ModelInfer)",
+    )
     parser.add_argument("--model-repository", type=Path, default=None, help="default: the built-in repository")
     parser.add_argument("--home", type=Path, default=default_home())
     parser.add_argument("--concurrency", default="1,4,32", help="comma-separated grid")
@@ -318,49 +427,73 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--corpus", type=int, default=512, help="distinct texts")
     parser.add_argument("--texts-per-cell", type=int, default=1024, help="texts sent in each grid cell (at least)")
     parser.add_argument("--deadline-s", type=float, default=30.0)
-    parser.add_argument("--api-key", default=None, help="sent as x-api-key when the gateway has keys")
     parser.add_argument("--bare-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="bare model's ONNX threads")
     parser.add_argument("--skip-bare", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--tls-ca", type=Path, default=None, help="PEM CA of a gateway served with TLS")
+    parser.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate (gateway with mTLS)")
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-server-name", default=None, help="name the gateway's certificate is checked for")
+    parser.add_argument("--api-key", default=None, help="sent as x-api-key when the gateway has keys")
     opts = parser.parse_args(argv)
+    credentials = None
+    if opts.tls_ca is not None or opts.tls_cert is not None:
+        from tandem.client import tls_credentials
+
+        try:
+            credentials = tls_credentials(opts.tls_ca, opts.tls_cert, opts.tls_key)
+        except (OSError, ValueError) as exc:
+            parser.error(f"TLS: {exc}")
 
     texts = make_texts(opts.texts, opts.corpus)
-    bare: dict[str, float] = {}
+    models = [m.strip() for m in opts.model.split(",") if m.strip()]
+    apis = [a.strip() for a in opts.api.split(",") if a.strip()]
+    unknown = sorted(set(apis) - set(APIS))
+    if unknown:
+        parser.error(f"unknown --api {', '.join(unknown)}: choose from {', '.join(APIS)}")
+    bare_by_model: dict[str, dict[str, float]] = {}
     if not opts.skip_bare:
         from services.common.default_model import ensure_default_repository
 
         repository = opts.model_repository or ensure_default_repository(opts.home)
-        version_dir, onnx, max_length, pooling = _locate_model(repository, opts.model)
-        print(f"bare model: {onnx} ({opts.threads} threads)", flush=True)
-        runs = {
-            spinning: BareModel(version_dir, onnx, max_length, pooling, opts.threads, spinning).measure(
-                texts, opts.bare_batch
-            )
-            for spinning in (True, False)
-        }
-        bare = max(runs.values(), key=lambda r: r["ceiling_texts_per_s"])
-        bare["spinning"] = float(bare is runs[True])
-        bare["single_p50_ms"] = min(r["single_p50_ms"] for r in runs.values())
-        print(
-            "bare: one at a time {single_texts_per_s:.1f} texts/s (p50 {single_p50_ms:.2f} ms); "
-            "batches of {b}: naive {naive_batch_texts_per_s:.1f}, length-sorted {sorted_batch_texts_per_s:.1f} "
-            "texts/s; ceiling {ceiling_texts_per_s:.1f}".format(b=opts.bare_batch, **bare),
-            flush=True,
-        )
+        for model in models:
+            bare_by_model[model] = measure_bare(repository, model, texts, opts.threads, opts.bare_batch)
+    bare = bare_by_model.get(models[0], {})
     ceiling = bare.get("ceiling_texts_per_s", 0.0)
     results = []
-    grid = [(c, n) for n in _grid(opts.texts_per_request) for c in _grid(opts.concurrency)]
-    for concurrency, size in grid:
+    # Cells that are compared with each other (models, APIs at one concurrency and size) run back to back, so a
+    # change in the machine's background load affects them alike.
+    grid = [
+        (model, api, c, n)
+        for n in _grid(opts.texts_per_request)
+        for c in _grid(opts.concurrency)
+        for model in models
+        for api in apis
+    ]
+    for model, api, concurrency, size in grid:
         requests = max(concurrency * 4, opts.texts_per_cell // size)
-        cell = Cell(concurrency, size)
-        with tqdm(total=requests, desc=f"c={concurrency:<4} n={size:<3}", leave=False, unit="req") as progress:
-            run = run_cell(opts.target, opts.model, texts, cell, requests, opts.deadline_s, progress, opts.api_key)
-            asyncio.run(run)
-        summary = cell.summary(ceiling)
+        cell = Cell(concurrency, size, api, model)
+        label = f"{api:<6} c={concurrency:<4} n={size:<3}" + (f" {model}" if len(models) > 1 else "")
+        with tqdm(total=requests, desc=label, leave=False, unit="req") as progress:
+            asyncio.run(
+                run_cell(
+                    opts.target,
+                    model,
+                    texts,
+                    cell,
+                    requests,
+                    opts.deadline_s,
+                    progress,
+                    credentials,
+                    opts.tls_server_name,
+                    opts.api_key,
+                )
+            )
+        summary = cell.summary(bare_by_model.get(model, {}).get("ceiling_texts_per_s", 0.0))
         results.append(summary)
         print(
-            f"concurrency {concurrency:>4}  texts/request {size:>3}  {summary['texts_per_s']:8.1f} texts/s  "
+            f"{label}  {summary['texts_per_s']:8.1f} texts/s  "
             f"x{summary['ratio_to_bare']:.2f} bare  p50 {summary['p50_ms']:7.2f}  p90 {summary['p90_ms']:7.2f}  "
             f"p99 {summary['p99_ms']:7.2f} ms  codes {summary['codes']}",
             flush=True,
@@ -370,6 +503,7 @@ def main(argv: Sequence[str]) -> int:
         "machine": {"cpus": os.cpu_count(), "uname": " ".join(os.uname())},
         "settings": {k: str(v) for k, v in vars(opts).items()},
         "bare": bare,
+        "bare_by_model": bare_by_model,
         "results": results,
     }
     (opts.out / "bench.json").write_text(json.dumps(report, indent=2))

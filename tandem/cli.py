@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tandem.supervisor import MODULES, Supervisor, parse_replicas
+from tandem.supervisor import MODULES, ServeTls, Supervisor, parse_replicas
 
 
 def serve(argv: Sequence[str]) -> int:
@@ -19,6 +19,11 @@ def serve(argv: Sequence[str]) -> int:
     parser.add_argument("--model-repository", type=Path, default=None, help="default: the built-in all-MiniLM-L6-v2")
     parser.add_argument("--home", type=Path, default=None, help="cache folder (default ~/.cache/tandem)")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        help="send traces of every process over OTLP gRPC, e.g. http://127.0.0.1:4317 (or OTEL_EXPORTER_OTLP_ENDPOINT)",
+    )
     parser.add_argument("--tcp-stages", action="store_true", help="stages on loopback TCP instead of Unix sockets")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for health")
     parser.add_argument(
@@ -29,6 +34,20 @@ def serve(argv: Sequence[str]) -> int:
     )
     for role in MODULES:
         parser.add_argument(f"--{role}-args", default="", help=f"extra flags for the {role} process(es)")
+    tls_group = parser.add_argument_group(
+        "TLS", "all three set: TLS on every listener and link, mTLS (client certificates signed by --tls-ca) on each"
+    )
+    tls_group.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate every process serves")
+    tls_group.add_argument("--tls-key", type=Path, default=None, help="its PEM private key")
+    tls_group.add_argument("--tls-ca", type=Path, default=None, help="PEM CA that signs servers' and clients' certs")
+    tls_group.add_argument(
+        "--tls-server-name", default="localhost", help="name the stages' certificate is checked for (default localhost)"
+    )
+    tls_group.add_argument(
+        "--tls-no-public-client-auth",
+        action="store_true",
+        help="the gateway's public port takes clients without a certificate (TLS only); stage links stay mTLS",
+    )
     opts = parser.parse_args(argv)
     extra = {role: getattr(opts, f"{role}_args").split() for role in MODULES}
     if opts.api_keys_file is not None:
@@ -37,6 +56,20 @@ def serve(argv: Sequence[str]) -> int:
         replicas = parse_replicas(opts.replicas)
     except ValueError as exc:
         parser.error(str(exc))
+    tls: ServeTls | None = None
+    tls_paths = (opts.tls_cert, opts.tls_key, opts.tls_ca)
+    if any(p is not None for p in tls_paths):
+        if not all(p is not None for p in tls_paths):
+            parser.error("TLS needs all three of --tls-cert, --tls-key and --tls-ca")
+        tls = ServeTls(
+            opts.tls_cert, opts.tls_key, opts.tls_ca, opts.tls_server_name or None, not opts.tls_no_public_client_auth
+        )
+        from services.common.tls import TlsError
+
+        try:
+            tls.check()
+        except TlsError as exc:
+            parser.error(str(exc))
     supervisor = Supervisor(
         host=opts.host,
         port=opts.port,
@@ -46,20 +79,14 @@ def serve(argv: Sequence[str]) -> int:
         tcp_stages=opts.tcp_stages,
         startup_timeout_s=opts.startup_timeout,
         replicas=replicas,
+        otlp_endpoint=opts.otlp_endpoint,
         extra=extra,
+        tls=tls,
     )
     try:
         address = supervisor.start()
         print(f"tandem: serving on {address}", flush=True)
-        print(
-            "try:\n"
-            f"  grpcurl -plaintext {address} list\n"
-            f'  grpcurl -plaintext -d \'{{"inputs": ["hello world"]}}\' {address} '
-            "tandem.gateway.v1.GatewayService/Embed\n"
-            f'  buf curl --protocol grpc --http2-prior-knowledge --data \'{{"inputs": ["hello world"]}}\' '
-            f"http://{address}/tandem.gateway.v1.GatewayService/Embed",
-            flush=True,
-        )
+        print(try_lines(address, tls), flush=True)
         stop = False
 
         def on_signal(signum: int, frame: object) -> None:
@@ -78,6 +105,28 @@ def serve(argv: Sequence[str]) -> int:
     finally:
         supervisor.stop()
     return code
+
+
+def try_lines(address: str, tls: ServeTls | None) -> str:
+    """Commands to try against the gateway just started, with the certificate flags TLS needs."""
+    data = '\'{"inputs": ["hello world"]}\''
+    if tls is None:
+        grpcurl, buf, scheme = "grpcurl -plaintext", "buf curl --protocol grpc --http2-prior-knowledge", "http"
+    else:
+        # Any client certificate the CA signed will do; tandem/devcerts.py writes one next to the CA.
+        cert, key = tls.ca.parent / "client.pem", tls.ca.parent / "client-key.pem"
+        if not cert.exists():
+            cert, key = Path("CLIENT.pem"), Path("CLIENT-KEY.pem")
+        client = f" -cert {cert} -key {key}" if tls.public_client_auth else ""
+        grpcurl = f"grpcurl -cacert {tls.ca}{client}"
+        buf = f"buf curl --protocol grpc --cacert {tls.ca}{client.replace(' -', ' --')}"
+        scheme = "https"
+    return (
+        "try:\n"
+        f"  {grpcurl} {address} list\n"
+        f"  {grpcurl} -d {data} {address} tandem.gateway.v1.GatewayService/Embed\n"
+        f"  {buf} --data {data} {scheme}://{address}/tandem.gateway.v1.GatewayService/Embed"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

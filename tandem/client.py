@@ -4,8 +4,10 @@
         vectors = client.embed(["A man plays guitar.", "Someone plays an instrument."])   # (2, 384) float32
         labels = client.classify(["great film"], model="my-sentiment", top_k=1)
 
-`AsyncTandemClient` has the same methods as coroutines, for asyncio code. Every failure raises `TandemError`, which
-carries the gRPC code and the google.rpc details the server sent (ErrorInfo reason, BadRequest fields, RetryInfo).
+A gateway served with TLS (mTLS): `TandemClient(target, credentials=tls_credentials("ca.pem", "client.pem",
+"client-key.pem"))`. `AsyncTandemClient` has the same methods as coroutines, for asyncio code. Every failure raises
+`TandemError`, which carries the gRPC code and the google.rpc details the server sent (ErrorInfo reason,
+BadRequest fields, RetryInfo).
 """
 
 # `timeout` is a gRPC deadline in seconds, named as grpc.aio names it, not an asyncio timeout.
@@ -18,6 +20,7 @@ import random
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
 
@@ -44,6 +47,7 @@ __all__ = [
     "TandemClient",
     "TandemError",
     "TokenEncoding",
+    "tls_credentials",
 ]
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -60,6 +64,23 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXH
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 Vectors = npt.NDArray[np.float32]
+
+
+def tls_credentials(
+    ca: str | Path | None = None, cert: str | Path | None = None, key: str | Path | None = None
+) -> grpc.ChannelCredentials:
+    """Credentials for a gateway served with TLS: `ca` verifies its certificate (None: the system's roots), and
+    `cert` with `key` present a client certificate where the gateway requires one (mTLS).
+
+        TandemClient("gw:50051", credentials=tls_credentials("ca.pem", "client.pem", "client-key.pem"))
+    """
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate needs both cert and key")
+    return grpc.ssl_channel_credentials(
+        Path(ca).read_bytes() if ca is not None else None,
+        Path(key).read_bytes() if key is not None else None,
+        Path(cert).read_bytes() if cert is not None else None,
+    )
 
 
 @dataclass(frozen=True)

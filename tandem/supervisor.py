@@ -17,6 +17,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import grpc
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,38 @@ class Replica:
     restarts: int = 0
 
 
+@dataclass(frozen=True)
+class ServeTls:
+    """TLS for a whole deployment: one CA, one server identity that every process shows.
+
+    Every stage listener requires a client certificate signed by `ca` (the gateway presents `cert`); the gateway's
+    public listener does too unless `public_client_auth` is off. `server_name` is the name the stages' certificate
+    is checked against (they listen on loopback or Unix sockets, whose addresses a certificate may not name).
+    """
+
+    cert: Path
+    key: Path
+    ca: Path
+    server_name: str | None = "localhost"
+    public_client_auth: bool = True
+
+    def check(self) -> None:
+        """Reads every file as the services will; raises services.common.tls.TlsError with the flag's name."""
+        from services.common import tls
+
+        tls.server_credentials(self.cert, self.key, self.ca)
+        tls.channel_security(self.ca, self.cert, self.key, cert_setting="tls-cert", key_setting="tls-key")
+
+    def args(self, role: str) -> list[str]:
+        args = ["--tls-cert", str(self.cert), "--tls-key", str(self.key)]
+        if role != "gateway" or self.public_client_auth:
+            args += ["--tls-client-ca", str(self.ca)]
+        if role == "gateway":
+            args += ["--tls-ca", str(self.ca)]
+            args += ["--tls-server-name", self.server_name] if self.server_name else []
+        return args
+
+
 @dataclass
 class Supervisor:
     """Starts replicas of each stage and the gateway, waits for health, restarts what dies, stops in order."""
@@ -65,6 +101,9 @@ class Supervisor:
     startup_timeout_s: float = 600.0
     replicas: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 1))
     extra: dict[str, list[str]] = field(default_factory=dict)
+    # Every process traces to this OTLP gRPC endpoint (OTEL_EXPORTER_OTLP_ENDPOINT reaches them anyway, inherited).
+    otlp_endpoint: str | None = None
+    tls: ServeTls | None = None
     run_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tandem-")))
     members: dict[str, Replica] = field(default_factory=dict)
 
@@ -83,6 +122,9 @@ class Supervisor:
         args = ["--listen", replica.listen, "--address-file", str(self._address_file(replica))]
         # Each child asks the kernel to stop it when this process dies (services.common.server.exit_with_parent).
         args += ["--parent-pid", str(os.getpid())]
+        if self.otlp_endpoint:
+            args += ["--otlp-endpoint", self.otlp_endpoint]
+        args += self.tls.args(replica.role) if self.tls is not None else []
         # The gateway gets its stage targets from spawn's extra_args; stages get the repository.
         return args if replica.role == "gateway" else args + self._common()
 
@@ -162,7 +204,7 @@ class Supervisor:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         deadline = time.monotonic() + (timeout_s or self.startup_timeout_s)
-        with grpc.insecure_channel(address) as channel:
+        with self._channel(address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 for replica in self.members.values():
@@ -174,6 +216,26 @@ class Supervisor:
                         return
                 time.sleep(0.1)
         raise TimeoutError(f"{address} did not become healthy in time")
+
+    def _channel(self, address: str) -> grpc.Channel:
+        """A blocking channel for health checks: with TLS, the same CA, client identity and server name as the
+        gateway's stage links (the supervisor must pass every listener's client-certificate check)."""
+        import grpc
+
+        if self.tls is None:
+            return grpc.insecure_channel(address)
+        from services.common import tls
+
+        security = tls.channel_security(
+            self.tls.ca,
+            self.tls.cert,
+            self.tls.key,
+            self.tls.server_name,
+            cert_setting="tls-cert",
+            key_setting="tls-key",
+        )
+        assert security is not None
+        return grpc.secure_channel(address, security.credentials, security.options(address))
 
     def restart(self, name: str) -> None:
         """Starts a replica again at its pinned address (after it died or was stopped)."""

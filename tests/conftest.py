@@ -43,6 +43,7 @@ async def stack(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory)
     """Tokenizer, inference and postprocess servers plus a gateway, in-process on port 0, on the tiny models."""
     from gateway.clients import InferenceClient, PostprocessClient, TokenizerClient
     from gateway.core import Pipeline
+    from gateway.oip.servicer import registrar as oip_registrar
     from gateway.servicer import registrar as gateway_registrar
     from services.common.repository import ModelRepository
     from services.common.server import start_server
@@ -71,7 +72,7 @@ async def stack(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory)
         PostprocessClient(stages["postprocess"].address, 64 * MiB),
         max_inputs=100,
     )
-    gateway = await start_server("127.0.0.1:0", [gateway_registrar(pipeline)])
+    gateway = await start_server("127.0.0.1:0", [gateway_registrar(pipeline), oip_registrar(pipeline)])
     async with grpc.aio.insecure_channel(gateway.address) as channel:
         yield Stack(gateway_pb2_grpc.GatewayServiceStub(channel), pipeline, gateway, stages, tiny_repository)
     await gateway.stop(0)

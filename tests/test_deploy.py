@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("tokenizer", "inference", "postprocess")
 ROLES = ("gateway", *STAGES)
 PORTS = {"gateway": 50051, "tokenizer": 50052, "inference": 50053, "postprocess": 50054}
+METRICS_PORT = 9090
 OVERLAYS = ("cpu", "dev", "gpu")
 WITH_AUTOSCALERS = ("cpu", "gpu")
 NAMESPACE = "tandem"
@@ -156,7 +157,10 @@ def test_containers_have_grpc_probes_on_their_port(overlay: str) -> None:
     for role in ROLES:
         container = r.container(role)
         assert container["args"] == [role], "one image: the role is the command"
-        assert container["ports"] == [{"name": "grpc", "containerPort": PORTS[role]}]
+        assert container["ports"] == [
+            {"name": "grpc", "containerPort": PORTS[role]},
+            {"name": "metrics", "containerPort": METRICS_PORT},
+        ]
         assert container["readinessProbe"]["grpc"] == {"port": PORTS[role], "service": ""}
         if role == "gateway":
             # The gateway's health reports the stages: a gRPC liveness probe would restart it when a stage is down.
@@ -167,6 +171,17 @@ def test_containers_have_grpc_probes_on_their_port(overlay: str) -> None:
             assert container["startupProbe"]["grpc"] == {"port": PORTS[role], "service": ""}
     inference = r.container("inference")["startupProbe"]
     assert inference["periodSeconds"] * inference["failureThreshold"] >= 600, "models load before SERVING"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_are_scraped_on_the_metrics_port_the_settings_serve(overlay: str) -> None:
+    r = rendered(overlay)
+    config = (ROOT / "deploy" / "base" / "config.env").read_text()
+    for role in ROLES:
+        annotations = r.named("Deployment", f"tandem-{role}")["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == str(METRICS_PORT)
+        assert f"TANDEM_{role.upper()}_METRICS_PORT={METRICS_PORT}" in config
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

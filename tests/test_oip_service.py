@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from gateway.clients import InferenceClient, PostprocessClient, TokenizerClient
 from gateway.core import Pipeline
+from gateway.management.client import ManagementClient
 from gateway.oip import converters
 from gateway.oip.core import in_completion_order
 from gateway.oip.servicer import registrar as oip_registrar
@@ -34,6 +35,7 @@ from services.common import errors
 from services.common.repository import ModelRepository
 from services.common.server import RunningServer, start_server
 from services.inference.core import Inference
+from services.inference.servicer import management_registrar
 from services.inference.servicer import registrar as inference_registrar
 from services.postprocess.core import Postprocessor
 from services.postprocess.servicer import registrar as postprocess_registrar
@@ -65,12 +67,14 @@ async def serve_stack(repository: Path, home: Path) -> AsyncIterator[Stack]:
     """The stack of tests/test_gateway_pipeline.py, with the gateway registering both services as __main__ does."""
     tokenizer = Tokenizer(ModelRepository(repository))
     tokenizer.preload()
-    inference = Inference(ModelRepository(repository), home=home, intra_op_threads=1)
+    inference = Inference(ModelRepository(repository), home=home, intra_op_threads=1, unload_idle_s=0.2)
     await inference.start()
     postprocess = Postprocessor(ModelRepository(repository))
     stages = {
         "tokenizer": await start_server("127.0.0.1:0", [tokenizer_registrar(tokenizer)]),
-        "inference": await start_server("127.0.0.1:0", [inference_registrar(inference)]),
+        "inference": await start_server(
+            "127.0.0.1:0", [inference_registrar(inference), management_registrar(inference)]
+        ),
         "postprocess": await start_server("127.0.0.1:0", [postprocess_registrar(postprocess)]),
     }
     pipeline = Pipeline(
@@ -79,7 +83,9 @@ async def serve_stack(repository: Path, home: Path) -> AsyncIterator[Stack]:
         PostprocessClient(stages["postprocess"].address, 64 * MiB),
         max_inputs=MAX_INPUTS,
     )
-    gateway = await start_server("127.0.0.1:0", [gateway_registrar(pipeline), oip_registrar(pipeline)])
+    # As gateway/__main__.py wires it: repository load/unload/index go to the registry (ManagementService).
+    management = ManagementClient(stages["inference"].address, 64 * MiB)
+    gateway = await start_server("127.0.0.1:0", [gateway_registrar(pipeline), oip_registrar(pipeline, management)])
     try:
         async with grpc.aio.insecure_channel(gateway.address) as channel:
             yield Stack(
@@ -93,6 +99,7 @@ async def serve_stack(repository: Path, home: Path) -> AsyncIterator[Stack]:
             )
     finally:
         await gateway.stop(0)
+        await management.close()
         await pipeline.close()
         for server in stages.values():
             await server.stop(0)
@@ -254,6 +261,34 @@ async def test_repository_index_and_load(stack: Stack) -> None:
     ready_only = await stack.oip.RepositoryIndex(pb.RepositoryIndexRequest(ready=True))
     assert ready_only == index
     await stack.oip.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="tiny-embed"))
+
+
+async def test_unload_and_load_through_the_registry(stack: Stack) -> None:
+    """Unload takes the model out of service (index UNAVAILABLE, not ready, inference refused); load brings it back."""
+    texts = ["unload me", "and back"]
+    before = outputs_of(await stack.oip.ModelInfer(infer_request("tiny-topics", {"text": texts})))
+    unload = pb.RepositoryModelUnloadRequest(model_name="tiny-topics")
+    unload.parameters["unload_dependents"].bool_param = False  # Triton's one unload parameter is accepted
+    await stack.oip.RepositoryModelUnload(unload)
+    ready = await stack.oip.ModelReady(pb.ModelReadyRequest(name="tiny-topics"))
+    assert ready.ready is False
+    index = await stack.oip.RepositoryIndex(pb.RepositoryIndexRequest())
+    states = {m.name: (m.version, m.state, m.reason) for m in index.models}
+    assert states["tiny-topics"][:2] == ("1", "UNAVAILABLE")
+    assert "unload" in states["tiny-topics"][2]
+    assert states["tiny-embed"] == ("1", "READY", "")
+    ready_only = await stack.oip.RepositoryIndex(pb.RepositoryIndexRequest(ready=True))
+    assert "tiny-topics" not in [m.name for m in ready_only.models]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.oip.ModelInfer(infer_request("tiny-topics", {"text": texts}))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # retrying will not help until it is loaded
+    assert "tiny-topics:1 is not loaded: unloaded on request" in (caught.value.details() or "")
+
+    await stack.oip.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="tiny-topics"))
+    assert (await stack.oip.ModelReady(pb.ModelReadyRequest(name="tiny-topics"))).ready is True
+    after = outputs_of(await stack.oip.ModelInfer(infer_request("tiny-topics", {"text": texts})))
+    assert after.keys() == before.keys()
+    np.testing.assert_allclose(after["scores"], before["scores"], rtol=0, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -483,7 +518,8 @@ async def test_infer_errors(
         ("metadata of unknown", grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", "model 'nope' not found"),
         ("load unknown", grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", "model 'nope' not found"),
         ("load with config", grpc.StatusCode.UNIMPLEMENTED, "UNSUPPORTED", "loading with parameters (config)"),
-        ("unload", grpc.StatusCode.UNIMPLEMENTED, "UNSUPPORTED", "unloading models is not supported yet"),
+        ("unload no name", grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT", "model_name is required"),
+        ("unload with parameters", grpc.StatusCode.UNIMPLEMENTED, "UNSUPPORTED", "unloading with parameters (x)"),
         ("unload unknown", grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", "model 'nope' not found"),
         ("statistics of unknown", grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", "model 'nope' not found"),
         ("statistics of unknown version", grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", "no version 7"),
@@ -494,11 +530,14 @@ async def test_other_errors(stack: Stack, call: str, code: grpc.StatusCode, reas
     oip = stack.oip
     load_with_config = pb.RepositoryModelLoadRequest(model_name="tiny-embed")
     load_with_config.parameters["config"].string_param = "{}"
+    unload_with_x = pb.RepositoryModelUnloadRequest(model_name="tiny-embed")
+    unload_with_x.parameters["x"].bool_param = True
     calls = {
         "metadata of unknown": lambda: oip.ModelMetadata(pb.ModelMetadataRequest(name="nope")),
         "load unknown": lambda: oip.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="nope")),
         "load with config": lambda: oip.RepositoryModelLoad(load_with_config),
-        "unload": lambda: oip.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="tiny-embed")),
+        "unload with parameters": lambda: oip.RepositoryModelUnload(unload_with_x),
+        "unload no name": lambda: oip.RepositoryModelUnload(pb.RepositoryModelUnloadRequest()),
         "unload unknown": lambda: oip.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="nope")),
         "statistics of unknown": lambda: oip.ModelStatistics(pb.ModelStatisticsRequest(name="nope")),
         "statistics of unknown version": lambda: oip.ModelStatistics(

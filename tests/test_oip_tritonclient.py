@@ -108,10 +108,17 @@ def _client_probe(address: str, client: str) -> dict[str, Any]:
         }
         await wait(c.load_model("tiny-embed"))
         out["loaded"] = True
+        await wait(c.unload_model("tiny-topics"))
+        out["after unload"] = {
+            "ready": await wait(c.is_model_ready("tiny-topics")),
+            "index": await wait(c.get_model_repository_index(as_json=True)),
+        }
+        await wait(c.load_model("tiny-topics"))
+        out["after load"] = await wait(c.is_model_ready("tiny-topics"))
         for name, call in {
             "load unknown": lambda: c.load_model("nope"),
             "load with config": lambda: c.load_model("tiny-embed", config="{}"),
-            "unload": lambda: c.unload_model("tiny-embed"),
+            "unload unknown": lambda: c.unload_model("nope"),
             "metadata of unknown": lambda: c.get_model_metadata("nope"),
         }.items():
             try:
@@ -296,8 +303,11 @@ async def test_probe_calls(stack: Stack, client: str) -> None:
     assert seen["load unknown"]["status"] == "StatusCode.NOT_FOUND"
     assert "model 'nope' not found" in seen["load unknown"]["message"]
     assert seen["load with config"]["status"] == "StatusCode.UNIMPLEMENTED"
-    assert seen["unload"]["status"] == "StatusCode.UNIMPLEMENTED"
-    assert "unloading models is not supported yet" in seen["unload"]["message"]
+    assert seen["unload unknown"]["status"] == "StatusCode.NOT_FOUND"
+    assert seen["after unload"]["ready"] is False
+    unloaded = [m for m in seen["after unload"]["index"]["models"] if m["name"] == "tiny-topics"]
+    assert [(m["version"], m["state"]) for m in unloaded] == [("1", "UNAVAILABLE")]
+    assert seen["after load"] is True
     assert seen["metadata of unknown"]["status"] == "StatusCode.NOT_FOUND"
 
 

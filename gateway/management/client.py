@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from gateway.clients import StageClient
+from services.common.tls import ChannelSecurity
 from tandem.management.v1 import management_pb2, management_pb2_grpc
 
 SERVICE_NAME = "tandem.management.v1.ManagementService"
+
+
+@dataclass(frozen=True)
+class RegistryVersion:
+    """One version as the registry sees it; `state` is LOADING, READY, FAILED, UNLOADING or UNLOADED."""
+
+    name: str
+    version: str
+    state: str
+    reason: str
+
+
+def _state_name(state: int) -> str:
+    return management_pb2.VersionState.Name(state).removeprefix("VERSION_STATE_")  # type: ignore[arg-type]
 
 
 class ManagementClient(StageClient):
@@ -13,8 +30,8 @@ class ManagementClient(StageClient):
     UNAVAILABLE apply). Behind a round-robin target one replica answers each call: aliases reach the others
     through the repository (aliases.json, read every second); loads and unloads stay with the replica."""
 
-    def __init__(self, target: str, max_message_bytes: int) -> None:
-        super().__init__("inference", SERVICE_NAME, target, max_message_bytes)
+    def __init__(self, target: str, max_message_bytes: int, *, security: ChannelSecurity | None = None) -> None:
+        super().__init__("inference", SERVICE_NAME, target, max_message_bytes, security=security)
         self._stub = management_pb2_grpc.ManagementServiceStub(self.channel)
 
     async def list_models(
@@ -46,3 +63,20 @@ class ManagementClient(StageClient):
         self, request: management_pb2.ReloadModelRequest, deadline: float
     ) -> management_pb2.ReloadModelResponse:
         return await self.call(self._stub.ReloadModel, request, deadline)
+
+    async def versions(self, deadline: float) -> list[RegistryVersion]:
+        """Every version of every model, with its lifecycle state (models without versions are left out)."""
+        reply = await self.list_models(management_pb2.ListModelsRequest(), deadline)
+        return [
+            RegistryVersion(model.name, v.version, _state_name(v.state), v.reason or model.reason)
+            for model in reply.models
+            for v in model.versions
+        ]
+
+    async def load(self, name: str, deadline: float) -> None:
+        """Loads what the model's version policy wants (undoing an earlier unload); returns once it is ready."""
+        await self.load_model(management_pb2.LoadModelRequest(name=name, wait=True), deadline)
+
+    async def unload(self, name: str, deadline: float) -> None:
+        """Unloads every version of the model once its in-flight requests are done; returns when it is unloaded."""
+        await self.unload_model(management_pb2.UnloadModelRequest(name=name, wait=True), deadline)

@@ -392,6 +392,69 @@ class StartupModels:
         )
 
 
+class ModelRegistry(Protocol):
+    """The registry operations the protocol needs (gateway.management.client.ManagementClient has them)."""
+
+    async def versions(self, deadline: float) -> Sequence[RegistryVersionLike]: ...
+
+    async def load(self, name: str, deadline: float) -> None: ...
+
+    async def unload(self, name: str, deadline: float) -> None: ...
+
+
+class RegistryVersionLike(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+
+
+# The registry's states in the protocol's words (Triton's: READY, UNAVAILABLE, LOADING, UNLOADING).
+_INDEX_STATE = {"READY": READY, "LOADING": "LOADING", "UNLOADING": "UNLOADING"}
+
+
+class RegistryModels:
+    """Load and unload through the model registry: the inference stage's ManagementService.
+
+    A load brings back what the model's version policy wants and answers once it is ready (a failed load is the
+    registry's error, e.g. FAILED_PRECONDITION with the reason); an unload takes every version out of service after
+    its in-flight requests, and the model stays unloaded until loaded again. The repository index lists every
+    version with its registry state.
+    """
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+
+    async def load(self, name: str, parameters: Mapping[str, object], deadline: float) -> None:
+        model_reference(name, "", "model_name", "")
+        if parameters:
+            raise unsupported(
+                f"loading with parameters ({', '.join(sorted(parameters))}) is not supported: models load from the "
+                "model repository as they are (add a version with `tandem models add`)"
+            )
+        await self.registry.load(name, deadline)
+
+    async def unload(self, name: str, parameters: Mapping[str, object], deadline: float) -> None:
+        model_reference(name, "", "model_name", "")
+        # Tandem models have no dependents (no ensembles), so Triton's unload_dependents changes nothing.
+        extra = sorted(set(parameters) - {"unload_dependents"})
+        if extra:
+            raise unsupported(f"unloading with parameters ({', '.join(extra)}) is not supported")
+        await self.registry.unload(name, deadline)
+
+    async def index(self, deadline: float) -> list[IndexEntry]:
+        return [
+            IndexEntry(v.name, v.version, _INDEX_STATE.get(v.state, UNAVAILABLE), v.reason or v.state.lower())
+            if v.state != "READY"
+            else IndexEntry(v.name, v.version, READY, "")
+            for v in await self.registry.versions(deadline)
+        ]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The data plane
 
@@ -407,11 +470,13 @@ class DataPlane:
         pipeline: Pipeline,
         *,
         models: ModelControl | None = None,
+        registry: ModelRegistry | None = None,
         statistics: InferenceStatistics | None = None,
         max_stream_in_flight: int = MAX_STREAM_IN_FLIGHT,
     ) -> None:
         self.pipeline = pipeline
-        self.models: ModelControl = models or StartupModels(pipeline)
+        self.registry = RegistryModels(registry) if registry is not None else None
+        self.models: ModelControl = models or self.registry or StartupModels(pipeline)
         self.statistics = statistics or InferenceStatistics(time.time_ns)
         self.max_stream_in_flight = max_stream_in_flight
         self.metadata = ServerMetadata(SERVER_NAME, server_version(), EXTENSIONS)
@@ -522,6 +587,9 @@ class DataPlane:
         return [self.statistics.get(n, v) for n, v in sorted(keys)]
 
     async def repository_index(self, ready_only: bool, deadline: float) -> list[IndexEntry]:
+        if self.registry is not None:
+            listed = await self.registry.index(deadline)
+            return [e for e in listed if e.state == READY] if ready_only else listed
         entries = [
             IndexEntry(m.name, m.version, READY, "")
             if m.ready

@@ -10,7 +10,7 @@ import grpc
 
 from gateway.core import Pipeline
 from gateway.oip import converters
-from gateway.oip.core import DataPlane, in_completion_order
+from gateway.oip.core import DataPlane, ModelRegistry, in_completion_order
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
 from services.common import errors
@@ -102,7 +102,11 @@ class InferenceProtocolServicer(pb_grpc.GRPCInferenceServiceServicer):
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
-def registrar(pipeline: Pipeline) -> tuple[Any, str]:
-    """Registers the protocol over the gateway's pipeline, beside the native GatewayService."""
-    servicer = InferenceProtocolServicer(DataPlane(pipeline))
+def registrar(pipeline: Pipeline, registry: ModelRegistry | None = None) -> tuple[Any, str]:
+    """Registers the protocol over the gateway's pipeline, beside the native GatewayService.
+
+    With `registry` (the management client), RepositoryModelLoad/Unload and RepositoryIndex go to the model
+    registry; without it, models are the ones the stages loaded at start and unloads are UNIMPLEMENTED.
+    """
+    servicer = InferenceProtocolServicer(DataPlane(pipeline, registry=registry))
     return (lambda server: pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)), SERVICE_NAME

@@ -195,11 +195,13 @@ async def start_server(
     max_connection_age_s: float | None = 60.0,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     options: Sequence[tuple[str, Any]] = (),
+    credentials: grpc.ServerCredentials | None = None,
 ) -> RunningServer:
     """Builds the server, registers health and reflection, binds `listen` (port 0 picks one) and starts it.
 
     `interceptors` run before the error table (outermost first), e.g. authentication, metrics, tracing.
     `options` are more gRPC channel arguments (e.g. `grpc.max_concurrent_streams`), added after the defaults.
+    `credentials` (services.common.tls) serve TLS or mTLS, on TCP and on Unix sockets alike; None is plaintext.
     """
     server = grpc.aio.server(
         interceptors=[*interceptors, ErrorInterceptor()],
@@ -214,7 +216,7 @@ async def start_server(
         reflection.enable_server_reflection(
             (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
         )
-    port = server.add_insecure_port(listen)
+    port = server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)
     if port == 0 and not listen.startswith("unix:"):
         raise OSError(f"could not bind {listen}")
     await server.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
@@ -33,8 +34,42 @@ class ServiceSettings(BaseSettings):
     reflection: bool = Field(True, description="serve gRPC server reflection")
     max_message_bytes: int = Field(64 * 1024 * 1024, description="largest gRPC message sent or received")
     parent_pid: int | None = Field(None, description="exit when this process (a supervisor) exits")
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="serve Prometheus /metrics on this port, on the gRPC listener's host (0 picks one; unset: off)",
+    )
     address_file: Path | None = Field(
         None, description="write the bound address here once listening (for port 0 and supervisors)"
+    )
+    # TLS. The listener: --tls-cert and --tls-key turn TLS on, --tls-client-ca also requires client certificates
+    # (mTLS). The links this process opens (the gateway's to its stages): --tls-ca turns TLS on, presenting
+    # --tls-client-cert/--tls-client-key, or else --tls-cert/--tls-key, as the client certificate.
+    tls_cert: Path | None = Field(None, description="PEM certificate (chain) of this server; with --tls-key: TLS")
+    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA(s) that sign client certificates; set: clients must present one (mTLS)"
+    )
+    tls_ca: Path | None = Field(
+        None, description="PEM CA(s) that sign the stages' certificates; set: TLS on the links to the stages"
+    )
+    tls_client_cert: Path | None = Field(
+        None, description="PEM client certificate for the links to the stages; unset: --tls-cert"
+    )
+    tls_client_key: Path | None = Field(None, description="PEM private key of --tls-client-cert; unset: --tls-key")
+    tls_server_name: str | None = Field(
+        None, description="name the stages' certificates must carry, if not the target's host (e.g. localhost)"
+    )
+
+    otlp_endpoint: str | None = Field(
+        default_factory=lambda: os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+        description="send traces over OTLP gRPC here, e.g. http://127.0.0.1:4317 (default: OTEL_EXPORTER_OTLP_ENDPOINT;"
+        " unset: tracing off)",
+    )
+    otel_service_name: str | None = Field(None, description="service.name of the traces (default tandem-<service>)")
+    trace_sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="share of new traces recorded; a caller's sampling decision always wins"
     )
 
     @classmethod

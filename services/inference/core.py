@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 import torch
+from opentelemetry import trace
 
-from services.common import errors, tensors
+from services.common import errors, tensors, timing, tracing
 from services.common.repository import (
     DEFAULT_ALIAS,
     METADATA_FILE,
@@ -407,6 +408,22 @@ BackendFactory = Callable[[ModelVersion, BackendOptions], Backend]
 # Dynamic batching
 
 
+class BatchObserver(Protocol):
+    """Where a batcher reports how long requests queued and each model call (the stage's metrics)."""
+
+    def queued(self, seconds: float) -> None: ...
+
+    def batch(self, rows: int, padded_tokens: int, seconds: float) -> None: ...
+
+
+class _Unobserved:
+    def queued(self, seconds: float) -> None:
+        return None
+
+    def batch(self, rows: int, padded_tokens: int, seconds: float) -> None:
+        return None
+
+
 @dataclass(eq=False)
 class _Request:
     """One caller's ragged batch and, once computed, its output rows."""
@@ -419,6 +436,13 @@ class _Request:
     future: asyncio.Future[FloatArray]
     remaining: int
     output: FloatArray | None = None
+    # The caller's span (model.run spans hang under the first caller's and link the others) and its wait here.
+    caller: trace.Span = trace.INVALID_SPAN
+    queued: trace.Span = trace.INVALID_SPAN
+    # perf_counter when queued and when its first model call started, and the seconds of the calls it rode in.
+    queued_at: float = 0.0
+    started_at: float | None = None
+    compute_s: float = 0.0
 
     @property
     def count(self) -> int:
@@ -437,8 +461,16 @@ class Batcher:
     max_batch_size sequences and max_batch_tokens padded tokens, and routes the output rows back to their callers.
     """
 
-    def __init__(self, backend: Backend, config: ModelConfig, name: str, pad_token_id: int = 0) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        config: ModelConfig,
+        name: str,
+        pad_token_id: int = 0,
+        observer: BatchObserver | None = None,
+    ) -> None:
         self.backend = backend
+        self.observer: BatchObserver = observer or _Unobserved()
         self.config = config
         self.name = name
         self.pad_token_id = pad_token_id
@@ -478,15 +510,24 @@ class Batcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[FloatArray] = loop.create_future()
         cu = cu_seqlens.astype(np.int64)
-        request = _Request(input_ids, token_type_ids, cu[:-1], np.diff(cu), deadline, future, count)
+        request = _Request(
+            input_ids, token_type_ids, cu[:-1], np.diff(cu), deadline, future, count, queued_at=time.perf_counter()
+        )
+        request.caller = trace.get_current_span()
+        request.queued = tracing.tracer().start_span("queue", attributes={"tandem.model": self.name})
         self._pending += count
         future.add_done_callback(lambda _: self._release(count))
+        future.add_done_callback(lambda _: tracing.end(request.queued))
         self._queue.append(request)
         self._wakeup.set()
         if self._worker is None:
             self._worker = loop.create_task(self._work(), name=f"batcher-{self.name}")
         # A cancelled caller cancels this future too, and the worker then skips its sequences.
-        return await future
+        output = await future
+        # The split the caller gets in its x-tandem-timing trailer: waiting for the batcher vs. in the model.
+        timing.add("queue", (request.started_at or request.queued_at) - request.queued_at)
+        timing.add("compute", request.compute_s)
+        return output
 
     def _release(self, count: int) -> None:
         self._pending -= count
@@ -558,6 +599,8 @@ class Batcher:
         return calls
 
     async def _process(self, taken: list[_Request]) -> None:
+        for request in taken:
+            tracing.end(request.queued)
         live = [r for r in taken if self._wanted(r, time.monotonic())]
         if not live:
             return
@@ -569,19 +612,52 @@ class Batcher:
             chosen = [items[j] for j in call if self._wanted(items[j][0], now)]
             if not chosen:
                 continue
+            riders = list(dict.fromkeys(r for r, _ in chosen))
+            started = time.perf_counter()
+            for request in riders:
+                if request.started_at is None:
+                    request.started_at = started
+                    self.observer.queued(started - request.queued_at)
             try:
-                await loop.run_in_executor(self._executor, self._execute, chosen)
+                with self._model_run_span(chosen):
+                    await loop.run_in_executor(self._executor, self._execute, chosen)
             except Exception:
                 log.exception("model call of %s failed", self.name)
                 for request, _ in chosen:
                     if not request.future.done():
                         request.future.set_exception(errors.internal())
                 continue
+            seconds = time.perf_counter() - started
+            for request in riders:
+                request.compute_s += seconds
+            width = max(int(r.lengths[i]) for r, i in chosen)
+            self.observer.batch(len(chosen), len(chosen) * width, seconds)
             for request, _ in chosen:
                 request.remaining -= 1
                 if request.remaining == 0 and not request.future.done():
                     assert request.output is not None
                     request.future.set_result(request.output)
+
+    def _model_run_span(self, chosen: list[tuple[_Request, int]]) -> contextlib.AbstractContextManager[trace.Span]:
+        """One span per model call, under its first caller's span and linked to every other caller's."""
+        if not tracing.enabled():
+            return contextlib.nullcontext(trace.INVALID_SPAN)
+        callers = list(dict.fromkeys(r for r, _ in chosen))
+        model, _, version = self.name.rpartition(":")
+        lengths = [int(r.lengths[i]) for r, i in chosen]
+        return tracing.tracer().start_as_current_span(
+            "model.run",
+            context=trace.set_span_in_context(callers[0].caller),
+            links=[trace.Link(r.caller.get_span_context()) for r in callers[1:]],
+            attributes={
+                "tandem.model": model or self.name,
+                "tandem.model_version": version,
+                "tandem.batch_size": len(chosen),
+                "tandem.requests": len(callers),
+                "tandem.tokens": sum(lengths),
+                "tandem.padded_tokens": len(chosen) * max(lengths),
+            },
+        )
 
     def _execute(self, chosen: list[tuple[_Request, int]]) -> None:
         """Worker thread: pad, run the model, write each row into its caller's output."""
@@ -799,8 +875,11 @@ class Inference:
         watch_s: float | None = 1.0,
         unload_idle_s: float = 3.0,
         unload_timeout_s: float = 60.0,
+        observers: Callable[[str], BatchObserver] | None = None,
     ) -> None:
         self.repository = repository
+        # One observer per model name (a metrics label), shared by its versions' batchers.
+        self.observers = observers
         threads = intra_op_threads or os.cpu_count() or 1
         self.options = BackendOptions(home=home, intra_op_threads=threads, device=device, spinning=spinning)
         self.backend_factory = backend_factory
@@ -1005,7 +1084,8 @@ class Inference:
             # Padded positions are masked out; the id only has to be a valid embedding row.
             pad_id = pad if isinstance(pad, int) and 0 <= pad < self._vocab_size(model, pad + 1) else 0
             slot.backend, slot.fingerprint = backend, fingerprint
-            slot.batcher = Batcher(backend, model.config, model.ref, pad_id)
+            observer = self.observers(model.name) if self.observers is not None else None
+            slot.batcher = Batcher(backend, model.config, model.ref, pad_id, observer)
             slot.state = ModelState.READY
         entry = self._models.get(model.name)
         if entry is not None:
@@ -1117,6 +1197,13 @@ class Inference:
             model=model.name,
             version=model.version,
         )
+
+    def gauges(self) -> list[tuple[str, str, str, int]]:
+        """(model, version, state, sequences pending) of every version in the table, for the metrics scrape."""
+        return [
+            (s.model.name, s.model.version, s.state.value, s.batcher.pending if s.batcher is not None else 0)
+            for s in list(self._slots.values())
+        ]
 
     async def infer(
         self,

@@ -6,6 +6,7 @@ from typing import Any
 
 import grpc
 
+from services.common import timing
 from services.tokenizer import converters
 from services.tokenizer.core import Tokenizer
 from tandem.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
@@ -23,6 +24,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         encoded = await self.core.tokenize(
             request.model, request.texts, request.text_pairs, converters.options_from(request)
         )
+        timing.note(served_model=encoded.model, tokens=len(encoded.input_ids))
         return converters.tokenize_response(encoded)
 
     async def Detokenize(  # noqa: N802

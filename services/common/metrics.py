@@ -1,0 +1,411 @@
+"""Prometheus metrics of every service: the request interceptor, stage-specific metrics and the /metrics server.
+
+Each service process serves one registry. `__main__` passes prometheus_client's default REGISTRY (which also
+carries the process_* and python_* collectors); tests that run four services in one process give each server a
+fresh `CollectorRegistry`, so the same metric names never collide and every scrape reads one service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any, Protocol
+
+import grpc
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_wsgi_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from services.common import timing
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("tandem.access")
+
+# Stage calls take from a fraction of a millisecond (postprocess) to seconds (a large batch on CPU).
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+
+# Health checks (the gateway polls every stage each second) and reflection would drown the request rates.
+UNMEASURED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+# What one finished call hands to a service's own observers: method, status code name, seconds, its record.
+CallObserver = Callable[[str, str, float, timing.CallRecord], None]
+
+
+class ServiceMetrics:
+    """The three request metrics every service has, labelled with the service name."""
+
+    def __init__(self, service: str, registry: CollectorRegistry = REGISTRY) -> None:
+        self.service = service
+        self.registry = registry
+        self.requests = Counter(
+            "tandem_requests",
+            "RPCs finished, by gRPC method and status code",
+            ["service", "method", "code"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "tandem_request_duration_seconds",
+            "Time from receiving an RPC to its status (whole stream for streaming RPCs)",
+            ["service", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "tandem_requests_in_flight",
+            "RPCs being handled now",
+            ["service", "method"],
+            registry=registry,
+        )
+
+
+def _code_name(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    code = context.code()
+    if code is None:
+        return "OK"
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    try:  # the aio context can report the raw integer code
+        return next(c.name for c in grpc.StatusCode if c.value[0] == int(code))
+    except (StopIteration, TypeError, ValueError):
+        return "UNKNOWN"
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts, times and tracks every RPC; sends its stage timings in the `x-tandem-timing` trailer.
+
+    Runs outside the error table, so it sees the final status code of domain errors too. Observers get each
+    finished call (the gateway's stage histograms and access log).
+    """
+
+    def __init__(self, metrics: ServiceMetrics, observers: Iterable[CallObserver] = ()) -> None:
+        self.metrics = metrics
+        self.observers = tuple(observers)
+
+    def _finish(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+        started: float,
+        record: timing.CallRecord,
+        cancelled: bool = False,
+    ) -> None:
+        seconds = time.perf_counter() - started
+        code = "CANCELLED" if cancelled else _code_name(context)
+        m = self.metrics
+        m.requests.labels(m.service, method, code).inc()
+        m.duration.labels(m.service, method).observe(seconds)
+        m.in_flight.labels(m.service, method).dec()
+        for observe in self.observers:
+            try:
+                observe(method, code, seconds, record)
+            except Exception:  # an observer must never fail the call it watches
+                log.exception("observing %s failed", method)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(UNMEASURED_PREFIXES):
+            return handler
+        m = self.metrics
+        if handler.unary_unary is not None:
+            inner: Any = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                record = timing.begin()
+                started = time.perf_counter()
+                m.in_flight.labels(m.service, method).inc()
+                try:
+                    response = await inner(request, context)
+                except asyncio.CancelledError:
+                    self._finish(method, context, started, record, cancelled=True)
+                    raise
+                except BaseException:
+                    self._finish(method, context, started, record)
+                    raise
+                record.timings["total"] = time.perf_counter() - started
+                context.set_trailing_metadata(((timing.TIMING_KEY, timing.format_timings(record.timings)),))
+                self._finish(method, context, started, record)
+                return response
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.stream_stream is not None:
+            inner_ss: Any = handler.stream_stream
+
+            async def stream_stream(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                record = timing.begin()
+                started = time.perf_counter()
+                m.in_flight.labels(m.service, method).inc()
+                cancelled = False
+                try:
+                    async for response in inner_ss(request_iterator, context):
+                        yield response
+                except (asyncio.CancelledError, GeneratorExit):
+                    cancelled = True
+                    raise
+                finally:
+                    self._finish(method, context, started, record, cancelled)
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The gateway
+
+
+class GatewayMetrics:
+    """Per-stage durations and inputs per model, observed from each finished call's record; the access log."""
+
+    STAGES = ("tokenize", "infer", "postprocess")
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY, *, access_log_enabled: bool = True) -> None:
+        self.stage_seconds = Histogram(
+            "tandem_gateway_stage_seconds",
+            "Time a public call spent in each stage call, as the gateway saw it",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inputs = Counter(
+            "tandem_gateway_inputs",
+            "Texts (or documents) answered, by the model that served them",
+            ["model"],
+            registry=registry,
+        )
+        self.access_log_enabled = access_log_enabled
+
+    def observe(self, method: str, code: str, seconds: float, record: timing.CallRecord) -> None:
+        for name in self.STAGES:
+            if name in record.timings:
+                self.stage_seconds.labels(name).observe(record.timings[name])
+        model, inputs = record.fields.get("served_model"), record.fields.get("inputs")
+        # Only the model that served a call labels it: the name a caller sent is unbounded.
+        if code == "OK" and isinstance(model, str) and isinstance(inputs, int):
+            self.inputs.labels(model).inc(inputs)
+        if self.access_log_enabled and access_log.isEnabledFor(logging.INFO):
+            self.log(method, code, seconds, record)
+
+    @staticmethod
+    def log(method: str, code: str, seconds: float, record: timing.CallRecord) -> None:
+        facts = dict(record.fields)
+        served = facts.pop("served_model", None)
+        if served is not None:  # the name that answered, rather than the alias or empty name that was asked for
+            facts["model"] = served
+        stages = {f"{name}_ms": round(s * 1000, 3) for name, s in record.timings.items() if name != "total"}
+        fields: dict[str, object] = {
+            "method": method,
+            "code": code,
+            **facts,
+            **stages,
+            "total_ms": round(seconds * 1000, 3),
+        }
+        text = " ".join(f"{k}={v}" for k, v in fields.items())
+        access_log.info("%s", text, extra={"fields": fields})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The tokenizer
+
+
+class TokenizerMetrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.tokens = Histogram(
+            "tandem_tokenizer_request_tokens",
+            "Tokens produced by one Tokenize call (all its texts)",
+            ["model"],
+            buckets=TOKEN_BUCKETS,
+            registry=registry,
+        )
+
+    def observe(self, method: str, code: str, seconds: float, record: timing.CallRecord) -> None:
+        model, tokens = record.fields.get("served_model"), record.fields.get("tokens")
+        if code == "OK" and isinstance(model, str) and isinstance(tokens, int):
+            self.tokens.labels(model).observe(tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The inference stage
+
+
+class ModelGauges(Protocol):
+    """What the inference core reports at scrape time: (model, version, state, sequences pending) per version."""
+
+    def gauges(self) -> list[tuple[str, str, str, int]]: ...
+
+
+class BatchRecorder:
+    """The batcher of one model reports here: how long requests queued, and each model call."""
+
+    def __init__(self, metrics: InferenceMetrics, model: str) -> None:
+        self._queue = metrics.queue_seconds.labels(model)
+        self._compute = metrics.compute_seconds.labels(model)
+        self._size = metrics.batch_size.labels(model)
+        self._tokens = metrics.batch_tokens.labels(model)
+
+    def queued(self, seconds: float) -> None:
+        self._queue.observe(seconds)
+
+    def batch(self, rows: int, padded_tokens: int, seconds: float) -> None:
+        self._size.observe(rows)
+        self._tokens.observe(padded_tokens)
+        self._compute.observe(seconds)
+
+
+class InferenceMetrics:
+    """Batching histograms; queue depth, model states and GPU memory are read from the core at scrape time."""
+
+    STATES = ("loading", "ready", "failed", "unloading", "unloaded")
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.registry = registry
+        self.queue_seconds = Histogram(
+            "tandem_inference_queue_seconds",
+            "Time a request waited in the batcher before its first model call",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.compute_seconds = Histogram(
+            "tandem_inference_compute_seconds",
+            "Duration of one padded model call",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "tandem_inference_batch_size",
+            "Sequences in one model call",
+            ["model"],
+            buckets=SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.batch_tokens = Histogram(
+            "tandem_inference_batch_tokens",
+            "Padded tokens (rows x longest) in one model call",
+            ["model"],
+            buckets=TOKEN_BUCKETS,
+            registry=registry,
+        )
+
+    def recorder(self, model: str) -> BatchRecorder:
+        return BatchRecorder(self, model)
+
+    def watch(self, core: ModelGauges) -> None:
+        """Registers the scrape-time gauges of `core`."""
+        self.registry.register(_InferenceCollector(core))
+
+
+class _InferenceCollector(Collector):
+    def __init__(self, core: ModelGauges) -> None:
+        self.core = core
+
+    def collect(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily(
+            "tandem_inference_queue_depth", "Sequences admitted and not yet answered, by model", labels=["model"]
+        )
+        states = GaugeMetricFamily(
+            "tandem_model_state",
+            "1 for the state each loaded model version is in",
+            labels=["model", "version", "state"],
+        )
+        pending: dict[str, int] = {}
+        for model, version, state, count in self._gauges():
+            pending[model] = pending.get(model, 0) + count
+            for name in InferenceMetrics.STATES:
+                states.add_metric([model, version, name], 1.0 if name == state else 0.0)
+        for model, count in sorted(pending.items()):
+            depth.add_metric([model], count)
+        yield depth
+        yield states
+        yield from _gpu_memory()
+
+    def _gauges(self) -> list[tuple[str, str, str, int]]:
+        # Scrapes run in the HTTP server's thread while the event loop changes the model table: retry a torn read.
+        for _ in range(3):
+            try:
+                return self.core.gauges()
+            except RuntimeError:
+                continue
+        return []
+
+
+def _gpu_memory() -> Iterator[Metric]:
+    torch = sys.modules.get("torch")  # never imported just for this
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return
+    allocated = GaugeMetricFamily(
+        "tandem_gpu_memory_allocated_bytes", "GPU memory held by tensors of this process", labels=["device"]
+    )
+    reserved = GaugeMetricFamily(
+        "tandem_gpu_memory_reserved_bytes", "GPU memory reserved by this process's caching allocator", labels=["device"]
+    )
+    for i in range(torch.cuda.device_count()):
+        allocated.add_metric([str(i)], float(torch.cuda.memory_allocated(i)))
+        reserved.add_metric([str(i)], float(torch.cuda.memory_reserved(i)))
+    yield allocated
+    yield reserved
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Serving /metrics
+
+
+class MetricsServer:
+    """/metrics over HTTP in a daemon thread."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self._httpd, self._thread = start_wsgi_server(port, host, registry)
+        self.host = host
+        self.port: int = self._httpd.server_port
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+def metrics_host(listen: str) -> str:
+    """The host of the gRPC listener (loopback for a Unix socket), so /metrics is exposed exactly as widely."""
+    if listen.startswith("unix:"):
+        return "127.0.0.1"
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    # ":50051" means every interface to gRPC too.
+    return host or "0.0.0.0"
+
+
+def serve_metrics(registry: CollectorRegistry, listen: str, port: int | None) -> MetricsServer | None:
+    """Starts /metrics beside the gRPC listener; None when `port` is None (off). Port 0 picks a free one."""
+    if port is None:
+        return None
+    server = MetricsServer(registry, metrics_host(listen), port)
+    log.info("metrics on http://%s:%d/metrics", server.host, server.port)
+    return server

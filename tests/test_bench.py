@@ -1,0 +1,55 @@
+"""`tandem bench` against live servers: every API mode completes, counts its texts and reports only OK codes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from tandem import bench
+from tests.conftest import Stack
+
+
+async def test_bench_runs_every_api_and_writes_results(stack: Stack, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    argv = [
+        "--target",
+        stack.gateway.address,
+        "--model",
+        "tiny-embed,tiny-embed-cls",
+        "--api",
+        "embed,stream,oip",
+        "--concurrency",
+        "1,3",
+        "--texts-per-request",
+        "1,4",
+        "--texts-per-cell",
+        "12",
+        "--skip-bare",
+        "--out",
+        str(out),
+    ]
+    assert await asyncio.to_thread(bench.main, argv) == 0
+    report = json.loads((out / "bench.json").read_text())
+    rows = report["results"]
+    assert {(r["model"], r["api"], r["concurrency"], r["texts_per_request"]) for r in rows} == {
+        (m, a, c, n)
+        for m in ("tiny-embed", "tiny-embed-cls")
+        for a in ("embed", "stream", "oip")
+        for c in (1, 3)
+        for n in (1, 4)
+    }
+    for row in rows:
+        expected_requests = max(row["concurrency"] * 4, 12 // row["texts_per_request"])
+        assert row["codes"] == {"OK": expected_requests}, row
+        assert row["requests"] == expected_requests
+        assert row["texts_per_s"] > 0
+    assert (out / "bench.png").stat().st_size > 0
+
+
+def test_bench_refuses_an_unknown_api(tmp_path: Path) -> None:
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--api", "embed,rest", "--skip-bare", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
