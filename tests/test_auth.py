@@ -101,7 +101,7 @@ async def test_x_api_key_and_bearer_both_work(keyed: Gateway) -> None:
     assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "MISSING_CREDENTIALS")
 
 
-async def _drain(call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
+async def _drain(call: grpc.aio.StreamStreamCall | grpc.aio.UnaryStreamCall) -> None:  # type: ignore[type-arg]
     async for _ in call:
         pass
 
@@ -168,6 +168,12 @@ async def test_health_and_reflection_can_be_closed(stack: Stack) -> None:
         code, reason, _ = await refused(health.Check(health_pb2.HealthCheckRequest()))
         assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "MISSING_CREDENTIALS")
         assert (await health.Check(health_pb2.HealthCheckRequest(), metadata=key(USER_KEY))).status
+        # Watch is server-streaming: refused without a key, answered with one.
+        code, reason, _ = await refused(_drain(health.Watch(health_pb2.HealthCheckRequest())))
+        assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "MISSING_CREDENTIALS")
+        watch = health.Watch(health_pb2.HealthCheckRequest(), metadata=key(USER_KEY))
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
         reflection = reflection_pb2_grpc.ServerReflectionStub(gateway.channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         code, reason, _ = await refused(_drain(reflection.ServerReflectionInfo(iter([request]))))
