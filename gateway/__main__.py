@@ -41,6 +41,7 @@ def build_pipeline(settings: GatewaySettings, security: tls.ChannelSecurity | No
         model_cache_ttl_s=settings.model_cache_ttl_s,
         coalesce=settings.coalesce,
         coalesce_max_inputs=settings.coalesce_max_inputs,
+        coalesce_max_queued=settings.coalesce_max_queued,
     )
 
 

@@ -17,7 +17,7 @@ from typing import Generic, TypeVar
 
 from opentelemetry import trace
 
-from services.common import timing, tracing
+from services.common import errors, timing, tracing
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +45,35 @@ class Coalescer(Generic[Key, Result]):
         *,
         max_inputs: int = 256,
         max_inflight: int = 2,
+        max_queued: int | None = None,
     ) -> None:
         self._run_fn = run
         self._split = split
         self.max_inputs = max_inputs
         # Two runs per key keep the model busy: one is tokenized or postprocessed while the other runs.
         self.max_inflight = max_inflight
+        # Admission control: past this many inputs waiting for one key, a new request is refused at once
+        # (RESOURCE_EXHAUSTED with RetryInfo) instead of waiting here only to be refused by a full model queue.
+        self.max_queued = max_queued
+        self._queued: Counter[Key] = Counter()
         self._queues: dict[Key, list[_Waiter[Result]]] = {}
         self._inflight: Counter[Key] = Counter()
+        # Per key, a smaller merge size learned from a stage that refused a merged run as too large (the inference
+        # stage's per-request limit is its model's queue size, which the gateway is not told).
+        self._caps: dict[Key, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.runs = 0
 
     async def submit(self, key: Key, inputs: Sequence[str], deadline: float) -> Result:
+        waiting = self._queued[key]
+        if self.max_queued is not None and waiting and waiting + len(inputs) > self.max_queued:
+            raise errors.resource_exhausted(
+                f"too many texts waiting for this model at the gateway: {waiting}, limit {self.max_queued}"
+            )
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         waiter = _Waiter(inputs, future, deadline, trace.get_current_span(), timing.current())
         self._queues.setdefault(key, []).append(waiter)
+        self._queued[key] += len(inputs)
         self._start_runs(key)
         # A cancelled caller cancels its future: its inputs are dropped if its run has not started yet.
         return await future
@@ -68,14 +82,17 @@ class Coalescer(Generic[Key, Result]):
         queue = self._queues.get(key, [])
         taken: list[_Waiter[Result]] = []
         count = 0
-        while queue and (not taken or count + len(queue[0].inputs) <= self.max_inputs):
+        cap = self._caps.get(key, self.max_inputs)
+        while queue and (not taken or count + len(queue[0].inputs) <= cap):
             waiter = queue.pop(0)
+            self._queued[key] -= len(waiter.inputs)
             if waiter.future.done():
                 continue
             taken.append(waiter)
             count += len(waiter.inputs)
         if not queue:
             self._queues.pop(key, None)
+            self._queued.pop(key, None)
         return taken
 
     def _start_runs(self, key: Key) -> None:
@@ -101,6 +118,16 @@ class Coalescer(Generic[Key, Result]):
                     result = await self._run_fn(key, inputs, max(w.deadline for w in live))
                 parts = self._split(result, [len(w.inputs) for w in live])
             except Exception as exc:  # every caller of the run sees the run's error
+                if len(live) > 1 and errors.reason_of(exc) == errors.TOO_MANY_INPUTS:
+                    # Too large because it was merged, not because of any caller: no caller may see that error.
+                    # Merge at most half as much from now on and run these callers again, first in line.
+                    self._caps[key] = max(1, len(inputs) // 2)
+                    log.info(
+                        "a merged run of %d inputs was too large; merging at most %d now", len(inputs), self._caps[key]
+                    )
+                    self._queues.setdefault(key, [])[:0] = live
+                    self._queued[key] += len(inputs)
+                    return
                 _share(run_record, live)
                 for w in live:
                     if not w.future.done():

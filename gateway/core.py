@@ -158,6 +158,7 @@ class Pipeline:
         model_cache_ttl_s: float = 1.0,
         coalesce: bool = True,
         coalesce_max_inputs: int = 256,
+        coalesce_max_queued: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.inference = inference
@@ -168,13 +169,16 @@ class Pipeline:
         self.coalesce = coalesce
         self.catalog = ModelCatalog(inference, model_cache_ttl_s)
         self._embeds: Coalescer[EmbedKey, Embeddings] = Coalescer(
-            self._embed_run, Embeddings.split, max_inputs=coalesce_max_inputs
+            self._embed_run, Embeddings.split, max_inputs=coalesce_max_inputs, max_queued=coalesce_max_queued
         )
         self._classifies: Coalescer[ClassifyKey, Classifications] = Coalescer(
-            self._classify_run, Classifications.split, max_inputs=coalesce_max_inputs
+            self._classify_run, Classifications.split, max_inputs=coalesce_max_inputs, max_queued=coalesce_max_queued
         )
         self._token_classifies: Coalescer[ClassifyKey, TokenClassifications] = Coalescer(
-            self._classify_tokens_run, TokenClassifications.split, max_inputs=coalesce_max_inputs
+            self._classify_tokens_run,
+            TokenClassifications.split,
+            max_inputs=coalesce_max_inputs,
+            max_queued=coalesce_max_queued,
         )
 
     def deadline(self, time_remaining: float | None) -> float:

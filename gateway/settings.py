@@ -24,6 +24,11 @@ class GatewaySettings(ServiceSettings):
     model_cache_ttl_s: float = Field(1.0, ge=0, description="how long a model description is reused")
     coalesce: bool = Field(True, description="merge concurrent requests for one model into one pipeline run")
     coalesce_max_inputs: int = Field(256, ge=1, description="most texts in one merged run")
+    coalesce_max_queued: int = Field(
+        2048,
+        ge=1,
+        description="most texts waiting at the gateway for one model; more are refused at once (RESOURCE_EXHAUSTED)",
+    )
     hedge_after_s: float = Field(
         2.0, ge=0, description="send a second attempt to another replica when a stage call is this slow (0: off)"
     )
@@ -37,7 +42,10 @@ class GatewaySettings(ServiceSettings):
         100_000, ge=1, description="most characters in one text (or query, or document); longer is INVALID_ARGUMENT"
     )
     max_concurrent_streams: int = Field(
-        100, ge=1, description="most calls in flight at once on one client connection (HTTP/2 streams)"
+        1000,
+        ge=1,
+        description="most calls in flight at once on one client connection (HTTP/2 streams); calls beyond it fail "
+        "UNAVAILABLE (REFUSED_STREAM) at the client",
     )
     api_keys_file: Path | None = Field(
         None, description="API keys, one a line: KEY [SCOPE[,SCOPE]] (scopes: infer, admin; default infer)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 
+import grpc
 import pytest
 
 from gateway.coalescer import Coalescer
@@ -82,3 +83,57 @@ async def test_a_cancelled_caller_is_dropped_before_its_run() -> None:
     with pytest.raises(asyncio.CancelledError):
         await doomed
     assert recorder.runs == [["first"], ["kept"]]
+
+
+async def test_a_merged_run_too_large_for_the_stage_is_split_not_failed() -> None:
+    """A stage refuses more than 3 inputs per request: merged callers are re-run in smaller merges, none fails;
+    a single caller that alone is too large still gets the stage's INVALID_ARGUMENT."""
+    from services.common import errors
+
+    sizes: list[int] = []
+
+    async def run(key: str, inputs: list[str], deadline: float) -> list[str]:
+        sizes.append(len(inputs))
+        await asyncio.sleep(0.01)
+        if len(inputs) > 3:
+            raise errors.invalid_argument(
+                f"{len(inputs)} sequences exceed the limit of 3 per request", "batch", reason=errors.TOO_MANY_INPUTS
+            )
+        return [text.upper() for text in inputs]
+
+    coalescer: Coalescer[str, list[str]] = Coalescer(run, split, max_inputs=64, max_inflight=1)
+    requests = [[f"t{i}"] for i in range(12)]
+    results = await asyncio.gather(*(coalescer.submit("k", r, 1e9) for r in requests))
+    assert results == [[f"T{i}"] for i in range(12)]
+    assert max(sizes) > 3  # the first merge was too large ...
+    assert sizes[-1] <= 3  # ... and later merges fit
+    with pytest.raises(errors.TandemError) as caught:
+        await coalescer.submit("k", ["a", "b", "c", "d"], 1e9)
+    assert (caught.value.code, errors.reason_of(caught.value)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "TOO_MANY_INPUTS",
+    )
+
+
+async def test_past_max_queued_a_request_is_refused_at_once() -> None:
+    """With one run in flight and 4 texts waiting, a fifth is refused with RESOURCE_EXHAUSTED and RetryInfo, fast;
+    the waiting ones are still served."""
+    from services.common import errors
+
+    recorder = Recorder(delay_s=0.2)
+    coalescer: Coalescer[str, list[str]] = Coalescer(recorder.run, split, max_inflight=1, max_queued=4)
+    first = asyncio.ensure_future(coalescer.submit("k", ["running"], 1e9))
+    await recorder.started.wait()
+    waiting = [asyncio.ensure_future(coalescer.submit("k", [f"w{i}"], 1e9)) for i in range(4)]
+    await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(errors.TandemError) as caught:
+        await coalescer.submit("k", ["one too many"], 1e9)
+    assert loop.time() - start < 0.05  # refused without waiting for the run in flight
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert errors.reason_of(caught.value) == "QUEUE_FULL" and caught.value.retry_after_s is not None
+    assert "too many texts waiting for this model at the gateway: 4, limit 4" in str(caught.value)
+    assert await first == ["k:RUNNING"]
+    assert await asyncio.gather(*waiting) == [[f"k:W{i}"] for i in range(4)]
+    assert await coalescer.submit("k", ["later"], 1e9) == ["k:LATER"]  # the count went back down

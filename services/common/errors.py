@@ -153,6 +153,19 @@ def code_from_number(number: int) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+def reason_of(err: BaseException) -> str:
+    """The ErrorInfo reason of a domain error, also of one passed on from another stage; "" for anything else."""
+    if not isinstance(err, TandemError):
+        return ""
+    if err.upstream is None:
+        return err.reason
+    for detail in err.upstream.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return str(info.reason)
+    return ""
+
+
 def from_upstream(status: status_pb2.Status) -> TandemError:
     """A status received from another stage, kept whole so the gateway passes it on with its code and details."""
     return TandemError(status.message, code=code_from_number(status.code), upstream=status)
@@ -171,6 +184,7 @@ __all__ = [
     "not_found",
     "permission_denied",
     "rate_limited",
+    "reason_of",
     "resource_exhausted",
     "unauthenticated",
     "unavailable",
