@@ -58,10 +58,13 @@ def channel_options(service_name: str, max_message_bytes: int) -> list[tuple[str
         ("grpc.enable_retries", 1),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
-        # Stage links are internal and short: pinging every 2 s finds a hung (not just dead) replica within
-        # seconds, closes its connection and lets round_robin and the retry policy move its calls elsewhere.
-        ("grpc.keepalive_time_ms", 2_000),
+        # Stage links are internal and short: pinging every second finds a hung (not just dead) replica within
+        # seconds, closes its connection and lets round_robin and the retries move its calls elsewhere.
+        ("grpc.keepalive_time_ms", 1_000),
         ("grpc.keepalive_timeout_ms", 2_000),
+        # gRPC core waits for a ping's ack this long (default 60 s, whatever keepalive_timeout says): without it, a
+        # SIGSTOPped replica kept its connection, and the calls on it, until their deadline.
+        ("grpc.http2.ping_timeout_ms", 2_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.initial_reconnect_backoff_ms", 100),
