@@ -63,6 +63,51 @@ async def test_the_request_id_is_echoed_or_made_up(stack: object) -> None:
     await fresh
 
 
+async def test_every_line_each_service_logs_for_a_call_carries_its_request_id(
+    stack: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One id from the caller through gateway, tokenizer, inference and postprocess, in text and JSON lines alike."""
+    import json
+
+    from services.common.logging import _JsonFormatter
+    from tandem.gateway.v1 import gateway_pb2
+
+    stub = stack.stub  # type: ignore[attr-defined]
+    with caplog.at_level(logging.DEBUG):
+        # Texts no other test sends, so no cache or merged run answers for another call.
+        await stub.Embed(
+            gateway_pb2.EmbedRequest(model="tiny-embed", inputs=["trail one text"]),
+            metadata=(("x-request-id", "trail-1"),),
+        )
+        await stub.Rerank(
+            gateway_pb2.RerankRequest(model="tiny-rerank", query="trail two", documents=["a trail", "two"]),
+            metadata=(("x-request-id", "trail-2"),),
+        )
+        with pytest.raises(grpc.aio.AioRpcError):  # refused by the stage that looks the model up
+            await stub.Embed(
+                gateway_pb2.EmbedRequest(model="no-such-model", inputs=["x"]), metadata=(("x-request-id", "trail-3"),)
+            )
+    # Lines of Tandem's own code; health probes the gateway may send meanwhile are other calls with their own ids.
+    ours = [
+        r
+        for r in caplog.records
+        if r.name.split(".")[0] in ("services", "gateway", "tandem") and "grpc.health" not in r.getMessage()
+    ]
+    rids = {getattr(r, "request_id") for r in ours}  # noqa: B009
+    assert rids == {"trail-1", "trail-2", "trail-3"}
+
+    def stages(rid: str) -> set[str]:
+        called = [r.getMessage().split()[0] for r in ours if getattr(r, "request_id") == rid]  # noqa: B009
+        return {m.split("/")[1].split(".")[1] for m in called if m.startswith("/tandem.")}
+
+    assert stages("trail-1") == stages("trail-2") == {"gateway", "tokenizer", "inference", "postprocess"}
+    assert "gateway" in stages("trail-3") and len(stages("trail-3")) > 1  # the stage that refused logged it too
+    refusals = [r for r in ours if "answered NOT_FOUND" in r.getMessage()]
+    assert refusals and all(getattr(r, "request_id") == "trail-3" for r in refusals)  # noqa: B009
+    formatter = _JsonFormatter()
+    assert {json.loads(formatter.format(r))["request_id"] for r in ours} == rids
+
+
 async def test_stop_turns_health_not_serving_first() -> None:
     running = await start_server("127.0.0.1:0", [registrar(BrokenTokenizer())])  # type: ignore[arg-type]
     async with grpc.aio.insecure_channel(running.address) as channel:

@@ -45,10 +45,14 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], err: errors.Ta
 async def _error_table(context: grpc.aio.ServicerContext[Any, Any], rid: str, method: str) -> AsyncIterator[None]:
     """Around one RPC: its request id, then domain errors as rich statuses, anything else as a bare INTERNAL."""
     request_id.set(rid)
+    # One DEBUG line per call and stage: with --log-level DEBUG, grepping a request id finds its path through every
+    # service (the id is on every line; see services.common.logging).
+    log.debug("%s called", method)
     try:
         await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
         yield
     except errors.TandemError as err:
+        log.debug("%s answered %s: %s", method, err.code.name, err.message)
         await abort_with(context, err)
     except (asyncio.CancelledError, grpc.aio.AbortError):
         raise
