@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.auth import AuthInterceptor, KeyRing, parse_keys
 from gateway.limits import RateLimiter, RateLimitInterceptor, request_cost
@@ -216,3 +218,101 @@ def test_limits_are_settings() -> None:
     assert not settings.auth_open_reflection and settings.auth_open_health
     defaults = GatewaySettings()
     assert (defaults.max_input_chars, defaults.rate_limit_texts_per_s, defaults.api_keys_file) == (100_000, 0, None)
+
+
+def _big_request(service: str) -> tuple[str, bytes]:
+    """A request of about 100 KiB to one RPC of `service`, serialized."""
+    from tandem.inference.v1 import inference_pb2
+    from tandem.postprocess.v1 import postprocess_pb2
+    from tandem.tensor.v1 import tensor_pb2
+    from tandem.tokenizer.v1 import tokenizer_pb2
+
+    text = "x" * 100_000
+    if service == "gateway":
+        return "/tandem.gateway.v1.GatewayService/Embed", gateway_pb2.EmbedRequest(inputs=[text]).SerializeToString()
+    if service == "tokenizer":
+        return "/tandem.tokenizer.v1.TokenizerService/Tokenize", tokenizer_pb2.TokenizeRequest(
+            texts=[text]
+        ).SerializeToString()
+    ids = tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_INT64, shape=[12_800], data=bytes(102_400))
+    if service == "inference":
+        batch = tensor_pb2.TokenBatch(input_ids=ids)
+        return "/tandem.inference.v1.InferenceService/Infer", inference_pb2.InferRequest(
+            batch=batch
+        ).SerializeToString()
+    floats = tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=[800, 32], data=bytes(102_400))
+    return "/tandem.postprocess.v1.PostprocessService/Pool", postprocess_pb2.PoolRequest(
+        token_embeddings=floats
+    ).SerializeToString()
+
+
+@pytest.mark.parametrize("service", ["gateway", "tokenizer", "inference", "postprocess"])
+async def test_a_message_over_max_message_bytes_is_resource_exhausted(
+    stack: Stack, tmp_path: Path, service: str
+) -> None:
+    """Each service's --max-message-bytes, wired as its __main__ does, refuses a bigger request before parsing it."""
+    from gateway.servicer import registrar as gateway_registrar
+    from services.common.repository import ModelRepository
+    from services.common.server import start_server
+    from services.inference.core import Inference
+    from services.inference.servicer import registrar as inference_registrar
+    from services.inference.settings import InferenceSettings
+    from services.postprocess.core import Postprocessor
+    from services.postprocess.servicer import registrar as postprocess_registrar
+    from services.postprocess.settings import PostprocessSettings
+    from services.tokenizer.core import Tokenizer
+    from services.tokenizer.servicer import registrar as tokenizer_registrar
+    from services.tokenizer.settings import TokenizerSettings
+
+    settings_of = {
+        "gateway": GatewaySettings,
+        "tokenizer": TokenizerSettings,
+        "inference": InferenceSettings,
+        "postprocess": PostprocessSettings,
+    }
+    settings = settings_of[service].from_args(["--max-message-bytes=65536"], f"tandem {service}")
+    assert settings.max_message_bytes == 65_536
+    repository = ModelRepository(stack.repository)
+    registrar = {
+        "gateway": lambda: gateway_registrar(stack.pipeline),
+        "tokenizer": lambda: tokenizer_registrar(Tokenizer(repository)),
+        # Never started: a refused message must not reach the core.
+        "inference": lambda: inference_registrar(Inference(repository, home=tmp_path, watch_s=None)),
+        "postprocess": lambda: postprocess_registrar(Postprocessor(repository)),
+    }[service]()
+    running = await start_server("127.0.0.1:0", [registrar], max_message_bytes=settings.max_message_bytes)
+    try:
+        async with grpc.aio.insecure_channel(running.address) as channel:
+            method, payload = _big_request(service)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await channel.unary_unary(method)(payload, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "larger than max" in (caught.value.details() or "")
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING  # small messages still pass
+    finally:
+        await running.stop(0)
+
+
+async def test_an_answer_over_max_message_bytes_is_resource_exhausted(stack: Stack) -> None:
+    """The limit holds for what a service sends too: a small request whose answer would not fit is refused."""
+    from services.common.repository import ModelRepository
+    from services.common.server import start_server
+    from services.tokenizer.core import Tokenizer
+    from services.tokenizer.servicer import registrar as tokenizer_registrar
+    from tandem.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+
+    tokenizer = Tokenizer(ModelRepository(stack.repository))
+    running = await start_server("127.0.0.1:0", [tokenizer_registrar(tokenizer)], max_message_bytes=65_536)
+    try:
+        async with grpc.aio.insecure_channel(running.address) as channel:
+            stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
+            texts = ["hello world"] * 1_500  # about 20 KB in, over 64 KiB of ids and type ids out
+            assert len(tokenizer_pb2.TokenizeRequest(model="tiny-embed", texts=texts).SerializeToString()) < 65_536
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Tokenize(tokenizer_pb2.TokenizeRequest(model="tiny-embed", texts=texts), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            small = await stub.Tokenize(tokenizer_pb2.TokenizeRequest(model="tiny-embed", texts=texts[:10]), timeout=10)
+            assert small.model == "tiny-embed"
+    finally:
+        await running.stop(0)

@@ -244,6 +244,37 @@ async def test_one_access_log_line_per_request(observed: Observed, caplog: pytes
     json.dumps(ok)  # the JSON formatter writes the fields as they are
 
 
+async def test_json_logs_write_the_access_line_as_one_json_object(
+    observed: Observed, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--json-logs: one line per request at the gateway, with model, inputs, tokens, code, durations and the id."""
+    from services.common.logging import _JsonFormatter, configure
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        configure("INFO", json_logs=True, service="gateway")
+        (handler,) = root.handlers
+        formatter = handler.formatter
+    finally:
+        root.handlers[:], root.level = handlers, level
+    assert isinstance(formatter, _JsonFormatter)
+    with caplog.at_level(logging.INFO, logger="tandem.access"):
+        await observed.stub.Embed(
+            gateway_pb2.EmbedRequest(model="tiny-embed", inputs=["json line", "two"]),
+            metadata=(("x-request-id", "json-1"),),
+        )
+    (record,) = [r for r in caplog.records if r.name == "tandem.access"]
+    text = formatter.format(record)
+    assert "\n" not in text
+    line = json.loads(text)
+    assert (line["request_id"], line["logger"], line["level"]) == ("json-1", "tandem.access", "INFO")
+    assert (line["method"], line["code"]) == ("/tandem.gateway.v1.GatewayService/Embed", "OK")
+    assert (line["model"], line["inputs"]) == ("tiny-embed", 2) and line["tokens"] >= 3
+    durations = {"tokenize_ms", "infer_ms", "queue_ms", "compute_ms", "postprocess_ms", "total_ms"}
+    assert durations <= set(line) and all(isinstance(line[k], float) for k in durations)
+
+
 async def test_inference_reports_its_own_split(observed: Observed) -> None:
     """The inference stage's trailer, which the gateway folds into its caller's."""
     from services.common import tensors
