@@ -513,11 +513,12 @@ class Batcher:
         request = _Request(
             input_ids, token_type_ids, cu[:-1], np.diff(cu), deadline, future, count, queued_at=time.perf_counter()
         )
-        request.caller = trace.get_current_span()
-        request.queued = tracing.tracer().start_span("queue", attributes={"tandem.model": self.name})
         self._pending += count
         future.add_done_callback(lambda _: self._release(count))
-        future.add_done_callback(lambda _: tracing.end(request.queued))
+        if tracing.enabled():  # nothing per request on the hot path while tracing is off
+            request.caller = trace.get_current_span()
+            request.queued = tracing.tracer().start_span("queue", attributes={"tandem.model": self.name})
+            future.add_done_callback(lambda _: tracing.end(request.queued))
         self._queue.append(request)
         self._wakeup.set()
         if self._worker is None:
@@ -619,7 +620,7 @@ class Batcher:
                     request.started_at = started
                     self.observer.queued(started - request.queued_at)
             try:
-                with self._model_run_span(chosen):
+                with self._model_run_span(chosen, riders):
                     await loop.run_in_executor(self._executor, self._execute, chosen)
             except Exception:
                 log.exception("model call of %s failed", self.name)
@@ -638,11 +639,12 @@ class Batcher:
                     assert request.output is not None
                     request.future.set_result(request.output)
 
-    def _model_run_span(self, chosen: list[tuple[_Request, int]]) -> contextlib.AbstractContextManager[trace.Span]:
+    def _model_run_span(
+        self, chosen: list[tuple[_Request, int]], callers: list[_Request]
+    ) -> contextlib.AbstractContextManager[trace.Span]:
         """One span per model call, under its first caller's span and linked to every other caller's."""
         if not tracing.enabled():
             return contextlib.nullcontext(trace.INVALID_SPAN)
-        callers = list(dict.fromkeys(r for r, _ in chosen))
         model, _, version = self.name.rpartition(":")
         lengths = [int(r.lengths[i]) for r, i in chosen]
         return tracing.tracer().start_as_current_span(
