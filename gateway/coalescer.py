@@ -55,7 +55,6 @@ class Coalescer(Generic[Key, Result]):
         # Admission control: past this many inputs waiting for one key, a new request is refused at once
         # (RESOURCE_EXHAUSTED with RetryInfo) instead of waiting here only to be refused by a full model queue.
         self.max_queued = max_queued
-        self._queued: Counter[Key] = Counter()
         self._queues: dict[Key, list[_Waiter[Result]]] = {}
         self._inflight: Counter[Key] = Counter()
         # Per key, a smaller merge size learned from a stage that refused a merged run as too large (the inference
@@ -65,15 +64,16 @@ class Coalescer(Generic[Key, Result]):
         self.runs = 0
 
     async def submit(self, key: Key, inputs: Sequence[str], deadline: float) -> Result:
-        waiting = self._queued[key]
-        if self.max_queued is not None and waiting and waiting + len(inputs) > self.max_queued:
-            raise errors.resource_exhausted(
-                f"too many texts waiting for this model at the gateway: {waiting}, limit {self.max_queued}"
-            )
+        if self.max_queued is not None:
+            # Counted from the queue itself, so a caller that gave up no longer holds a place in it.
+            waiting = sum(len(w.inputs) for w in self._queues.get(key, ()) if not w.future.done())
+            if waiting and waiting + len(inputs) > self.max_queued:
+                raise errors.resource_exhausted(
+                    f"too many texts waiting for this model at the gateway: {waiting}, limit {self.max_queued}"
+                )
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         waiter = _Waiter(inputs, future, deadline, trace.get_current_span(), timing.current())
         self._queues.setdefault(key, []).append(waiter)
-        self._queued[key] += len(inputs)
         self._start_runs(key)
         # A cancelled caller cancels its future: its inputs are dropped if its run has not started yet.
         return await future
@@ -85,14 +85,12 @@ class Coalescer(Generic[Key, Result]):
         cap = self._caps.get(key, self.max_inputs)
         while queue and (not taken or count + len(queue[0].inputs) <= cap):
             waiter = queue.pop(0)
-            self._queued[key] -= len(waiter.inputs)
             if waiter.future.done():
                 continue
             taken.append(waiter)
             count += len(waiter.inputs)
         if not queue:
             self._queues.pop(key, None)
-            self._queued.pop(key, None)
         return taken
 
     def _start_runs(self, key: Key) -> None:
@@ -126,7 +124,6 @@ class Coalescer(Generic[Key, Result]):
                         "a merged run of %d inputs was too large; merging at most %d now", len(inputs), self._caps[key]
                     )
                     self._queues.setdefault(key, [])[:0] = live
-                    self._queued[key] += len(inputs)
                     return
                 _share(run_record, live)
                 for w in live:
