@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,6 +24,7 @@ from tandem.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 log = logging.getLogger(__name__)
 
 Response = TypeVar("Response")
+Stub = TypeVar("Stub")
 
 
 def service_config(service_name: str) -> str:
@@ -89,35 +90,40 @@ def stage_error(stage: str, exc: grpc.aio.AioRpcError) -> errors.TandemError:
     return errors.TandemError(exc.details() or f"{stage} stage failed", code=code, reason=errors.INTERNAL)
 
 
-class StageClient:
-    """A channel to one stage (any number of replicas behind the target) and the call discipline."""
+class StageClient(Generic[Stub]):
+    """A channel to one stage (any number of replicas behind the target) and the call discipline.
+
+    A subclass names its stage, the gRPC service (for the channel's retry policy) and the stub to call it with.
+    """
 
     # Stage timings that this stage reports in its x-tandem-timing trailer and that the gateway passes on to its
     # caller (the inference stage's queue and compute split, which the gateway cannot see).
     forwarded_timings: tuple[str, ...] = ()
 
+    stage: str
+    service_name: str
+    stub_type: Callable[[grpc.aio.Channel], Stub]
+
     def __init__(
         self,
-        stage: str,
-        service_name: str,
         target: str,
         max_message_bytes: int,
         hedge_after_s: float = 0.0,
         *,
         security: ChannelSecurity | None = None,
     ) -> None:
-        self.stage = stage
         self.target = target
         self.hedge_after_s = hedge_after_s
         # TLS (or mTLS) when `security` is given; the health checks share the channel, so they are secured too.
         # A CLIENT span per attempt (hedges and retries each get one) carries `traceparent` to the stage.
         self.channel = secure_or_insecure_channel(
             target,
-            channel_options(service_name, max_message_bytes),
+            channel_options(self.service_name, max_message_bytes),
             security,
             interceptors=tracing.client_interceptors() or None,
         )
         self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._stub = self.stub_type(self.channel)
 
     async def _attempt(self, rpc: Callable[..., Awaitable[Response]], request: Any, deadline: float) -> Response:
         """One logical attempt; UNAVAILABLE or CANCELLED is tried again (on the next replica) while time is left.
@@ -202,24 +208,10 @@ class StageClient:
         await self.channel.close()
 
 
-class TokenizerClient(StageClient):
-    def __init__(
-        self,
-        target: str,
-        max_message_bytes: int,
-        hedge_after_s: float = 0.0,
-        *,
-        security: ChannelSecurity | None = None,
-    ) -> None:
-        super().__init__(
-            "tokenizer",
-            "tandem.tokenizer.v1.TokenizerService",
-            target,
-            max_message_bytes,
-            hedge_after_s,
-            security=security,
-        )
-        self._stub = tokenizer_pb2_grpc.TokenizerServiceStub(self.channel)
+class TokenizerClient(StageClient["tokenizer_pb2_grpc.TokenizerServiceAsyncStub"]):
+    stage = "tokenizer"
+    service_name = "tandem.tokenizer.v1.TokenizerService"
+    stub_type = tokenizer_pb2_grpc.TokenizerServiceStub
 
     async def tokenize(self, request: tokenizer_pb2.TokenizeRequest, deadline: float) -> tokenizer_pb2.TokenizeResponse:
         return await self.call(self._stub.Tokenize, request, deadline, "tokenize")
@@ -230,26 +222,11 @@ class TokenizerClient(StageClient):
         return await self.call(self._stub.Detokenize, request, deadline)
 
 
-class InferenceClient(StageClient):
+class InferenceClient(StageClient["inference_pb2_grpc.InferenceServiceAsyncStub"]):
     forwarded_timings = ("queue", "compute")
-
-    def __init__(
-        self,
-        target: str,
-        max_message_bytes: int,
-        hedge_after_s: float = 0.0,
-        *,
-        security: ChannelSecurity | None = None,
-    ) -> None:
-        super().__init__(
-            "inference",
-            "tandem.inference.v1.InferenceService",
-            target,
-            max_message_bytes,
-            hedge_after_s,
-            security=security,
-        )
-        self._stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
+    stage = "inference"
+    service_name = "tandem.inference.v1.InferenceService"
+    stub_type = inference_pb2_grpc.InferenceServiceStub
 
     async def infer(self, request: inference_pb2.InferRequest, deadline: float) -> inference_pb2.InferResponse:
         return await self.call(self._stub.Infer, request, deadline, "infer")
@@ -261,24 +238,10 @@ class InferenceClient(StageClient):
         return await self.call(self._stub.GetModel, inference_pb2.GetModelRequest(model=model), deadline)
 
 
-class PostprocessClient(StageClient):
-    def __init__(
-        self,
-        target: str,
-        max_message_bytes: int,
-        hedge_after_s: float = 0.0,
-        *,
-        security: ChannelSecurity | None = None,
-    ) -> None:
-        super().__init__(
-            "postprocess",
-            "tandem.postprocess.v1.PostprocessService",
-            target,
-            max_message_bytes,
-            hedge_after_s,
-            security=security,
-        )
-        self._stub = postprocess_pb2_grpc.PostprocessServiceStub(self.channel)
+class PostprocessClient(StageClient["postprocess_pb2_grpc.PostprocessServiceAsyncStub"]):
+    stage = "postprocess"
+    service_name = "tandem.postprocess.v1.PostprocessService"
+    stub_type = postprocess_pb2_grpc.PostprocessServiceStub
 
     async def pool(self, request: postprocess_pb2.PoolRequest, deadline: float) -> postprocess_pb2.PoolResponse:
         return await self.call(self._stub.Pool, request, deadline, "postprocess")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.clients import StageClient
-from services.common.tls import ChannelSecurity
 from tandem.management.v1 import management_pb2, management_pb2_grpc
 
 SERVICE_NAME = "tandem.management.v1.ManagementService"
@@ -25,14 +24,14 @@ def _state_name(state: int) -> str:
     return management_pb2.VersionState.Name(state).removeprefix("VERSION_STATE_")  # type: ignore[arg-type]
 
 
-class ManagementClient(StageClient):
+class ManagementClient(StageClient["management_pb2_grpc.ManagementServiceAsyncStub"]):
     """A channel of its own to the inference stage (every call is idempotent, so the stage channel's retries on
     UNAVAILABLE apply). Behind a round-robin target one replica answers each call: aliases reach the others
     through the repository (aliases.json, read every second); loads and unloads stay with the replica."""
 
-    def __init__(self, target: str, max_message_bytes: int, *, security: ChannelSecurity | None = None) -> None:
-        super().__init__("inference", SERVICE_NAME, target, max_message_bytes, security=security)
-        self._stub = management_pb2_grpc.ManagementServiceStub(self.channel)
+    stage = "inference"
+    service_name = SERVICE_NAME
+    stub_type = management_pb2_grpc.ManagementServiceStub
 
     async def list_models(
         self, request: management_pb2.ListModelsRequest, deadline: float
