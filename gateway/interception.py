@@ -24,11 +24,29 @@ Before = Callable[[Any, Context], Awaitable[None]]
 OnMessage = Callable[[Any, Context], Awaitable[None]]
 
 
-async def _start(before: Before, request: Any, context: Context) -> None:
-    try:
-        await before(request, context)
-    except errors.TandemError as err:
-        await abort_with(context, err)
+def _wrapped(inner: Any, before: Before, on_message: OnMessage | None, request_streaming: bool) -> Any:
+    """`inner` with `before` run first; the same code serves all four kinds, since grpc allows each behaviour as a
+    coroutine, and a response-streaming one also as an async generator."""
+
+    async def start(arg: Any, context: Context) -> Any:
+        try:
+            await before(None if request_streaming else arg, context)
+        except errors.TandemError as err:
+            await abort_with(context, err)
+        return _each(arg, context, on_message) if request_streaming else arg
+
+    if inspect.isasyncgenfunction(inner):
+
+        async def generator(arg: Any, context: Context) -> AsyncIterator[Any]:
+            async for response in inner(await start(arg, context), context):
+                yield response
+
+        return generator
+
+    async def coroutine(arg: Any, context: Context) -> Any:
+        return await inner(await start(arg, context), context)
+
+    return coroutine
 
 
 def _each(request_iterator: AsyncIterator[Any], context: Context, on_message: OnMessage | None) -> Any:
@@ -43,66 +61,19 @@ def _each(request_iterator: AsyncIterator[Any], context: Context, on_message: On
     return messages()
 
 
-def _streaming_response(inner: Any, make_args: Callable[[Any], Any], prelude: Callable[..., Awaitable[None]]) -> Any:
-    """Wraps a response-streaming behaviour, which grpc allows as an async generator or as a coroutine."""
-    if inspect.isasyncgenfunction(inner):
-
-        async def generator(request: Any, context: Context) -> AsyncIterator[Any]:
-            await prelude(request, context)
-            async for response in inner(make_args(request), context):
-                yield response
-
-        return generator
-
-    async def coroutine(request: Any, context: Context) -> Any:
-        await prelude(request, context)
-        return await inner(make_args(request), context)
-
-    return coroutine
-
-
 def wrap_handler(handler: Handler, before: Before, on_message: OnMessage | None = None) -> Handler:
     """The same handler with `before` run at the start of each call and `on_message` on each streamed request."""
     des, ser = handler.request_deserializer, handler.response_serializer
     if handler.unary_unary is not None:
-        inner_uu: Any = handler.unary_unary
-
-        async def unary_unary(request: Any, context: Context) -> Any:
-            await _start(before, request, context)
-            return await inner_uu(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(unary_unary, des, ser)
+        return grpc.unary_unary_rpc_method_handler(_wrapped(handler.unary_unary, before, None, False), des, ser)
     if handler.unary_stream is not None:
-        behaviour = _streaming_response(
-            handler.unary_stream, lambda request: request, lambda request, context: _start(before, request, context)
-        )
-        return grpc.unary_stream_rpc_method_handler(behaviour, des, ser)
+        return grpc.unary_stream_rpc_method_handler(_wrapped(handler.unary_stream, before, None, False), des, ser)
     if handler.stream_unary is not None:
-        inner_su: Any = handler.stream_unary
-
-        async def stream_unary(request_iterator: Any, context: Context) -> Any:
-            await _start(before, None, context)
-            return await inner_su(_each(request_iterator, context, on_message), context)
-
-        return grpc.stream_unary_rpc_method_handler(stream_unary, des, ser)
+        behaviour = _wrapped(handler.stream_unary, before, on_message, True)
+        return grpc.stream_unary_rpc_method_handler(behaviour, des, ser)
     if handler.stream_stream is not None:
-        # The request iterator needs the context to wrap it, so the arguments are rebuilt inside the behaviour.
-        inner_ss: Any = handler.stream_stream
-
-        if inspect.isasyncgenfunction(inner_ss):
-
-            async def stream_stream_gen(request_iterator: Any, context: Context) -> AsyncIterator[Any]:
-                await _start(before, None, context)
-                async for response in inner_ss(_each(request_iterator, context, on_message), context):
-                    yield response
-
-            return grpc.stream_stream_rpc_method_handler(stream_stream_gen, des, ser)
-
-        async def stream_stream(request_iterator: Any, context: Context) -> Any:
-            await _start(before, None, context)
-            return await inner_ss(_each(request_iterator, context, on_message), context)
-
-        return grpc.stream_stream_rpc_method_handler(stream_stream, des, ser)
+        behaviour = _wrapped(handler.stream_stream, before, on_message, True)
+        return grpc.stream_stream_rpc_method_handler(behaviour, des, ser)
     return handler
 
 
