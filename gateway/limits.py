@@ -27,6 +27,8 @@ from services.common import errors
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+# Health and reflection calls are free.
+FREE_PREFIXES = (HEALTH_PREFIX, *REFLECTION_PREFIXES)
 
 
 class TokenBucket:
@@ -138,7 +140,7 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith((HEALTH_PREFIX, *REFLECTION_PREFIXES)):
+        if handler is None or method.startswith(FREE_PREFIXES):
             return handler
 
         async def admit(request: Any, context: Context) -> None:
