@@ -79,16 +79,31 @@ class ServiceMetrics:
         )
 
 
+# The aio context can report the raw integer code rather than the enum.
+_CODE_NAMES: dict[object, str] = {code.value[0]: code.name for code in grpc.StatusCode}
+_CODE_NAMES.update({code: code.name for code in grpc.StatusCode})
+
+
 def _code_name(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     code = context.code()
-    if code is None:
-        return "OK"
-    if isinstance(code, grpc.StatusCode):
-        return code.name
-    try:  # the aio context can report the raw integer code
-        return next(c.name for c in grpc.StatusCode if c.value[0] == int(code))
-    except (StopIteration, TypeError, ValueError):
-        return "UNKNOWN"
+    return "OK" if code is None else _CODE_NAMES.get(code, "UNKNOWN")
+
+
+class _MethodMetrics:
+    """One method's metric children, looked up once: `.labels()` takes a lock and builds a key on every use."""
+
+    def __init__(self, metrics: ServiceMetrics, method: str) -> None:
+        self.in_flight = metrics.in_flight.labels(metrics.service, method)
+        self.duration = metrics.duration.labels(metrics.service, method)
+        self._requests = metrics.requests
+        self._labels = (metrics.service, method)
+        self._by_code: dict[str, Counter] = {}
+
+    def count(self, code: str) -> None:
+        counter = self._by_code.get(code)
+        if counter is None:
+            counter = self._by_code[code] = self._requests.labels(*self._labels, code)
+        counter.inc()
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -101,10 +116,12 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: ServiceMetrics, observers: Iterable[CallObserver] = ()) -> None:
         self.metrics = metrics
         self.observers = tuple(observers)
+        self._methods: dict[str, _MethodMetrics] = {}
 
     def _finish(
         self,
         method: str,
+        m: _MethodMetrics,
         context: grpc.aio.ServicerContext[Any, Any],
         started: float,
         record: timing.CallRecord,
@@ -112,10 +129,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
     ) -> None:
         seconds = time.perf_counter() - started
         code = "CANCELLED" if cancelled else _code_name(context)
-        m = self.metrics
-        m.requests.labels(m.service, method, code).inc()
-        m.duration.labels(m.service, method).observe(seconds)
-        m.in_flight.labels(m.service, method).dec()
+        m.count(code)
+        m.duration.observe(seconds)
+        m.in_flight.dec()
         for observe in self.observers:
             try:
                 observe(method, code, seconds, record)
@@ -131,25 +147,27 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(UNMEASURED_PREFIXES):
             return handler
-        m = self.metrics
+        m = self._methods.get(method)
+        if m is None:  # only methods with a handler get here, so the table is bounded by the services served
+            m = self._methods[method] = _MethodMetrics(self.metrics, method)
         if handler.unary_unary is not None:
             inner: Any = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 record = timing.begin()
                 started = time.perf_counter()
-                m.in_flight.labels(m.service, method).inc()
+                m.in_flight.inc()
                 try:
                     response = await inner(request, context)
                 except asyncio.CancelledError:
-                    self._finish(method, context, started, record, cancelled=True)
+                    self._finish(method, m, context, started, record, cancelled=True)
                     raise
                 except BaseException:
-                    self._finish(method, context, started, record)
+                    self._finish(method, m, context, started, record)
                     raise
                 record.timings["total"] = time.perf_counter() - started
                 context.set_trailing_metadata(((timing.TIMING_KEY, timing.format_timings(record.timings)),))
-                self._finish(method, context, started, record)
+                self._finish(method, m, context, started, record)
                 return response
 
             return grpc.unary_unary_rpc_method_handler(
@@ -161,7 +179,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             async def stream_stream(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 record = timing.begin()
                 started = time.perf_counter()
-                m.in_flight.labels(m.service, method).inc()
+                m.in_flight.inc()
                 cancelled = False
                 try:
                     async for response in inner_ss(request_iterator, context):
@@ -170,7 +188,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                     cancelled = True
                     raise
                 finally:
-                    self._finish(method, context, started, record, cancelled)
+                    self._finish(method, m, context, started, record, cancelled)
 
             return grpc.stream_stream_rpc_method_handler(
                 stream_stream, handler.request_deserializer, handler.response_serializer
