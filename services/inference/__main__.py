@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import sys
 import warnings
 from collections.abc import Sequence
 
 from prometheus_client import REGISTRY
 
-from services.common import logging as tandem_logging
-from services.common import tls, tracing
+from services.common import stage, tls
 from services.common.default_model import repository_root
-from services.common.metrics import InferenceMetrics, MetricsInterceptor, ServiceMetrics, serve_metrics
+from services.common.metrics import InferenceMetrics
 from services.common.repository import ModelRepository
-from services.common.server import exit_with_parent, start_server, wait_for_termination
 from services.inference.core import Inference
 from services.inference.servicer import management_registrar, registrar
 from services.inference.settings import InferenceSettings
-
-log = logging.getLogger(__name__)
 
 
 def build_core(settings: InferenceSettings, metrics: InferenceMetrics | None = None) -> Inference:
@@ -38,42 +32,7 @@ def build_core(settings: InferenceSettings, metrics: InferenceMetrics | None = N
     )
 
 
-async def serve(settings: InferenceSettings, security: tls.ServiceTls | None = None) -> None:
-    security = security or tls.load(settings)
-    metrics = InferenceMetrics(REGISTRY)
-    core = build_core(settings, metrics)
-    metrics.watch(core)
-    # Bound and answering health checks (NOT_SERVING) while models export and warm up, which can take minutes.
-    running = await start_server(
-        settings.listen,
-        [registrar(core), management_registrar(core)],
-        reflection_enabled=settings.reflection,
-        max_message_bytes=settings.max_message_bytes,
-        serving=False,
-        address_file=settings.address_file,
-        interceptors=[*tracing.server_interceptors("inference"), MetricsInterceptor(ServiceMetrics("inference"))],
-        credentials=security.server,
-    )
-    metrics_server = serve_metrics(REGISTRY, settings.listen, settings.metrics_port)
-    log.info("inference listening on %s; loading models", running.address)
-    await core.start()
-    await running.set_serving(True)
-    log.info("inference serving on %s", running.address)
-
-    async def close() -> None:
-        await core.close()
-        if metrics_server is not None:
-            metrics_server.close()
-
-    await wait_for_termination(running, settings.grace_s, close)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    settings = InferenceSettings.from_args(sys.argv[1:] if argv is None else argv, "tandem inference")
-    tandem_logging.configure(settings.log_level, settings.json_logs, service="inference")
-    tracing.configure(settings.otlp_endpoint, "inference", settings.otel_service_name, settings.trace_sample_ratio)
-    security = tls.load_or_exit(settings, "tandem inference")
-    exit_with_parent(settings.parent_pid)
+def _quiet_model_libraries() -> None:
     # Progress bars from model loading would interleave with the structured log lines.
     from transformers.utils import logging as hf_logging
 
@@ -85,7 +44,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
     warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
-    asyncio.run(serve(settings, security))
+
+
+async def serve(settings: InferenceSettings, security: tls.ServiceTls | None = None) -> None:
+    metrics = InferenceMetrics(REGISTRY)
+    core = build_core(settings, metrics)
+    metrics.watch(core)
+    await stage.serve(
+        "inference",
+        settings,
+        security,
+        [registrar(core), management_registrar(core)],
+        warm_up=core.start,
+        close=core.close,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    _quiet_model_libraries()
+    stage.main("inference", InferenceSettings, serve, argv)
 
 
 if __name__ == "__main__":

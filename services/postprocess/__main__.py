@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-import sys
 from collections.abc import Sequence
 
-from prometheus_client import REGISTRY
-
-from services.common import logging as tandem_logging
-from services.common import tls, tracing
+from services.common import stage, tls
 from services.common.default_model import repository_root
-from services.common.metrics import MetricsInterceptor, ServiceMetrics, serve_metrics
 from services.common.repository import ModelRepository
-from services.common.server import exit_with_parent, start_server, wait_for_termination
 from services.postprocess.core import Postprocessor
 from services.postprocess.servicer import registrar
 from services.postprocess.settings import PostprocessSettings
-
-log = logging.getLogger(__name__)
 
 
 def build_core(settings: PostprocessSettings) -> Postprocessor:
@@ -28,35 +19,13 @@ def build_core(settings: PostprocessSettings) -> Postprocessor:
 
 
 async def serve(settings: PostprocessSettings, security: tls.ServiceTls | None = None) -> None:
-    security = security or tls.load(settings)
     core = build_core(settings)
     await asyncio.to_thread(core.preload)
-    running = await start_server(
-        settings.listen,
-        [registrar(core)],
-        reflection_enabled=settings.reflection,
-        max_message_bytes=settings.max_message_bytes,
-        address_file=settings.address_file,
-        interceptors=[*tracing.server_interceptors("postprocess"), MetricsInterceptor(ServiceMetrics("postprocess"))],
-        credentials=security.server,
-    )
-    metrics_server = serve_metrics(REGISTRY, settings.listen, settings.metrics_port)
-    log.info("postprocess serving on %s", running.address)
-
-    async def close() -> None:
-        if metrics_server is not None:
-            metrics_server.close()
-
-    await wait_for_termination(running, settings.grace_s, close)
+    await stage.serve("postprocess", settings, security, [registrar(core)])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    settings = PostprocessSettings.from_args(sys.argv[1:] if argv is None else argv, "tandem postprocess")
-    tandem_logging.configure(settings.log_level, settings.json_logs, service="postprocess")
-    tracing.configure(settings.otlp_endpoint, "postprocess", settings.otel_service_name, settings.trace_sample_ratio)
-    security = tls.load_or_exit(settings, "tandem postprocess")
-    exit_with_parent(settings.parent_pid)
-    asyncio.run(serve(settings, security))
+    stage.main("postprocess", PostprocessSettings, serve, argv)
 
 
 if __name__ == "__main__":
