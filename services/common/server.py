@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -70,6 +71,7 @@ class _Undecodable:
     error: str
 
 
+@functools.cache  # one wrapper per message type, not one per call: the interceptor runs on every RPC
 def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
     # grpc answers a message its deserializer rejects with UNKNOWN (unary) or lets the handler fail (streams);
     # a request that does not parse is the caller's fault, so it becomes INVALID_ARGUMENT here.
