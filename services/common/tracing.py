@@ -139,10 +139,6 @@ def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
     return interceptors
 
 
-def _text(value: str | bytes) -> str | None:
-    return value if isinstance(value, str) else None
-
-
 def _request_attributes(request: Any) -> dict[str, Any]:
     """The model a request names and how many inputs it carries, for any stage's request message."""
     attributes: dict[str, Any] = {}
@@ -167,6 +163,15 @@ class ServerTracing(grpc.aio.ServerInterceptor):
 
     def __init__(self, service: str) -> None:
         self.service = service
+        # Per method: the span attributes every call of it carries, or None for an untraced method.
+        self._attributes: dict[str, dict[str, Any] | None] = {}
+
+    def _method_attributes(self, method: str) -> dict[str, Any] | None:
+        name = method.lstrip("/")
+        if name.startswith(UNTRACED_SERVICES):
+            return None
+        service_name, _, rpc = name.partition("/")
+        return {"rpc.system": "grpc", "rpc.service": service_name, "rpc.method": rpc, SERVICE_ATTRIBUTE: self.service}
 
     async def intercept_service(
         self,
@@ -174,15 +179,20 @@ class ServerTracing(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.lstrip("/").startswith(UNTRACED_SERVICES):
+        if handler is None:
             return handler
-        carrier = {k: v for k, v in handler_call_details.invocation_metadata or () if _text(v) is not None}
-        service_name, _, rpc = method.lstrip("/").partition("/")
-        base = {"rpc.system": "grpc", "rpc.service": service_name, "rpc.method": rpc, SERVICE_ATTRIBUTE: self.service}
+        method = handler_call_details.method
+        if method in self._attributes:
+            base = self._attributes[method]
+        else:  # only methods with a handler get here, so the table is bounded by the services served
+            base = self._attributes[method] = self._method_attributes(method)
+        if base is None:
+            return handler
+        carrier = {k: v for k, v in handler_call_details.invocation_metadata or () if isinstance(v, str)}
+        service = self.service
 
         def start(request: Any = None) -> tuple[trace.Span, contextvars.Token[str | None]]:
-            token = _service.set(self.service)
+            token = _service.set(service)
             span = tracer().start_span(
                 method,
                 context=propagate.extract(carrier),
@@ -190,21 +200,6 @@ class ServerTracing(grpc.aio.ServerInterceptor):
                 attributes={**base, **_request_attributes(request)},
             )
             return span, token
-
-        def finish(span: trace.Span, context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None) -> None:
-            rid = request_id.get()
-            if rid != "-":
-                span.set_attribute(REQUEST_ID_ATTRIBUTE, rid)
-            code = context.code()
-            if code is None and exc is not None:  # not aborted by the error table: the caller went away
-                code = grpc.StatusCode.CANCELLED if isinstance(exc, asyncio.CancelledError) else grpc.StatusCode.UNKNOWN
-            if code is not None and code != grpc.StatusCode.OK:
-                span.set_attribute(GRPC_STATUS_ATTRIBUTE, code.value[0])
-                details = context.details()
-                span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}" if details else code.name))
-            else:
-                span.set_attribute(GRPC_STATUS_ATTRIBUTE, grpc.StatusCode.OK.value[0])
-            span.end()
 
         if handler.unary_unary is not None:
             inner: Any = handler.unary_unary
@@ -219,7 +214,7 @@ class ServerTracing(grpc.aio.ServerInterceptor):
                     failure = exc
                     raise
                 finally:
-                    finish(span, context, failure)
+                    _finish(span, context, failure)
                     _service.reset(token)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -240,7 +235,7 @@ class ServerTracing(grpc.aio.ServerInterceptor):
                     failure = exc
                     raise
                 finally:
-                    finish(span, context, failure)
+                    _finish(span, context, failure)
                     # A stream closed from elsewhere finishes in another context, where the token does not apply.
                     with contextlib.suppress(ValueError):
                         _service.reset(token)
@@ -249,3 +244,20 @@ class ServerTracing(grpc.aio.ServerInterceptor):
                 stream_stream, handler.request_deserializer, handler.response_serializer
             )
         return handler
+
+
+def _finish(span: trace.Span, context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None) -> None:
+    """Ends a call's span with its request id and the status code the error table set (or the reason it broke off)."""
+    rid = request_id.get()
+    if rid != "-":
+        span.set_attribute(REQUEST_ID_ATTRIBUTE, rid)
+    code = context.code()
+    if code is None and exc is not None:  # not aborted by the error table: the caller went away
+        code = grpc.StatusCode.CANCELLED if isinstance(exc, asyncio.CancelledError) else grpc.StatusCode.UNKNOWN
+    if code is not None and code != grpc.StatusCode.OK:
+        span.set_attribute(GRPC_STATUS_ATTRIBUTE, code.value[0])
+        details = context.details()
+        span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}" if details else code.name))
+    else:
+        span.set_attribute(GRPC_STATUS_ATTRIBUTE, grpc.StatusCode.OK.value[0])
+    span.end()
