@@ -70,15 +70,16 @@ def stage(name: str) -> Iterator[None]:
 
 # Pipeline order; other stages follow in the order they were recorded, and the total comes last.
 ORDER = ("tokenize", "infer", "queue", "compute", "postprocess")
+_RANK = {**{name: i for i, name in enumerate(ORDER)}, "total": len(ORDER) + 1}
+
+
+def _rank(item: tuple[str, float]) -> int:
+    return _RANK.get(item[0], len(ORDER))
 
 
 def format_timings(timings: Mapping[str, float]) -> str:
     """`tokenize=0.41ms, infer=4.10ms, queue=0.80ms, ...`: milliseconds, stages in pipeline order, total last."""
-
-    def rank(name: str) -> int:
-        return ORDER.index(name) if name in ORDER else len(ORDER) + (name == "total")
-
-    ordered = sorted(timings.items(), key=lambda item: rank(item[0]))
+    ordered = sorted(timings.items(), key=_rank)
     return ", ".join(f"{name}={seconds * 1000:.2f}ms" for name, seconds in ordered)
 
 
