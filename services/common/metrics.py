@@ -8,6 +8,7 @@ fresh `CollectorRegistry`, so the same metric names never collide and every scra
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 import time
@@ -220,15 +221,18 @@ class GatewayMetrics:
             registry=registry,
         )
         self.access_log_enabled = access_log_enabled
+        # Children looked up once per stage and model: observe runs on every public call.
+        self._stage = functools.cache(self.stage_seconds.labels)
+        self._inputs = functools.cache(self.inputs.labels)
 
     def observe(self, method: str, code: str, seconds: float, record: timing.CallRecord) -> None:
         for name in self.STAGES:
             if name in record.timings:
-                self.stage_seconds.labels(name).observe(record.timings[name])
+                self._stage(name).observe(record.timings[name])
         model, inputs = record.fields.get("served_model"), record.fields.get("inputs")
         # Only the model that served a call labels it: the name a caller sent is unbounded.
         if code == "OK" and isinstance(model, str) and isinstance(inputs, int):
-            self.inputs.labels(model).inc(inputs)
+            self._inputs(model).inc(inputs)
         if self.access_log_enabled and access_log.isEnabledFor(logging.INFO):
             self.log(method, code, seconds, record)
 
@@ -263,11 +267,12 @@ class TokenizerMetrics:
             buckets=TOKEN_BUCKETS,
             registry=registry,
         )
+        self._tokens = functools.cache(self.tokens.labels)  # one child per served model, looked up once
 
     def observe(self, method: str, code: str, seconds: float, record: timing.CallRecord) -> None:
         model, tokens = record.fields.get("served_model"), record.fields.get("tokens")
         if code == "OK" and isinstance(model, str) and isinstance(tokens, int):
-            self.tokens.labels(model).observe(tokens)
+            self._tokens(model).observe(tokens)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
