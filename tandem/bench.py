@@ -8,7 +8,6 @@ import json
 import os
 import random
 import statistics
-import struct
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -232,10 +231,11 @@ def _code_name(number: int) -> str:
 
 def _oip_request(model: str, batch: Sequence[str]) -> Any:
     """ModelInfer with the texts as one BYTES input in raw_input_contents, as Triton clients send it."""
+    from gateway.oip.converters import encode_bytes_tensor
     from inference import grpc_service_pb2
 
     name, _, version = model.partition(":")
-    raw = b"".join(struct.pack("<I", len(b)) + b for b in (t.encode() for t in batch))
+    raw = encode_bytes_tensor([t.encode() for t in batch])
     return grpc_service_pb2.ModelInferRequest(
         model_name=name,
         model_version=version,
