@@ -128,9 +128,9 @@ class StageClient(Generic[Stub]):
     async def _attempt(self, rpc: Callable[..., Awaitable[Response]], request: Any, deadline: float) -> Response:
         """One logical attempt; UNAVAILABLE or CANCELLED is tried again (on the next replica) while time is left.
 
-        The channel's retry policy cannot retry a call whose response headers already arrived (the stages send
-        the request id in them), such as one cut off by a replica that died mid-call; every stage RPC is
-        idempotent, so it is retried here.
+        The channel's retry policy cannot retry a call whose response headers already arrived, such as one cut off
+        by a replica that died while sending its answer, nor one that failed CANCELLED (a replica draining past
+        its grace period); every stage RPC is idempotent, so those are retried here.
         """
         for retry in range(3):
             timeout = deadline - time.monotonic()

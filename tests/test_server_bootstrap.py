@@ -63,6 +63,26 @@ async def test_the_request_id_is_echoed_or_made_up(stack: object) -> None:
     await fresh
 
 
+async def test_a_stage_server_does_not_echo_the_request_id_but_still_logs_it(caplog: pytest.LogCaptureFixture) -> None:
+    """Stages answer only the gateway, which sent the id: no headers ahead of the answer (one write less a call)."""
+    running = await start_server(
+        "127.0.0.1:0",
+        [registrar(BrokenTokenizer())],  # type: ignore[arg-type]
+        echo_request_id=False,
+    )
+    try:
+        async with grpc.aio.insecure_channel(running.address) as channel:
+            stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
+            call = stub.Tokenize(tokenizer_pb2.TokenizeRequest(texts=["x"]), metadata=(("x-request-id", "quiet-1"),))
+            with caplog.at_level(logging.ERROR), pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            assert caught.value.code() == grpc.StatusCode.INTERNAL
+            assert "x-request-id" not in dict(await call.initial_metadata())
+            assert any(getattr(r, "request_id", None) == "quiet-1" for r in caplog.records)
+    finally:
+        await running.stop(0)
+
+
 async def test_every_line_each_service_logs_for_a_call_carries_its_request_id(
     stack: object, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -43,14 +43,17 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], err: errors.Ta
 
 
 @contextlib.asynccontextmanager
-async def _error_table(context: grpc.aio.ServicerContext[Any, Any], rid: str, method: str) -> AsyncIterator[None]:
+async def _error_table(
+    context: grpc.aio.ServicerContext[Any, Any], rid: str, method: str, echo: bool
+) -> AsyncIterator[None]:
     """Around one RPC: its request id, then domain errors as rich statuses, anything else as a bare INTERNAL."""
     request_id.set(rid)
     # One DEBUG line per call and stage: with --log-level DEBUG, grepping a request id finds its path through every
     # service (the id is on every line; see services.common.logging).
     log.debug("%s called", method)
     try:
-        await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
+        if echo:
+            await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
         yield
     except errors.TandemError as err:
         log.debug("%s answered %s: %s", method, err.code.name, err.message)
@@ -102,8 +105,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns every domain error into its rich status and every unexpected one into a bare INTERNAL.
 
     Installed on every server, so no RPC can forget it. Also sets the request id for the call's log lines
-    and echoes it back in the initial metadata.
+    and, with `echo_request_id`, echoes it back in the initial metadata. The public gateway echoes; the stages do
+    not: their only caller is the gateway, which sent the id itself, and sending headers ahead of the answer
+    costs every stage call an extra write (and commits the call, so the channel could no longer retry it).
     """
+
+    def __init__(self, echo_request_id: bool = True) -> None:
+        self.echo_request_id = echo_request_id
 
     async def intercept_service(
         self,
@@ -115,11 +123,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return handler
         rid = _request_id_from(handler_call_details.invocation_metadata)
         method = handler_call_details.method
+        echo = self.echo_request_id
         if handler.unary_unary is not None:
             inner: Any = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                async with _error_table(context, rid, method):
+                async with _error_table(context, rid, method, echo):
                     return await inner(_parsed(request), context)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -129,7 +138,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner_ss: Any = handler.stream_stream
 
             async def stream_stream(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                async with _error_table(context, rid, method):
+                async with _error_table(context, rid, method, echo):
                     async for response in inner_ss(_parsed_stream(request_iterator), context):
                         yield response
 
@@ -202,15 +211,17 @@ async def start_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     options: Sequence[tuple[str, Any]] = (),
     credentials: grpc.ServerCredentials | None = None,
+    echo_request_id: bool = True,
 ) -> RunningServer:
     """Builds the server, registers health and reflection, binds `listen` (port 0 picks one) and starts it.
 
     `interceptors` run before the error table (outermost first), e.g. authentication, metrics, tracing.
     `options` are more gRPC channel arguments (e.g. `grpc.max_concurrent_streams`), added after the defaults.
     `credentials` (services.common.tls) serve TLS or mTLS, on TCP and on Unix sockets alike; None is plaintext.
+    `echo_request_id` sends each call's x-request-id back in its initial metadata (see ErrorInterceptor).
     """
     server = grpc.aio.server(
-        interceptors=[*interceptors, ErrorInterceptor()],
+        interceptors=[*interceptors, ErrorInterceptor(echo_request_id)],
         options=[*server_options(max_message_bytes, max_connection_age_s), *options],
     )
     names = tuple(name for _, name in registrars)

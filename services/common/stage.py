@@ -46,6 +46,7 @@ async def serve(
         address_file=settings.address_file,
         interceptors=[*tracing.server_interceptors(role), MetricsInterceptor(ServiceMetrics(role), observers)],
         credentials=security.server,
+        echo_request_id=False,  # the gateway, the only caller, sent the id itself
     )
     metrics_server = serve_metrics(REGISTRY, settings.listen, settings.metrics_port)
     if warm_up is not None:
