@@ -32,8 +32,22 @@ class EchoBackend(Backend):
         self.gate = threading.Event()
         self.gate.set()
         self.started = threading.Event()
+        # Calls inside run() right now, and the most there ever were at once (instances > 1 run side by side).
+        self._lock = threading.Lock()
+        self.active = 0
+        self.most_active = 0
 
     def run(self, input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray | None) -> FloatArray:
+        with self._lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        try:
+            return self._run(input_ids, attention_mask, token_type_ids)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def _run(self, input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray | None) -> FloatArray:
         self.started.set()
         assert self.gate.wait(30)
         self.calls.append(input_ids.shape)
@@ -112,6 +126,53 @@ async def test_sequences_are_sorted_by_length_to_limit_padding() -> None:
     np.testing.assert_array_equal(await submit(batcher, seqs), expected(seqs, True))
     assert sorted(backend.calls) == [(2, 3), (2, 30)]
     await batcher.close()
+
+
+async def test_a_round_is_cut_where_padding_costs_more_than_a_call() -> None:
+    seqs = [[1] * 3, [2] * 10, [3] * 3, [4] * 10, [5] * 3]
+    # Padding three 3-token rows to 10 costs 21 tokens: more than a 2-token call, less than a 100-token one.
+    for cost, calls in ((2.0, [(2, 10), (3, 3)]), (100.0, [(5, 10)])):
+        batcher, backend = make(max_batch_size=8, batch_call_cost_tokens=cost)
+        np.testing.assert_array_equal(await submit(batcher, seqs), expected(seqs, True))
+        assert sorted(backend.calls) == calls
+        await batcher.close()
+
+
+@pytest.mark.parametrize("token_level", [True, False], ids=["token-level", "sequence-level"])
+async def test_instances_run_calls_side_by_side_and_route_every_row(token_level: bool) -> None:
+    batcher, backend = make(token_level, max_batch_size=4, max_batch_tokens=64, instances=2)
+    rng = np.random.default_rng(11)
+    requests = [
+        [rng.integers(1, 1000, size=int(rng.integers(1, 16))).tolist() for _ in range(int(rng.integers(1, 7)))]
+        for _ in range(60)
+    ]
+    backend.gate.clear()
+    calls = [asyncio.ensure_future(submit(batcher, r)) for r in requests]
+    await until(lambda: backend.active == 2, "two model calls running at once")
+    backend.gate.set()
+    results = await asyncio.gather(*calls)
+    for seqs, got in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(got, expected(seqs, token_level))
+    assert backend.most_active == 2
+    assert all(rows <= 4 and rows * width <= 64 for rows, width in backend.calls)
+    assert batcher.pending == 0
+    await batcher.close()
+
+
+async def test_close_fails_the_calls_running_on_every_instance() -> None:
+    batcher, backend = make(max_batch_size=1, instances=2)
+    backend.gate.clear()
+    running = [asyncio.ensure_future(submit(batcher, [[n, n]])) for n in (1, 2, 3)]
+    await until(lambda: backend.active == 2, "both instances busy")
+    closing = asyncio.ensure_future(batcher.close())
+    await asyncio.sleep(0)
+    backend.gate.set()
+    await closing
+    for future in running:
+        with pytest.raises(errors.TandemError) as caught:
+            await future
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in caught.value.message
 
 
 async def test_a_sequence_over_the_token_budget_runs_alone() -> None:

@@ -117,7 +117,8 @@ def repo(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     _copy(tiny_repository / "tiny-embed", root / "tiny-embed-torch", backend="torch")
     _copy(tiny_repository / "tiny-ner", root / "tiny-ner", backend="torch")
     _copy(tiny_repository / "tiny-rerank", root / "tiny-rerank", backend="torch")
-    _copy(tiny_repository / "tiny-sentiment", root / "tiny-small-queue", backend="torch", max_queue_size=4)
+    # One instance, so a call held at the probe's gate makes the next ones queue behind it.
+    _copy(tiny_repository / "tiny-sentiment", root / "tiny-small-queue", backend="torch", max_queue_size=4, instances=1)
     broken = _copy(tiny_repository / "tiny-sentiment", root / "tiny-broken", backend="torch")
     (broken / "1" / "model.safetensors").write_bytes(b"not a safetensors file")
     return root

@@ -25,6 +25,7 @@ def build_core(settings: InferenceSettings, metrics: InferenceMetrics | None = N
         intra_op_threads=settings.intra_op_threads,
         device=settings.device,
         spinning=settings.intra_op_spinning,
+        instances=settings.model_instances,
         watch_s=settings.watch_interval_s or None,
         unload_idle_s=settings.unload_idle_s,
         unload_timeout_s=settings.unload_timeout_s,

@@ -20,6 +20,13 @@ class InferenceSettings(ServiceSettings):
     intra_op_spinning: bool = Field(
         True, description="let ONNX Runtime's threads spin for work (faster alone; turn off on crowded cores)"
     )
+    model_instances: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="model calls that run at once per version, overriding each tandem.json; the threads are shared "
+        "out among them (2 instances of 1 thread each beat 1 of 2 under load on 2 cores)",
+    )
     device: Literal["auto", "cpu", "cuda"] | None = Field(
         None, description="device for every model, overriding each tandem.json; unset follows tandem.json"
     )
