@@ -42,6 +42,7 @@ def build_pipeline(settings: GatewaySettings, security: tls.ChannelSecurity | No
         coalesce=settings.coalesce,
         coalesce_max_inputs=settings.coalesce_max_inputs,
         coalesce_max_queued=settings.coalesce_max_queued,
+        coalesce_max_runs=settings.coalesce_max_runs,
     )
 
 

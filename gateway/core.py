@@ -159,6 +159,7 @@ class Pipeline:
         coalesce: bool = True,
         coalesce_max_inputs: int = 256,
         coalesce_max_queued: int | None = None,
+        coalesce_max_runs: int = 2,
     ) -> None:
         self.tokenizer = tokenizer
         self.inference = inference
@@ -169,16 +170,25 @@ class Pipeline:
         self.coalesce = coalesce
         self.catalog = ModelCatalog(inference, model_cache_ttl_s)
         self._embeds: Coalescer[EmbedKey, Embeddings] = Coalescer(
-            self._embed_run, Embeddings.split, max_inputs=coalesce_max_inputs, max_queued=coalesce_max_queued
+            self._embed_run,
+            Embeddings.split,
+            max_inputs=coalesce_max_inputs,
+            max_queued=coalesce_max_queued,
+            max_inflight=coalesce_max_runs,
         )
         self._classifies: Coalescer[ClassifyKey, Classifications] = Coalescer(
-            self._classify_run, Classifications.split, max_inputs=coalesce_max_inputs, max_queued=coalesce_max_queued
+            self._classify_run,
+            Classifications.split,
+            max_inputs=coalesce_max_inputs,
+            max_queued=coalesce_max_queued,
+            max_inflight=coalesce_max_runs,
         )
         self._token_classifies: Coalescer[ClassifyKey, TokenClassifications] = Coalescer(
             self._classify_tokens_run,
             TokenClassifications.split,
             max_inputs=coalesce_max_inputs,
             max_queued=coalesce_max_queued,
+            max_inflight=coalesce_max_runs,
         )
 
     def deadline(self, time_remaining: float | None) -> float:

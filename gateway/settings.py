@@ -24,6 +24,12 @@ class GatewaySettings(ServiceSettings):
     model_cache_ttl_s: float = Field(1.0, ge=0, description="how long a model description is reused")
     coalesce: bool = Field(True, description="merge concurrent requests for one model into one pipeline run")
     coalesce_max_inputs: int = Field(256, ge=1, description="most texts in one merged run")
+    coalesce_max_runs: int = Field(
+        3,
+        ge=1,
+        description="merged runs of one model in flight at once: enough to keep every model instance busy while "
+        "another run is tokenized or postprocessed",
+    )
     coalesce_max_queued: int = Field(
         2048,
         ge=1,
