@@ -53,3 +53,19 @@ def test_bench_refuses_an_unknown_api(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--api", "embed,rest", "--skip-bare", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
+
+
+def test_retry_delay_reads_the_refusals_retry_info() -> None:
+    import grpc
+    from grpc_status import rpc_status
+
+    from services.common import errors
+
+    def refusal(err: errors.TandemError) -> grpc.aio.AioRpcError:
+        status = rpc_status.to_status(err.to_status_proto())
+        return grpc.aio.AioRpcError(
+            status.code, grpc.aio.Metadata(), grpc.aio.Metadata(*status.trailing_metadata), status.details
+        )
+
+    assert bench.retry_delay(refusal(errors.resource_exhausted("busy", retry_after_s=0.25))) == 0.25
+    assert bench.retry_delay(refusal(errors.invalid_argument("bad", "inputs"))) is None
