@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,10 @@ from services.common import errors, timing, tracing
 log = logging.getLogger(__name__)
 
 Key = TypeVar("Key", bound=Hashable)
+
+# Bounds of the RetryInfo delay a refusal at the gateway suggests.
+MIN_RETRY_S = 0.05
+MAX_RETRY_S = 2.0
 Result = TypeVar("Result")
 
 
@@ -33,6 +38,7 @@ class _Waiter(Generic[Result]):
     span: trace.Span = trace.INVALID_SPAN
     # The caller's own call record, which gets the stage timings of the run that served it.
     record: timing.CallRecord | None = None
+    submitted: float = 0.0
 
 
 class Coalescer(Generic[Key, Result]):
@@ -52,9 +58,14 @@ class Coalescer(Generic[Key, Result]):
         self.max_inputs = max_inputs
         # Two runs per key keep the model busy: one is tokenized or postprocessed while the other runs.
         self.max_inflight = max_inflight
-        # Admission control: past this many inputs waiting for one key, a new request is refused at once
-        # (RESOURCE_EXHAUSTED with RetryInfo) instead of waiting here only to be refused by a full model queue.
+        # Admission control: past this many inputs in progress for one key (waiting here or in runs on their way
+        # through the stages), a new request is refused at once (RESOURCE_EXHAUSTED with RetryInfo) instead of
+        # waiting here only to be refused by a full model queue. Kept at or under the model's max_queue_size, the
+        # model's queue never overflows with what this gateway sent.
         self.max_queued = max_queued
+        self._admitted: Counter[Key] = Counter()
+        # Per key, a moving average of how long answered requests took from submit to answer (seconds).
+        self._latency: dict[Key, float] = {}
         self._queues: dict[Key, list[_Waiter[Result]]] = {}
         self._inflight: Counter[Key] = Counter()
         # Per key, a smaller merge size learned from a stage that refused a merged run as too large (the inference
@@ -64,19 +75,38 @@ class Coalescer(Generic[Key, Result]):
         self.runs = 0
 
     async def submit(self, key: Key, inputs: Sequence[str], deadline: float) -> Result:
-        if self.max_queued is not None:
-            # Counted from the queue itself, so a caller that gave up no longer holds a place in it.
-            waiting = sum(len(w.inputs) for w in self._queues.get(key, ()) if not w.future.done())
-            if waiting and waiting + len(inputs) > self.max_queued:
-                raise errors.resource_exhausted(
-                    f"too many texts waiting for this model at the gateway: {waiting}, limit {self.max_queued}"
-                )
+        admitted = self._admitted[key]
+        if self.max_queued is not None and admitted and admitted + len(inputs) > self.max_queued:
+            raise errors.resource_exhausted(
+                f"too many texts in progress for this model at the gateway: {admitted}, limit {self.max_queued}",
+                retry_after_s=self.retry_after_s(key),
+            )
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(inputs, future, deadline, trace.get_current_span(), timing.current())
+        # Released when the caller is answered, fails or gives up, whether it was still waiting or in a run.
+        self._admitted[key] += len(inputs)
+        future.add_done_callback(lambda _: self._release(key, len(inputs)))
+        waiter = _Waiter(inputs, future, deadline, trace.get_current_span(), timing.current(), time.monotonic())
         self._queues.setdefault(key, []).append(waiter)
         self._start_runs(key)
         # A cancelled caller cancels its future: its inputs are dropped if its run has not started yet.
         return await future
+
+    def retry_after_s(self, key: Key) -> float:
+        """When a refused caller should try again: about as long as admitted requests take to be answered now
+        (the time for a place to free up), within [MIN_RETRY_S, MAX_RETRY_S]. A caller that honours it keeps
+        the gateway from spending its cycles on refusals, so the refusals themselves stay fast."""
+        return min(max(self._latency.get(key, MIN_RETRY_S), MIN_RETRY_S), MAX_RETRY_S)
+
+    def _observe(self, key: Key, waiters: Sequence[_Waiter[Result]]) -> None:
+        now = time.monotonic()
+        sample = sum(now - w.submitted for w in waiters) / len(waiters)
+        previous = self._latency.get(key)
+        self._latency[key] = sample if previous is None else previous + 0.2 * (sample - previous)
+
+    def _release(self, key: Key, count: int) -> None:
+        self._admitted[key] -= count
+        if self._admitted[key] <= 0:
+            del self._admitted[key]
 
     def _take(self, key: Key) -> list[_Waiter[Result]]:
         queue = self._queues.get(key, [])
@@ -131,6 +161,7 @@ class Coalescer(Generic[Key, Result]):
                         w.future.set_exception(exc)
                 return
             _share(run_record, live)
+            self._observe(key, live)
             for w, part in zip(live, parts, strict=True):
                 if not w.future.done():
                     w.future.set_result(part)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -366,6 +367,84 @@ def retry_delay(exc: grpc.aio.AioRpcError) -> float | None:
     return None
 
 
+@dataclass(frozen=True)
+class ProbeSettings:
+    """What the probe process needs to reach the gateway (plain values: it is started with spawn)."""
+
+    target: str
+    model: str
+    text: str
+    interval_s: float
+    deadline_s: float
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_server_name: str | None = None
+    api_key: str | None = None
+
+
+def _probe(settings: ProbeSettings, stop: Any, results: Any) -> None:
+    """In its own process, so its clock is not the loaded caller loop's: one call every `interval_s`, each timed
+    from send to answer. Sends back [(code name, milliseconds)]."""
+    options: list[tuple[str, Any]] = []
+    if settings.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", settings.tls_server_name))
+    if settings.tls_ca is not None or settings.tls_cert is not None:
+        from tandem.client import tls_credentials
+
+        credentials = tls_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key)
+        channel = grpc.secure_channel(settings.target, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(settings.target, options=options)
+    stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+    request = gateway_pb2.EmbedRequest(model=settings.model, inputs=[settings.text])
+    metadata = (("x-api-key", settings.api_key),) if settings.api_key else None
+    seen: list[tuple[str, float]] = []
+    while not stop.wait(settings.interval_s):
+        start = time.perf_counter()
+        try:
+            stub.Embed(request, timeout=settings.deadline_s, metadata=metadata)
+            code = "OK"
+        except grpc.RpcError as exc:
+            code = exc.code().name
+        seen.append((code, (time.perf_counter() - start) * 1000))
+    channel.close()
+    results.put(seen)
+
+
+class Probe:
+    """A quiet client beside the load: its calls show what a caller that is not itself overloaded sees."""
+
+    def __init__(self, settings: ProbeSettings) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # grpc must not be forked from a process that used it
+        self._stop = context.Event()
+        self._results = context.Queue()
+        self._process = context.Process(target=_probe, args=(settings, self._stop, self._results), daemon=True)
+
+    def __enter__(self) -> Probe:
+        self._process.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+
+    def summary(self) -> dict[str, Any]:
+        seen: list[tuple[str, float]] = self._results.get(timeout=60)
+        self._process.join(10)
+        refused = [ms for code, ms in seen if code == "RESOURCE_EXHAUSTED"]
+        answered = [ms for code, ms in seen if code == "OK"]
+        return {
+            "calls": len(seen),
+            "codes": dict(Counter(code for code, _ in seen)),
+            "refused_p50_ms": percentile(refused, 50),
+            "refused_p99_ms": percentile(refused, 99),
+            "refused_max_ms": max(refused, default=float("nan")),
+            "ok_p50_ms": percentile(answered, 50),
+        }
+
+
 def _grid(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -486,6 +565,13 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--tls-server-name", default=None, help="name the gateway's certificate is checked for")
     parser.add_argument("--api-key", default=None, help="sent as x-api-key when the gateway has keys")
     parser.add_argument(
+        "--probe-interval-ms",
+        type=float,
+        default=0.0,
+        help="also run a quiet probe client in its own process, one call every this many ms during each cell, and "
+        "report what it saw (how fast refusals come back to a caller that is not itself overloaded); 0: off",
+    )
+    parser.add_argument(
         "--no-retry-info",
         dest="honor_retry_info",
         action="store_false",
@@ -530,7 +616,25 @@ def main(argv: Sequence[str]) -> int:
         requests = max(concurrency * 4, opts.texts_per_cell // size)
         cell = Cell(concurrency, size, api, model)
         label = f"{api:<6} c={concurrency:<4} n={size:<3}" + (f" {model}" if len(models) > 1 else "")
-        with tqdm(total=requests, desc=label, leave=False, unit="req") as progress:
+        probe = (
+            Probe(
+                ProbeSettings(
+                    opts.target,
+                    model,
+                    texts[0],
+                    opts.probe_interval_ms / 1000,
+                    opts.deadline_s,
+                    opts.tls_ca,
+                    opts.tls_cert,
+                    opts.tls_key,
+                    opts.tls_server_name,
+                    opts.api_key,
+                )
+            )
+            if opts.probe_interval_ms > 0
+            else None
+        )
+        with tqdm(total=requests, desc=label, leave=False, unit="req") as progress, probe or contextlib.nullcontext():
             asyncio.run(
                 run_cell(
                     opts.target,
@@ -547,6 +651,9 @@ def main(argv: Sequence[str]) -> int:
                 )
             )
         summary = cell.summary(bare_by_model.get(model, {}).get("ceiling_texts_per_s", 0.0))
+        if probe is not None:
+            summary["probe"] = probe.summary()
+            print(f"{label}  probe: {summary['probe']}", flush=True)
         results.append(summary)
         print(
             f"{label}  {summary['texts_per_s']:8.1f} texts/s  "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
@@ -271,3 +272,22 @@ async def test_close_fails_queued_requests() -> None:
         assert caught.value.code == grpc.StatusCode.UNAVAILABLE
     with pytest.raises(errors.TandemError):
         await submit(batcher, [[1]])
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread niceness is a Linux facility")
+async def test_model_calls_run_on_niced_threads_and_the_event_loop_does_not() -> None:
+    backend = EchoBackend(token_level=True)
+    niceness: list[int] = []
+    plain_run = backend.run
+
+    def run(input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray | None) -> FloatArray:
+        niceness.append(os.getpriority(os.PRIO_PROCESS, 0))  # 0: the calling thread, on Linux
+        return plain_run(input_ids, attention_mask, token_type_ids)
+
+    backend.run = run  # type: ignore[method-assign]
+    batcher = Batcher(backend, ModelConfig(task=Task.EMBEDDING), "echo", nice=5)
+    loop_niceness = os.getpriority(os.PRIO_PROCESS, 0)
+    np.testing.assert_array_equal(await submit(batcher, [[1, 2, 3]]), expected([[1, 2, 3]], True))
+    assert niceness == [min(loop_niceness + 5, 19)]
+    assert os.getpriority(os.PRIO_PROCESS, 0) == loop_niceness
+    await batcher.close()

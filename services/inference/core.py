@@ -10,6 +10,7 @@ import inspect
 import logging
 import os
 import tempfile
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections import Counter, deque
@@ -430,6 +431,17 @@ BackendFactory = Callable[[ModelVersion, BackendOptions], Backend]
 # Dynamic batching
 
 
+def lower_priority(nice: int) -> None:
+    """Makes the calling thread `nice` steps less urgent (Linux: niceness is per thread, and inherited by the
+    threads it starts). Model threads run niced so that the event loop beside them — admission, health, the
+    refusals that must come back fast — and the light stages on the same cores are served first."""
+    if nice > 0 and hasattr(os, "setpriority"):
+        with contextlib.suppress(OSError):
+            os.setpriority(
+                os.PRIO_PROCESS, threading.get_native_id(), min(os.getpriority(os.PRIO_PROCESS, 0) + nice, 19)
+            )
+
+
 # What a batcher assumes a model call costs, in padded tokens, when nobody measured it (the stage measures each
 # version as it loads: CPU models come out at 5-15, GPU models far higher).
 DEFAULT_CALL_COST_TOKENS = 16.0
@@ -497,6 +509,7 @@ class Batcher:
         observer: BatchObserver | None = None,
         instances: int | None = None,
         call_cost_tokens: float | None = None,
+        nice: int = 0,
     ) -> None:
         self.backend = backend
         self.observer: BatchObserver = observer or _Unobserved()
@@ -521,7 +534,7 @@ class Batcher:
         # cores), and the event loop never waits on one.
         self.instances = instances or config.instances or 1
         self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.instances, thread_name_prefix=f"infer-{name}"
+            max_workers=self.instances, thread_name_prefix=f"infer-{name}", initializer=lower_priority, initargs=(nice,)
         )
 
     @property
@@ -967,6 +980,7 @@ class Inference:
         device: str | None = None,
         spinning: bool = True,
         instances: int | None = None,
+        compute_nice: int = 0,
         backend_factory: BackendFactory = create_backend,
         watch_s: float | None = 1.0,
         unload_idle_s: float = 3.0,
@@ -981,6 +995,7 @@ class Inference:
             home=home, intra_op_threads=threads, device=device, spinning=spinning, instances=instances
         )
         self.backend_factory = backend_factory
+        self.compute_nice = compute_nice
         self.watch_s = watch_s
         # A version leaving service keeps answering until no request has reached it for this long: the gateway
         # pins versions for up to a second (its model cache) before its calls arrive here.
@@ -991,7 +1006,10 @@ class Inference:
         self._refresh_lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
         # Exports and loads are CPU-heavy: one at a time, away from the event loop and the model workers.
-        self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-load")
+        # The loader's niceness passes to the thread pools ONNX Runtime starts in it (threads inherit it).
+        self._loader = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="tandem-load", initializer=lower_priority, initargs=(compute_nice,)
+        )
 
     # ------------------------------------------------------------------------------------------------------------------
     # Reading the repository
@@ -1191,6 +1209,7 @@ class Inference:
                 observer,
                 instances=self.options.instances_of(model),
                 call_cost_tokens=call_cost,
+                nice=self.compute_nice,
             )
             slot.state = ModelState.READY
         entry = self._models.get(model.name)

@@ -27,6 +27,13 @@ class InferenceSettings(ServiceSettings):
         description="model calls that run at once per version, overriding each tandem.json; the threads are shared "
         "out among them (2 instances of 1 thread each beat 1 of 2 under load on 2 cores)",
     )
+    compute_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="how much less urgent the model's threads are than the stage's event loop (Linux niceness): "
+        "admission, health and refusals stay fast while the model uses every spare cycle; 0 turns it off",
+    )
     device: Literal["auto", "cpu", "cuda"] | None = Field(
         None, description="device for every model, overriding each tandem.json; unset follows tandem.json"
     )
