@@ -160,6 +160,20 @@ async def test_instances_run_calls_side_by_side_and_route_every_row(token_level:
     await batcher.close()
 
 
+async def test_the_calls_of_one_request_spread_over_the_instances() -> None:
+    batcher, backend = make(instances=2, batch_call_cost_tokens=0)
+    seqs = [[n] * n for n in range(1, 7)]  # six lengths, no padding worth a call: six calls
+    await submit(batcher, [[9]])  # both instances started, and now idle
+    backend.calls.clear()
+    backend.gate.clear()
+    call = asyncio.ensure_future(submit(batcher, seqs))
+    await until(lambda: backend.active == 2, "both instances running calls of the one request")
+    backend.gate.set()
+    np.testing.assert_array_equal(await call, expected(seqs, True))
+    assert sorted(backend.calls) == [(1, n) for n in range(1, 7)]
+    await batcher.close()
+
+
 async def test_close_fails_the_calls_running_on_every_instance() -> None:
     batcher, backend = make(max_batch_size=1, instances=2)
     backend.gate.clear()

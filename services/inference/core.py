@@ -595,9 +595,11 @@ class Batcher:
         """
         while True:
             if not self._calls:
-                while not self._queue:
+                while not self._queue and not self._calls:
                     self._wakeup.clear()
                     await self._wakeup.wait()
+                if self._calls:  # another instance cut a round while this one waited
+                    continue
                 taken = await self._take()
                 try:
                     self._plan(taken)
