@@ -52,6 +52,7 @@ class Coalescer(Generic[Key, Result]):
         max_inputs: int = 256,
         max_inflight: int = 2,
         max_queued: int | None = None,
+        cap_ttl_s: float = 60.0,
     ) -> None:
         self._run_fn = run
         self._split = split
@@ -69,8 +70,10 @@ class Coalescer(Generic[Key, Result]):
         self._queues: dict[Key, list[_Waiter[Result]]] = {}
         self._inflight: Counter[Key] = Counter()
         # Per key, a smaller merge size learned from a stage that refused a merged run as too large (the inference
-        # stage's per-request limit is its model's queue size, which the gateway is not told).
-        self._caps: dict[Key, int] = {}
+        # stage's per-request limit is its model's queue size, which the gateway is not told), and until when it
+        # holds: a model whose limit grows (a new version, a changed tandem.json) gets large runs again.
+        self._caps: dict[Key, tuple[int, float]] = {}
+        self.cap_ttl_s = cap_ttl_s
         self._tasks: set[asyncio.Task[None]] = set()
         self.runs = 0
 
@@ -90,6 +93,16 @@ class Coalescer(Generic[Key, Result]):
         self._start_runs(key)
         # A cancelled caller cancels its future: its inputs are dropped if its run has not started yet.
         return await future
+
+    def _cap(self, key: Key) -> int:
+        learned = self._caps.get(key)
+        if learned is None:
+            return self.max_inputs
+        cap, until = learned
+        if time.monotonic() >= until:
+            del self._caps[key]
+            return self.max_inputs
+        return cap
 
     def retry_after_s(self, key: Key) -> float:
         """When a refused caller should try again: about as long as admitted requests take to be answered now
@@ -112,7 +125,7 @@ class Coalescer(Generic[Key, Result]):
         queue = self._queues.get(key, [])
         taken: list[_Waiter[Result]] = []
         count = 0
-        cap = self._caps.get(key, self.max_inputs)
+        cap = self._cap(key)
         while queue and (not taken or count + len(queue[0].inputs) <= cap):
             waiter = queue.pop(0)
             if waiter.future.done():
@@ -149,10 +162,9 @@ class Coalescer(Generic[Key, Result]):
                 if len(live) > 1 and errors.reason_of(exc) == errors.TOO_MANY_INPUTS:
                     # Too large because it was merged, not because of any caller: no caller may see that error.
                     # Merge at most half as much from now on and run these callers again, first in line.
-                    self._caps[key] = max(1, len(inputs) // 2)
-                    log.info(
-                        "a merged run of %d inputs was too large; merging at most %d now", len(inputs), self._caps[key]
-                    )
+                    cap = max(1, len(inputs) // 2)
+                    self._caps[key] = (cap, time.monotonic() + self.cap_ttl_s)
+                    log.info("a merged run of %d inputs was too large; merging at most %d now", len(inputs), cap)
                     self._queues.setdefault(key, [])[:0] = live
                     return
                 _share(run_record, live)

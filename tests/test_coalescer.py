@@ -159,3 +159,26 @@ async def test_a_caller_that_gives_up_frees_its_place_at_once() -> None:
     assert await coalescer.submit("k", ["next"], 1e9) == ["k:NEXT"]
     assert await first == ["k:RUNNING"]
     assert all("impatient" not in run for run in recorder.runs)
+
+
+async def test_a_learned_merge_limit_is_forgotten_after_a_while() -> None:
+    """A stage whose limit grew (a new version with a larger queue) gets large merged runs again."""
+    from services.common import errors
+
+    limit = 3
+    sizes: list[int] = []
+
+    async def run(key: str, inputs: list[str], deadline: float) -> list[str]:
+        sizes.append(len(inputs))
+        await asyncio.sleep(0.01)
+        if len(inputs) > limit:
+            raise errors.invalid_argument("too many", "batch", reason=errors.TOO_MANY_INPUTS)
+        return [text.upper() for text in inputs]
+
+    coalescer: Coalescer[str, list[str]] = Coalescer(run, split, max_inputs=64, max_inflight=1, cap_ttl_s=0.2)
+    await asyncio.gather(*(coalescer.submit("k", [f"t{i}"], 1e9) for i in range(12)))
+    assert max(sizes) > 3 and sizes[-1] <= 3  # learned (a too-large run is re-run smaller, never answered)
+    limit, sizes[:] = 64, []
+    await asyncio.sleep(0.3)  # past the learned limit's lifetime
+    await asyncio.gather(*(coalescer.submit("k", [f"u{i}"], 1e9) for i in range(12)))
+    assert max(sizes) > 3  # merges are large again
