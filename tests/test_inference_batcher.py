@@ -305,3 +305,31 @@ async def test_model_calls_run_on_niced_threads_and_the_event_loop_does_not() ->
     assert niceness == [min(loop_niceness + 5, 19)]
     assert os.getpriority(os.PRIO_PROCESS, 0) == loop_niceness
     await batcher.close()
+
+
+@pytest.mark.parametrize("token_level", [True, False], ids=["token-level", "sequence-level"])
+async def test_calls_of_one_request_finishing_together_on_several_instances_keep_every_row(token_level: bool) -> None:
+    """One request of four lengths is four calls (no padding accepted), on four instances, returning at the same
+    moment: every row must land in the caller's output, whichever call finishes first."""
+    import sys
+
+    batcher, backend = make(token_level, instances=4, batch_call_cost_tokens=0)
+    finish = threading.Barrier(4, timeout=10)
+    plain_run = backend.run
+
+    def run(input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray | None) -> FloatArray:
+        out = plain_run(input_ids, attention_mask, token_type_ids)
+        finish.wait()  # the four calls return together
+        return out
+
+    backend.run = run  # type: ignore[method-assign]
+    rng = np.random.default_rng(5)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads interleave as often as they can
+    try:
+        for _ in range(50):
+            seqs = [[int(t)] * int(n) for t, n in zip(rng.integers(1, 999, 4), rng.permutation(8)[:4] + 1, strict=True)]
+            np.testing.assert_array_equal(await submit(batcher, seqs), expected(seqs, token_level))
+    finally:
+        sys.setswitchinterval(switch)
+    await batcher.close()

@@ -704,17 +704,30 @@ class Batcher:
                 request.started_at = started
                 self.observer.queued(started - request.queued_at)
         with self._model_run_span(chosen, riders):
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._execute, chosen)
+            out = await asyncio.get_running_loop().run_in_executor(self._executor, self._execute, chosen)
         seconds = time.perf_counter() - started
         for request in riders:
             request.compute_s += seconds
         width = max(int(r.lengths[i]) for r, i in chosen)
         self.observer.batch(len(chosen), len(chosen) * width, seconds)
+        self._scatter(chosen, out)
         for request, _ in chosen:
             request.remaining -= 1
             if request.remaining == 0 and not request.future.done():
                 assert request.output is not None
                 request.future.set_result(request.output)
+
+    def _scatter(self, chosen: list[tuple[_Request, int]], out: FloatArray) -> None:
+        """Each output row into its caller's output, on the event loop: the calls of one request may finish on
+        several instances at once, and only one thread may ever create and fill a request's output."""
+        for row, (r, i) in enumerate(chosen):
+            if r.output is None:
+                r.output = np.empty((r.total if self.token_level else r.count, out.shape[-1]), dtype=np.float32)
+            if self.token_level:
+                start, length = int(r.starts[i]), int(r.lengths[i])
+                r.output[start : start + length] = out[row, :length]
+            else:
+                r.output[i] = out[row]
 
     def _model_run_span(
         self, chosen: list[tuple[_Request, int]], callers: list[_Request]
@@ -738,8 +751,8 @@ class Batcher:
             },
         )
 
-    def _execute(self, chosen: list[tuple[_Request, int]]) -> None:
-        """Worker thread: pad, run the model, write each row into its caller's output."""
+    def _execute(self, chosen: list[tuple[_Request, int]]) -> FloatArray:
+        """Worker thread: pad, run the model, check the output's shape. Touches no request's state."""
         width = max(int(r.lengths[i]) for r, i in chosen)
         ids = np.full((len(chosen), width), self.pad_token_id, dtype=np.int64)
         mask = np.zeros_like(ids)
@@ -754,14 +767,7 @@ class Batcher:
         expected = (len(chosen), width) if self.token_level else (len(chosen),)
         if out.shape[: len(expected)] != expected or out.ndim != len(expected) + 1:
             raise ValueError(f"{self.name} returned shape {list(out.shape)} for a {list(ids.shape)} batch")
-        for row, (r, i) in enumerate(chosen):
-            if r.output is None:
-                r.output = np.empty((r.total if self.token_level else r.count, out.shape[-1]), dtype=np.float32)
-            if self.token_level:
-                start, length = int(r.starts[i]), int(r.lengths[i])
-                r.output[start : start + length] = out[row, :length]
-            else:
-                r.output[i] = out[row]
+        return out
 
     async def close(self) -> None:
         """Fails what is still queued or running, stops the worker and its thread."""
