@@ -116,7 +116,7 @@ class ModelConfig(BaseModel):
         le=64,
         description="model calls that run at once, each on its own worker thread; on CPU the stage's threads are "
         "shared out among them. Default: 2 on CPU with 2 or more threads (two single-thread calls side by side "
-        "beat one two-thread call by 10-30% in throughput), else 1",
+        "give 15-20% more throughput than one two-thread call under load), else 1",
     )
     version_policy: VersionPolicy = Field(default_factory=lambda: VersionPolicy(), description="which versions load")
 
