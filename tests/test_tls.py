@@ -173,7 +173,10 @@ async def test_every_listener_refuses_a_client_without_a_valid_certificate(
     if client == "server from another CA":
         assert "Tls handshake failed" in details and "CERTIFICATE_VERIFY_FAILED" in details, details
     else:
-        assert "Socket closed" in details or "Connection reset by peer" in details, details
+        # How the hang-up reads depends on where the client's handshake was when it came (seen: "Socket closed",
+        # "Connection reset by peer", and "Broken pipe" when the client was still writing its handshake).
+        hang_ups = ("Socket closed", "Connection reset by peer", "Broken pipe")
+        assert any(text in details for text in hang_ups), details
 
 
 # --- settings ---------------------------------------------------------------------------------------------------
