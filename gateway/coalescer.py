@@ -57,7 +57,8 @@ class Coalescer(Generic[Key, Result]):
         self._run_fn = run
         self._split = split
         self.max_inputs = max_inputs
-        # Two runs per key keep the model busy: one is tokenized or postprocessed while the other runs.
+        # Runs per key in flight at once: enough to keep every model instance busy while another run is tokenized
+        # or postprocessed (the gateway sets it from --coalesce-max-runs).
         self.max_inflight = max_inflight
         # Admission control: past this many inputs in progress for one key (waiting here or in runs on their way
         # through the stages), a new request is refused at once (RESOURCE_EXHAUSTED with RetryInfo) instead of

@@ -159,7 +159,7 @@ class Pipeline:
         coalesce: bool = True,
         coalesce_max_inputs: int = 256,
         coalesce_max_queued: int | None = None,
-        coalesce_max_runs: int = 2,
+        coalesce_max_runs: int = 3,
     ) -> None:
         self.tokenizer = tokenizer
         self.inference = inference
