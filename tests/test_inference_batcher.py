@@ -26,8 +26,11 @@ class EchoBackend(Backend):
     name = "echo"
     uses_token_type_ids = True
 
-    def __init__(self, token_level: bool) -> None:
+    def __init__(self, token_level: bool, runs_alone: bool = False) -> None:
         self.token_level = token_level
+        self.runs_alone = runs_alone
+        # Shapes of the calls that came through run_alone (a subset of calls).
+        self.alone_calls: list[tuple[int, int]] = []
         self.calls: list[tuple[int, int]] = []
         self.seen: list[list[int]] = []
         self.gate = threading.Event()
@@ -37,6 +40,10 @@ class EchoBackend(Backend):
         self._lock = threading.Lock()
         self.active = 0
         self.most_active = 0
+
+    def run_alone(self, input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray | None) -> FloatArray:
+        self.alone_calls.append(input_ids.shape)
+        return self.run(input_ids, attention_mask, token_type_ids)
 
     def run(self, input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray | None) -> FloatArray:
         with self._lock:
@@ -76,8 +83,8 @@ def ragged(seqs: list[list[int]]) -> tuple[IntArray, IntArray, np.ndarray]:
     return ids, types, cu
 
 
-def make(token_level: bool = True, **limits: float) -> tuple[Batcher, EchoBackend]:
-    backend = EchoBackend(token_level)
+def make(token_level: bool = True, runs_alone: bool = False, **limits: float) -> tuple[Batcher, EchoBackend]:
+    backend = EchoBackend(token_level, runs_alone)
     task = Task.EMBEDDING if token_level else Task.CLASSIFICATION
     config = ModelConfig(task=task, **limits)  # type: ignore[arg-type]
     return Batcher(backend, config, "echo"), backend
@@ -171,6 +178,44 @@ async def test_the_calls_of_one_request_spread_over_the_instances() -> None:
     backend.gate.set()
     np.testing.assert_array_equal(await call, expected(seqs, True))
     assert sorted(backend.calls) == [(1, n) for n in range(1, 7)]
+    await batcher.close()
+
+
+async def test_a_call_with_the_model_to_itself_runs_alone_and_others_run_beside_it() -> None:
+    batcher, backend = make(runs_alone=True, instances=2, batch_call_cost_tokens=0)
+    lone = [[4, 5, 6]]
+    np.testing.assert_array_equal(await submit(batcher, lone), expected(lone, True))
+    assert backend.alone_calls == [(1, 3)]
+    # A call that starts while the lone one runs does not wait for it, and runs on its instance's share.
+    backend.calls.clear()
+    backend.alone_calls.clear()
+    backend.gate.clear()
+    first = asyncio.ensure_future(submit(batcher, [[1, 2]]))
+    await until(lambda: backend.active == 1, "the lone call running")
+    second = asyncio.ensure_future(submit(batcher, [[3, 3, 3, 3]]))
+    await until(lambda: backend.active == 2, "a second call beside the lone one")
+    backend.gate.set()
+    np.testing.assert_array_equal(await first, expected([[1, 2]], True))
+    np.testing.assert_array_equal(await second, expected([[3, 3, 3, 3]], True))
+    assert backend.alone_calls == [(1, 2)] and sorted(backend.calls) == [(1, 2), (1, 4)]
+    # The calls of a round taken while more of it waits are not alone: the other instance takes the next at once.
+    backend.calls.clear()
+    backend.alone_calls.clear()
+    backend.gate.clear()
+    seqs = [[n] * n for n in range(1, 5)]
+    call = asyncio.ensure_future(submit(batcher, seqs))
+    await until(lambda: backend.active == 2, "two calls of the round running")
+    assert backend.alone_calls == []
+    backend.gate.set()
+    np.testing.assert_array_equal(await call, expected(seqs, True))
+    assert len(backend.calls) == 4
+    await batcher.close()
+
+
+async def test_a_backend_without_a_lone_path_runs_every_call_the_same_way() -> None:
+    batcher, backend = make(runs_alone=False, instances=2)
+    np.testing.assert_array_equal(await submit(batcher, [[1, 2]]), expected([[1, 2]], True))
+    assert backend.calls == [(1, 2)] and backend.alone_calls == []
     await batcher.close()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -56,18 +57,28 @@ class ProbeBackend(Backend):
         self.inner = inner
         self.name = inner.name
         self.uses_token_type_ids = inner.uses_token_type_ids
+        self.runs_alone = inner.runs_alone
         self.calls = 0
+        self.alone_calls = 0
         self.seen: list[list[int]] = []
         self.gate = threading.Event()
         self.gate.set()
         self.started = threading.Event()
 
     def run(self, input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray | None) -> FloatArray:
+        self._record(input_ids, attention_mask)
+        return self.inner.run(input_ids, attention_mask, token_type_ids)
+
+    def run_alone(self, input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray | None) -> FloatArray:
+        self._record(input_ids, attention_mask)
+        self.alone_calls += 1
+        return self.inner.run_alone(input_ids, attention_mask, token_type_ids)
+
+    def _record(self, input_ids: IntArray, attention_mask: IntArray) -> None:
         self.started.set()
         assert self.gate.wait(30)
         self.calls += 1
         self.seen.extend(row[m.astype(bool)].tolist() for row, m in zip(input_ids, attention_mask, strict=True))
-        return self.inner.run(input_ids, attention_mask, token_type_ids)
 
     def close(self) -> None:
         self.inner.close()
@@ -306,6 +317,39 @@ async def test_torch_backend_gives_the_same_numbers(served: Served) -> None:
     torch_rows = await infer(served, "tiny-embed-torch", seqs)
     np.testing.assert_allclose(torch_rows, onnx_rows, atol=ATOL)
     assert served.core.model("tiny-embed-torch").backend == "torch"
+
+
+async def test_a_lone_call_runs_on_every_thread_with_the_same_numbers(served: Served) -> None:
+    # Two instances of one thread each share the stage's two threads; a call with the model to itself gets both.
+    probe = served.probes.by_model["tiny-embed"]
+    assert probe.runs_alone and not served.probes.by_model["tiny-embed-torch"].runs_alone
+    seqs = encode_texts(served.repo / "tiny-embed", TEXTS[1:2])
+    before = probe.alone_calls
+    got = await infer(served, "tiny-embed", seqs)
+    assert probe.alone_calls == before + 1
+    want = np.concatenate(reference(served.repo / "tiny-embed", AutoModel, seqs, "last_hidden_state"))
+    np.testing.assert_allclose(got, want, atol=ATOL)
+    # Both sessions give the same numbers for a padded batch.
+    ids = np.array([[1, 7, 9, 4, 2], [1, 5, 2, 0, 0]], dtype=np.int64)
+    mask = (ids != 0).astype(np.int64)
+    np.testing.assert_allclose(
+        probe.inner.run_alone(ids, mask, np.zeros_like(ids)), probe.inner.run(ids, mask, np.zeros_like(ids)), atol=1e-5
+    )
+
+
+def test_only_cpu_versions_with_split_threads_get_a_lone_call_session(served: Served, tmp_path: Path) -> None:
+    model = served.core.repository.resolve("tiny-embed")
+    assert BackendOptions(tmp_path, intra_op_threads=2, device="cpu").alone_threads_of(model) == 2
+    assert BackendOptions(tmp_path, intra_op_threads=4, device="cpu", instances=4).alone_threads_of(model) == 4
+    # Nothing to gain: one instance already has every thread, or one thread is all there is.
+    assert BackendOptions(tmp_path, intra_op_threads=2, device="cpu", instances=1).alone_threads_of(model) == 0
+    assert BackendOptions(tmp_path, intra_op_threads=1, device="cpu").alone_threads_of(model) == 0
+    # Turned off by the stage, or by tandem.json.
+    assert BackendOptions(tmp_path, intra_op_threads=2, device="cpu", run_alone=False).alone_threads_of(model) == 0
+    off = dataclasses.replace(model, config=model.config.model_copy(update={"run_alone": False}))
+    assert BackendOptions(tmp_path, intra_op_threads=2, device="cpu").alone_threads_of(off) == 0
+    # A GPU runs one call at a time by default; with instances set, the calls share the device, not threads.
+    assert BackendOptions(tmp_path, intra_op_threads=2, device="cuda", instances=2).alone_threads_of(model) == 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------

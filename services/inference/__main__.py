@@ -26,6 +26,7 @@ def build_core(settings: InferenceSettings, metrics: InferenceMetrics | None = N
         device=settings.device,
         spinning=settings.intra_op_spinning,
         instances=settings.model_instances,
+        run_alone=settings.run_alone,
         compute_nice=settings.compute_nice,
         watch_s=settings.watch_interval_s or None,
         unload_idle_s=settings.unload_idle_s,

@@ -27,6 +27,11 @@ class InferenceSettings(ServiceSettings):
         description="model calls that run at once per version, overriding each tandem.json; the threads are shared "
         "out among them (2 instances of 1 thread each beat 1 of 2 under load on 2 cores)",
     )
+    run_alone: bool | None = Field(
+        None,
+        description="overrides every tandem.json's run_alone: a call with the model to itself runs on all threads "
+        "(a second session, a second copy of the weights); unset follows tandem.json (default on)",
+    )
     compute_nice: int = Field(
         10,
         ge=0,
