@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from services.common.settings import usable_cpus
 from tandem.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 _WORDS = [
@@ -556,7 +557,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--texts-per-cell", type=int, default=1024, help="texts sent in each grid cell (at least)")
     parser.add_argument("--deadline-s", type=float, default=30.0)
     parser.add_argument("--bare-batch", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="bare model's ONNX threads")
+    parser.add_argument("--threads", type=int, default=usable_cpus(), help="bare model's ONNX threads")
     parser.add_argument("--skip-bare", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--tls-ca", type=Path, default=None, help="PEM CA of a gateway served with TLS")
@@ -663,7 +664,7 @@ def main(argv: Sequence[str]) -> int:
         )
     opts.out.mkdir(parents=True, exist_ok=True)
     report = {
-        "machine": {"cpus": os.cpu_count(), "uname": " ".join(os.uname())},
+        "machine": {"cpus": os.cpu_count(), "usable_cpus": usable_cpus(), "uname": " ".join(os.uname())},
         "settings": {k: str(v) for k, v in vars(opts).items()},
         "bare": bare,
         "bare_by_model": bare_by_model,

@@ -47,7 +47,7 @@ from services.common.repository import (
     tokenizer_fingerprint,
     write_json_atomic,
 )
-from services.common.settings import default_home
+from services.common.settings import default_home, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -496,7 +496,9 @@ def speed(ctx: Context, refs: Sequence[str], texts_file: Path | None, batch_size
     print(f"{'version':<28} {'precision':<9} {'single':>8} {'batch ' + str(batch_size):>10}")
     for ref in refs:
         model = _version(ctx, ref)
-        backend = create_backend(model, BackendOptions(home=ctx.home, intra_op_threads=ctx.threads, device="cpu"))
+        backend = create_backend(
+            model, BackendOptions(home=ctx.home, intra_op_threads=ctx.threads, device="cpu", run_alone=False)
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(model.path))
 
         def run(batch: list[str], backend: Any = backend, tokenizer: Any = tokenizer, model: Any = model) -> None:
@@ -536,7 +538,7 @@ def _parser() -> argparse.ArgumentParser:
         "--model-repository", type=Path, default=None, help="repository folder (default HOME/repository)"
     )
     common.add_argument("--home", type=Path, default=None, help="cache folder (default ~/.cache/tandem)")
-    common.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for export and checks")
+    common.add_argument("--threads", type=int, default=usable_cpus(), help="threads for export and checks")
     texts = argparse.ArgumentParser(add_help=False)
     texts.add_argument("--texts", type=Path, default=None, help="held-out texts, one per line (default: built in)")
 

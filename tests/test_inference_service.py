@@ -34,6 +34,7 @@ from transformers import (
 from services.common import errors, tensors
 from services.common.repository import ModelRepository
 from services.common.server import RunningServer, start_server
+from services.common.settings import usable_cpus
 from services.inference import core as inference_core
 from services.inference.core import Backend, BackendOptions, FloatArray, Inference, IntArray, create_backend
 from services.inference.servicer import SERVICE_NAME, registrar
@@ -350,6 +351,21 @@ def test_only_cpu_versions_with_split_threads_get_a_lone_call_session(served: Se
     assert BackendOptions(tmp_path, intra_op_threads=2, device="cpu").alone_threads_of(off) == 0
     # A GPU runs one call at a time by default; with instances set, the calls share the device, not threads.
     assert BackendOptions(tmp_path, intra_op_threads=2, device="cuda", instances=2).alone_threads_of(model) == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="affinity masks are a Linux feature")
+def test_default_threads_are_the_cpus_the_process_may_use(tmp_path: Path) -> None:
+    # A process pinned to one CPU (as by taskset, or a container's cpuset) runs one model thread, not one per core.
+    mask = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(mask)})
+        pinned = Inference(ModelRepository(tmp_path), home=tmp_path, watch_s=None).options.intra_op_threads
+    finally:
+        os.sched_setaffinity(0, mask)
+    assert pinned == 1
+    # Unpinned: every CPU of the mask, unless a container CPU quota allows fewer.
+    assert 1 <= usable_cpus() <= len(mask) <= (os.cpu_count() or 1)
+    assert Inference(ModelRepository(tmp_path), home=tmp_path, watch_s=None).options.intra_op_threads == usable_cpus()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

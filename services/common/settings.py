@@ -7,8 +7,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
 
+from loky import cpu_count
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: the fewest of the machine's, its affinity mask's and its container's CPU quota
+    (cgroup v1 or v2, rounded up; loky reads them). A pod limited to 2 CPUs on a 64-core node then runs 2 model
+    threads by default, not 64 that the kernel throttles."""
+    return max(1, int(cpu_count()))
 
 
 def default_home() -> Path:

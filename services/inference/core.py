@@ -45,6 +45,7 @@ from services.common.repository import (
     parse_reference,
     tokenizer_fingerprint,
 )
+from services.common.settings import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -1050,7 +1051,7 @@ class Inference:
         self.repository = repository
         # One observer per model name (a metrics label), shared by its versions' batchers.
         self.observers = observers
-        threads = intra_op_threads or os.cpu_count() or 1
+        threads = intra_op_threads or usable_cpus()
         self.options = BackendOptions(
             home=home,
             intra_op_threads=threads,

@@ -15,7 +15,10 @@ class InferenceSettings(ServiceSettings):
 
     listen: str = Field("127.0.0.1:50053", description="address to serve on: HOST:PORT or unix:PATH")
     intra_op_threads: int | None = Field(
-        None, ge=1, description="threads inside one model call (ONNX Runtime and torch); default: all CPUs"
+        None,
+        ge=1,
+        description="threads inside one model call (ONNX Runtime and torch); default: the CPUs this process may use "
+        "(affinity and container CPU quota)",
     )
     intra_op_spinning: bool = Field(
         True, description="let ONNX Runtime's threads spin for work (faster alone; turn off on crowded cores)"
