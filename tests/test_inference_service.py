@@ -338,6 +338,32 @@ async def test_a_lone_call_runs_on_every_thread_with_the_same_numbers(served: Se
     )
 
 
+def test_io_binding_gives_the_same_numbers_and_turns_itself_off_if_it_cannot_run(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    # On by default only on a GPU; here it binds on the CPU, which runs the same code but for the device name.
+    path = served.repo / "tiny-embed" / "1" / "model.onnx"
+    plain = inference_core.OnnxBackend(path, ["CPUExecutionProvider"], threads=1)
+    assert not plain.io_binding
+    bound = inference_core.OnnxBackend(path, ["CPUExecutionProvider"], threads=1, io_binding=True)
+    assert bound.io_binding
+    ids = np.array([[1, 7, 9, 4, 2], [1, 5, 2, 0, 0]], dtype=np.int64)
+    mask = (ids != 0).astype(np.int64)
+    want = plain.run(ids, mask, np.zeros_like(ids))
+    np.testing.assert_array_equal(bound.run(ids, mask, None), want)
+    # Once a bound call has run, a failing one is an error of that call, not a reason to stop binding.
+    bound._bind_device = "no-such-device"
+    with pytest.raises(Exception, match="Unsupported device type: no-such-device"):
+        bound.run(ids, mask, None)
+    # A binding that cannot run the first call (the warm-up) gives way to plain runs, with a warning.
+    broken = inference_core.OnnxBackend(path, ["CPUExecutionProvider"], threads=1, io_binding=True)
+    broken._bind_device = "no-such-device"
+    with caplog.at_level("WARNING", logger="services.inference.core"):
+        np.testing.assert_array_equal(broken.run(ids, mask, None), want)
+    assert not broken.io_binding
+    assert any("I/O binding failed" in r.getMessage() for r in caplog.records)
+
+
 def test_only_cpu_versions_with_split_threads_get_a_lone_call_session(served: Served, tmp_path: Path) -> None:
     model = served.core.repository.resolve("tiny-embed")
     assert BackendOptions(tmp_path, intra_op_threads=2, device="cpu").alone_threads_of(model) == 2

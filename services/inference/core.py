@@ -145,6 +145,9 @@ class BackendOptions:
         return self.intra_op_threads
 
 
+_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
 def _cuda_present() -> bool:
     return bool(torch.cuda.is_available())
 
@@ -157,7 +160,7 @@ def onnx_providers(device: str, model: ModelVersion, home: Path, graph: Path) ->
         return ["CPUExecutionProvider"]
     available = set(ort.get_available_providers())
     # onnxruntime-gpu lists its GPU providers even on machines without a GPU; ask the driver too.
-    gpu = bool(available & {"CUDAExecutionProvider", "TensorrtExecutionProvider"}) and _cuda_present()
+    gpu = bool(available & set(_GPU_PROVIDERS)) and _cuda_present()
     providers: list[str | tuple[str, dict[str, Any]]] = []
     if gpu and "TensorrtExecutionProvider" in available:
         # One explicit shape profile up to the batcher's limits, so TensorRT builds its engine once, not per shape.
@@ -198,6 +201,7 @@ class OnnxBackend(Backend):
         threads: int,
         spinning: bool = True,
         alone_threads: int = 0,
+        io_binding: bool | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -235,6 +239,18 @@ class OnnxBackend(Backend):
         preferred = [n for n in ("logits", "last_hidden_state") if n in outputs]
         self._output = preferred[0] if preferred else outputs[0]
         self.providers: list[str] = list(self.session.get_providers())
+        # I/O binding (default: on a GPU): the inputs are bound from host memory, the output is left on the device
+        # the graph ran on and copied back once, instead of session.run's per-call feed and fetch handling. None
+        # when off; a binding that fails on the first call (warm-up) turns itself off with a warning.
+        on_gpu = self.providers[0] in _GPU_PROVIDERS
+        self._bind_device: str | None = None
+        if io_binding or (io_binding is None and on_gpu):
+            self._bind_device = "cuda" if on_gpu else "cpu"
+        self._binding_proven = False
+
+    @property
+    def io_binding(self) -> bool:
+        return self._bind_device is not None
 
     def run(self, input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray | None) -> FloatArray:
         return self._run(self.session, input_ids, attention_mask, token_type_ids)
@@ -250,8 +266,27 @@ class OnnxBackend(Backend):
         for name, dtype in self._dtypes.items():
             value = given[name]
             feed[name] = np.zeros_like(input_ids, dtype=dtype) if value is None else value.astype(dtype, copy=False)
+        if self._bind_device is not None:
+            try:
+                out = self._run_bound(session, feed, self._bind_device)
+            except Exception:
+                if self._binding_proven:
+                    raise
+                log.warning("I/O binding failed on %s; running without it", self.path, exc_info=True)
+                self._bind_device = None
+            else:
+                self._binding_proven = True
+                return out
         out = session.run([self._output], feed)[0]
         return np.asarray(out, dtype=np.float32)
+
+    def _run_bound(self, session: Any, feed: dict[str, Any], device: str) -> FloatArray:
+        binding = session.io_binding()
+        for name, value in feed.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_output(self._output, device)
+        session.run_with_iobinding(binding)
+        return np.asarray(binding.copy_outputs_to_cpu()[0], dtype=np.float32)
 
 
 class _SingleOutput(torch.nn.Module):
@@ -1296,9 +1331,10 @@ class Inference:
             backend.close()
             raise
         log.info(
-            "model %s ready on %s in %.1fs (%d instance(s) of %d thread(s)%s, a call costs %.1f padded tokens)",
+            "model %s ready on %s%s in %.1fs (%d instance(s) of %d thread(s)%s, a call costs %.1f padded tokens)",
             model.ref,
             backend.name,
+            " with I/O binding" if getattr(backend, "io_binding", False) else "",
             time.perf_counter() - started,
             self.options.instances_of(model),
             self.options.threads_of(model),
