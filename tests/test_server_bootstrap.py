@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
-from collections.abc import Sequence
+import weakref
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import gateway.__main__ as gateway_main
+from services.common import stage
 from services.common.server import start_server
 from services.tokenizer.core import Encoded, TokenizeOptions
 from services.tokenizer.servicer import registrar
+from services.tokenizer.settings import TokenizerSettings
 from tandem.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from tests.status import details_of
 
@@ -150,16 +157,6 @@ def test_services_start_serving_with_imported_objects_out_of_the_collectors_reac
 ) -> None:
     """Full collections stop the event loop for as long as they walk every object (95 ms in the inference stage
     with torch imported); main() freezes what start-up created, and garbage made while serving is still found."""
-    import asyncio
-    import gc
-    import weakref
-    from collections.abc import Coroutine
-    from typing import Any
-
-    import gateway.__main__ as gateway_main
-    from services.common import stage
-    from services.tokenizer.settings import TokenizerSettings
-
     frozen_at_serve: list[int] = []
 
     def fake_run(main: Coroutine[Any, Any, None]) -> None:

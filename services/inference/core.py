@@ -88,6 +88,11 @@ class Backend(ABC):
         """The same as run, for a call that had the model to itself when it started: may use every thread."""
         return self.run(input_ids, attention_mask, token_type_ids)
 
+    @property
+    def io_binding(self) -> bool:
+        """Whether calls run with ONNX Runtime's I/O binding (see OnnxBackend)."""
+        return False
+
     def close(self) -> None:
         """Frees what the backend holds; the default has nothing to free."""
         return None
@@ -1334,7 +1339,7 @@ class Inference:
             "model %s ready on %s%s in %.1fs (%d instance(s) of %d thread(s)%s, a call costs %.1f padded tokens)",
             model.ref,
             backend.name,
-            " with I/O binding" if getattr(backend, "io_binding", False) else "",
+            " with I/O binding" if backend.io_binding else "",
             time.perf_counter() - started,
             self.options.instances_of(model),
             self.options.threads_of(model),
