@@ -496,8 +496,9 @@ def speed(ctx: Context, refs: Sequence[str], texts_file: Path | None, batch_size
     print(f"{'version':<28} {'precision':<9} {'single':>8} {'batch ' + str(batch_size):>10}")
     for ref in refs:
         model = _version(ctx, ref)
+        # One caller, so one instance with every thread: the threads printed above are the threads of each run.
         backend = create_backend(
-            model, BackendOptions(home=ctx.home, intra_op_threads=ctx.threads, device="cpu", run_alone=False)
+            model, BackendOptions(home=ctx.home, intra_op_threads=ctx.threads, device="cpu", instances=1)
         )
         tokenizer = AutoTokenizer.from_pretrained(str(model.path))
 
