@@ -242,6 +242,7 @@ class Pipeline:
         *,
         pairs: Sequence[str] = (),
         offsets: bool = False,
+        pool: bool = False,
     ) -> tuple[tokenizer_pb2.TokenizeResponse, inference_pb2.InferResponse, Served]:
         pinned = f"{info.name}:{info.version}"
         tokenized = await self.tokenizer.tokenize(
@@ -252,7 +253,7 @@ class Pipeline:
         )
         inferred = await self.inference.infer(
             inference_pb2.InferRequest(
-                model=pinned, batch=tokenized.batch, tokenizer_fingerprint=tokenized.tokenizer_fingerprint
+                model=pinned, batch=tokenized.batch, tokenizer_fingerprint=tokenized.tokenizer_fingerprint, pool=pool
             ),
             deadline,
         )
@@ -278,17 +279,17 @@ class Pipeline:
     async def _embed_run(self, key: EmbedKey, inputs: list[str], deadline: float) -> Embeddings:
         ref, normalize, truncate = key.model, key.normalize, key.truncate
         info = await self._model_for(ref, model_pb2.TASK_EMBEDDING, "Embed", deadline)
-        tokenized, inferred, served = await self._tokenize_and_infer(info, inputs, truncate, deadline)
-        pooled = await self.postprocess.pool(
-            postprocess_pb2.PoolRequest(
-                model=served.model,
-                version=served.version,
-                token_embeddings=inferred.output,
-                cu_seqlens=tokenized.batch.cu_seqlens,
-                normalize=normalize,
-            ),
-            deadline,
+        # Pooled in the inference stage: one row per text crosses the next two hops instead of one per token. An
+        # inference stage that predates InferRequest.pool answers token rows (pooled unset), pooled by postprocess.
+        tokenized, inferred, served = await self._tokenize_and_infer(info, inputs, truncate, deadline, pool=True)
+        request = postprocess_pb2.PoolRequest(
+            model=served.model, version=served.version, cu_seqlens=tokenized.batch.cu_seqlens, normalize=normalize
         )
+        if inferred.pooled:
+            request.pooled_embeddings.CopyFrom(inferred.output)
+        else:
+            request.token_embeddings.CopyFrom(inferred.output)
+        pooled = await self.postprocess.pool(request, deadline)
         vectors = tensors.decode_as(pooled.embeddings, "embeddings", np.float32, 2)
         return Embeddings(served, vectors.astype(np.float32, copy=False))
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -12,11 +14,17 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.__main__ import follow_stage_health
+from gateway.clients import InferenceClient, PostprocessClient, TokenizerClient
+from gateway.core import Pipeline
+from gateway.servicer import registrar as gateway_registrar
 from services.common.repository import ModelRepository
 from services.common.server import start_server
+from services.inference.core import Inference
+from services.inference.servicer import registrar as inference_registrar
 from services.postprocess.core import Postprocessor
 from services.postprocess.servicer import registrar as postprocess_registrar
-from tandem.gateway.v1 import gateway_pb2
+from tandem.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from tandem.inference.v1 import inference_pb2
 from tests.conftest import Stack
 from tests.fixtures import reference, tiny_models
 from tests.status import details_of
@@ -205,3 +213,87 @@ async def test_list_and_get_models(stack: Stack) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stack.stub.GetModel(gateway_pb2.GetModelRequest(model="nope"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+class _InferenceClient(InferenceClient):
+    """The gateway's inference client, noting whether each answer came pooled. With `old_stage`, `pool` never reaches
+    the stage, as with an inference stage from before InferRequest.pool: it answers token rows."""
+
+    def __init__(self, target: str, old_stage: bool = False) -> None:
+        super().__init__(target, 64 * MiB)
+        self.old_stage = old_stage
+        self.pooled: list[bool] = []
+
+    async def infer(self, request: inference_pb2.InferRequest, deadline: float) -> inference_pb2.InferResponse:
+        if self.old_stage:
+            request.pool = False
+        response = await super().infer(request, deadline)
+        self.pooled.append(response.pooled)
+        return response
+
+
+@contextlib.asynccontextmanager
+async def _gateway(stack: Stack, inference: InferenceClient) -> AsyncIterator[gateway_pb2_grpc.GatewayServiceStub]:
+    pipeline = Pipeline(
+        TokenizerClient(stack.stages["tokenizer"].address, 64 * MiB),
+        inference,
+        PostprocessClient(stack.stages["postprocess"].address, 64 * MiB),
+        max_inputs=100,
+    )
+    server = await start_server("127.0.0.1:0", [gateway_registrar(pipeline)])
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            yield gateway_pb2_grpc.GatewayServiceStub(channel)
+    finally:
+        await server.stop(0)
+        await pipeline.close()
+
+
+def _vectors(reply: gateway_pb2.EmbedResponse) -> np.ndarray:
+    return np.array([e.values for e in reply.embeddings], dtype=np.float32)
+
+
+async def test_embeddings_are_pooled_by_the_inference_stage_and_token_rows_from_an_older_one_still_work(
+    stack: Stack,
+) -> None:
+    texts = tiny_models.embedding_texts(seed=17, n=9)
+    expected = reference.reference_embeddings(version_dir(stack.repository, "tiny-embed"), texts)
+    for old_stage in (False, True):
+        client = _InferenceClient(stack.stages["inference"].address, old_stage)
+        async with _gateway(stack, client) as stub:
+            for normalize in (True, False):
+                request = gateway_pb2.EmbedRequest(model="tiny-embed", inputs=texts, normalize=normalize)
+                served = _vectors(await stub.Embed(request))
+                want = (
+                    expected
+                    if normalize
+                    else reference.reference_embeddings(
+                        version_dir(stack.repository, "tiny-embed"), texts, normalize=False
+                    )
+                )
+                np.testing.assert_allclose(served, want, rtol=1e-4, atol=1e-5)
+        assert client.pooled == [not old_stage] * 2
+
+
+async def test_a_batch_whose_token_rows_outgrow_the_message_limit_is_embedded(stack: Stack, tmp_path: Path) -> None:
+    """100 texts of the tiny model make ~1,000 token rows of 32 floats (~128 KB): more than an inference stage
+    limited to 32 KiB messages may send. Pooled there, 100 rows of 32 floats (12.8 KB) cross the hop."""
+    inference = Inference(ModelRepository(stack.repository), home=tmp_path, intra_op_threads=1)
+    await inference.start()
+    small = await start_server("127.0.0.1:0", [inference_registrar(inference)], max_message_bytes=32 * 1024)
+    texts = tiny_models.embedding_texts(seed=23, n=100)
+    try:
+        async with _gateway(stack, _InferenceClient(small.address)) as stub:
+            reply = await stub.Embed(gateway_pb2.EmbedRequest(model="tiny-embed", inputs=texts))
+        expected = reference.reference_embeddings(version_dir(stack.repository, "tiny-embed"), texts)
+        np.testing.assert_allclose(_vectors(reply), expected, rtol=1e-4, atol=1e-5)
+        assert reply.usage.prompt_tokens * 32 * 4 > 32 * 1024
+        # The same batch as token rows does not fit: what every Embed of long texts met before.
+        async with _gateway(stack, _InferenceClient(small.address, old_stage=True)) as stub:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Embed(gateway_pb2.EmbedRequest(model="tiny-embed", inputs=texts))
+        d = details_of(caught.value)
+        assert d.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "Sent message larger than max" in d.message, d
+    finally:
+        await small.stop(0)
+        await inference.close()

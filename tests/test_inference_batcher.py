@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from services.common import errors
+from services.common.pooling import pool_ragged
 from services.common.repository import ModelConfig, Task
 from services.inference.core import Backend, Batcher, FloatArray, IntArray
 
@@ -83,16 +84,26 @@ def ragged(seqs: list[list[int]]) -> tuple[IntArray, IntArray, np.ndarray]:
     return ids, types, cu
 
 
-def make(token_level: bool = True, runs_alone: bool = False, **limits: float) -> tuple[Batcher, EchoBackend]:
+def make(
+    token_level: bool = True, runs_alone: bool = False, pooling: str | None = None, **limits: float
+) -> tuple[Batcher, EchoBackend]:
     backend = EchoBackend(token_level, runs_alone)
     task = Task.EMBEDDING if token_level else Task.CLASSIFICATION
     config = ModelConfig(task=task, **limits)  # type: ignore[arg-type]
-    return Batcher(backend, config, "echo"), backend
+    return Batcher(backend, config, "echo", pooling=pooling), backend
 
 
-async def submit(batcher: Batcher, seqs: list[list[int]], deadline: float | None = None) -> FloatArray:
+async def submit(
+    batcher: Batcher, seqs: list[list[int]], deadline: float | None = None, pool: bool = False
+) -> FloatArray:
     ids, types, cu = ragged(seqs)
-    return await batcher.submit(ids, types, cu, deadline)
+    return await batcher.submit(ids, types, cu, deadline, pool=pool)
+
+
+def pooled(seqs: list[list[int]], pooling: str) -> FloatArray:
+    """What pooling each sequence's echoed token rows gives, by the postprocess stage's (ragged) pooling."""
+    _, _, cu = ragged(seqs)
+    return pool_ragged(expected(seqs, True), cu, pooling)
 
 
 async def until(condition: object, what: str) -> None:
@@ -377,4 +388,59 @@ async def test_calls_of_one_request_finishing_together_on_several_instances_keep
             np.testing.assert_array_equal(await submit(batcher, seqs), expected(seqs, token_level))
     finally:
         sys.setswitchinterval(switch)
+    await batcher.close()
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
+async def test_pooled_and_token_level_callers_sharing_calls_each_get_their_own_rows(pooling: str) -> None:
+    """Embed callers ask for pooled rows, KServe callers of the same model for token rows; calls mix both."""
+    batcher, backend = make(pooling=pooling, max_batch_size=4, max_batch_tokens=64, instances=2)
+    rng = np.random.default_rng(13)
+    requests = [
+        [rng.integers(1, 1000, size=int(rng.integers(1, 16))).tolist() for _ in range(int(rng.integers(1, 7)))]
+        for _ in range(60)
+    ]
+    wants_pool = [i % 3 != 0 for i in range(len(requests))]
+    backend.gate.clear()
+    calls = [asyncio.ensure_future(submit(batcher, r, pool=p)) for r, p in zip(requests, wants_pool, strict=True)]
+    await until(lambda: backend.active == 2, "two model calls running at once")
+    backend.gate.set()
+    results = await asyncio.gather(*calls)
+    for seqs, pool, got in zip(requests, wants_pool, results, strict=True):
+        if pool:
+            assert got.shape == (len(seqs), 3)
+            np.testing.assert_allclose(got, pooled(seqs, pooling), rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(got, expected(seqs, True))
+    assert batcher.pending == 0
+    await batcher.close()
+    # One call carrying both kinds: a pooled caller's two sequences and a token-level caller's one, all 2 long.
+    batcher, backend = make(pooling=pooling, max_batch_size=8)
+    backend.gate.clear()
+    first = asyncio.ensure_future(submit(batcher, [[1]]))
+    await until(backend.started.is_set, "the first call")
+    both = [
+        asyncio.ensure_future(submit(batcher, [[2, 3], [4, 5]], pool=True)),
+        asyncio.ensure_future(submit(batcher, [[6, 7]])),
+    ]
+    await until(lambda: batcher.pending == 4, "both callers queued")
+    backend.gate.set()
+    await first
+    got_pooled, got_tokens = await asyncio.gather(*both)
+    assert backend.calls == [(1, 1), (3, 2)]
+    np.testing.assert_allclose(got_pooled, pooled([[2, 3], [4, 5]], pooling), rtol=1e-6)
+    np.testing.assert_array_equal(got_tokens, expected([[6, 7]], True))
+    await batcher.close()
+
+
+async def test_pool_is_ignored_without_a_pooling() -> None:
+    """Sequence-level models, and token classification (no pooling), answer as always when pool is asked."""
+    for batcher, token_level in ((make(False, pooling=None)[0], False), (make(True, pooling=None)[0], True)):
+        assert not batcher.pools(True)
+        seqs = [[5, 6, 7], [8]]
+        np.testing.assert_array_equal(await submit(batcher, seqs, pool=True), expected(seqs, token_level))
+        await batcher.close()
+    # A pooling given for a classifier is not used either: its rows are not token rows.
+    batcher, _ = make(False, pooling="mean")
+    assert batcher.pooling is None and not batcher.pools(True)
     await batcher.close()

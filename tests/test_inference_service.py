@@ -41,6 +41,7 @@ from services.inference.servicer import SERVICE_NAME, registrar
 from tandem.inference.v1 import inference_pb2, inference_pb2_grpc
 from tandem.model.v1 import model_pb2
 from tandem.tensor.v1 import tensor_pb2
+from tests.fixtures.reference import reference_embeddings
 
 ATOL = 1e-4
 TEXTS = [
@@ -282,6 +283,30 @@ async def test_embedding_rows_equal_transformers(served: Served) -> None:
     np.testing.assert_allclose(got, want, atol=ATOL)
 
 
+async def test_pooled_embeddings_equal_sentence_transformers_pooling_and_only_embedding_models_pool(
+    served: Served,
+) -> None:
+    """InferRequest.pool: one unnormalized row per sequence, pooled here as the version's 1_Pooling says."""
+    seqs = encode_texts(served.repo / "tiny-embed", TEXTS)
+    request = inference_pb2.InferRequest(
+        model="tiny-embed",
+        batch=token_batch([s["input_ids"] for s in seqs], [s["token_type_ids"] for s in seqs]),
+        pool=True,
+    )
+    response = await served.stub.Infer(request)
+    got = tensors.decode(response.output, "output")
+    assert response.pooled and got.shape == (len(TEXTS), 32)
+    want = reference_embeddings(served.repo / "tiny-embed" / "1", TEXTS, normalize=False)
+    np.testing.assert_allclose(got, want, atol=ATOL)
+    # A classifier has no token rows to pool: it answers its logits, and says they are not pooled rows.
+    seqs = encode_texts(served.repo / "tiny-sentiment", TEXTS)
+    batch = token_batch([s["input_ids"] for s in seqs])
+    plain = await served.stub.Infer(inference_pb2.InferRequest(model="tiny-sentiment", batch=batch))
+    asked = await served.stub.Infer(inference_pb2.InferRequest(model="tiny-sentiment", batch=batch, pool=True))
+    assert not asked.pooled
+    np.testing.assert_array_equal(tensors.decode(asked.output, "output"), tensors.decode(plain.output, "output"))
+
+
 async def test_classification_logits_equal_transformers(served: Served) -> None:
     seqs = encode_texts(served.repo / "tiny-sentiment", [*TEXTS, "what a terrible boring day", "i love pizza"])
     # INT32 ids are accepted as well as INT64.
@@ -412,7 +437,7 @@ async def test_onnx_export_is_written_beside_the_model_and_reused(served: Served
     seqs = encode_texts(served.repo / "tiny-embed", TEXTS[:2])
     ids = np.array([t for s in seqs for t in s["input_ids"]], dtype=np.int64)
     cu = np.array([0, len(seqs[0]["input_ids"]), len(ids)], dtype=np.int32)
-    _, rows = await again.infer("tiny-embed", ids, None, cu, None)
+    _, rows, _ = await again.infer("tiny-embed", ids, None, cu, None)
     await again.close()
     assert exported.stat().st_mtime_ns == stamp
     assert not (tmp_path / "onnx-cache").exists()
@@ -450,7 +475,7 @@ async def test_export_without_token_type_ids_goes_to_the_cache_when_the_folder_i
     assert not (version / "model.onnx").exists()
     seqs = [[1, 5, 7, 9, 2], [1, 8, 2]]
     ids = np.array([t for s in seqs for t in s], dtype=np.int64)
-    _, rows = await core.infer("tiny-distil", ids, np.zeros_like(ids), np.array([0, 5, 8], dtype=np.int32), None)
+    _, rows, _ = await core.infer("tiny-distil", ids, np.zeros_like(ids), np.array([0, 5, 8], dtype=np.int32), None)
     await core.close()
     hf = DistilBertModel.from_pretrained(str(version)).eval()
     with torch.inference_mode():
@@ -724,7 +749,7 @@ async def test_a_new_version_takes_over_once_it_is_loaded(tiny_repository: Path,
     shutil.copytree(model_dir / "1", model_dir / "2")
 
     # Until version 2 has loaded, a bare name keeps being answered by version 1; naming 2 says it is loading.
-    served, _ = await core.infer("sentiment", ids, None, cu, None)
+    served, _, _ = await core.infer("sentiment", ids, None, cu, None)
     assert served.version == "1"
     with pytest.raises(errors.TandemError) as caught:
         await core.infer("sentiment:2", ids, None, cu, None)
@@ -732,7 +757,7 @@ async def test_a_new_version_takes_over_once_it_is_loaded(tiny_repository: Path,
     loading = core.loaded("sentiment:2").task
     assert loading is not None
     await loading
-    served, _ = await core.infer("sentiment", ids, None, cu, None)
+    served, _, _ = await core.infer("sentiment", ids, None, cu, None)
     assert served.version == "2"
     assert [(d.version, d.versions, d.ready) for d in core.models()] == [("2", ("1", "2"), True)]
     await core.close()

@@ -146,7 +146,7 @@ async def test_the_inference_stage_serves_derived_versions(built: Built, tmp_pat
             encoded = AutoTokenizer.from_pretrained(str(model.path))(texts)["input_ids"]
             ids = np.array([t for seq in encoded for t in seq], dtype=np.int64)
             cu = np.concatenate([[0], np.cumsum([len(seq) for seq in encoded])]).astype(np.int32)
-            _, rows = await core.infer(f"emb:{version}", ids, None, cu, None)
+            _, rows, _ = await core.infer(f"emb:{version}", ids, None, cu, None)
             pooled = np.stack([rows[a:b].mean(axis=0) for a, b in itertools.pairwise(cu)])
             cosine = np.sum(pooled * want, axis=1) / (np.linalg.norm(pooled, axis=1) * np.linalg.norm(want, axis=1))
             assert cosine.min() >= 0.99

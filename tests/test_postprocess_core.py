@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers.pipelines.token_classification import TokenClassificationPipeline
 
+from services.common.pooling import pool_padded
 from services.postprocess.core import (
     EmbeddingPostprocessor,
     Entity,
@@ -86,6 +87,21 @@ def test_pool_with_normalize_gives_unit_rows() -> None:
     rows, cu = _ragged([4, 7], dim=16)
     pooled = EmbeddingPostprocessor("mean").pool(rows, cu, normalize=True)
     np.testing.assert_allclose(np.linalg.norm(pooled, axis=1), [1.0, 1.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
+def test_pooling_a_padded_batch_in_the_inference_stage_equals_pooling_its_ragged_rows(pooling: str) -> None:
+    """The inference stage pools a call's padded output (InferRequest.pool); the postprocess stage pools ragged
+    rows. Both must give the same vectors whatever the padding holds (here: huge values, which a mean or max that
+    let padding in would show)."""
+    rows, cu = _ragged([2, 7, 1, 5], dim=6, seed=3)
+    lengths = np.diff(cu)
+    padded = np.full((4, 9, 6), 1e6, dtype=np.float32)
+    for i, (a, b) in enumerate(itertools.pairwise(cu)):
+        padded[i, : b - a] = rows[a:b]
+    got = pool_padded(padded, lengths, pooling)
+    assert got.dtype == np.float32 and got.shape == (4, 6)
+    np.testing.assert_allclose(got, EmbeddingPostprocessor(pooling).pool(rows, cu), rtol=1e-6, atol=1e-7)
 
 
 def test_unknown_pooling_is_refused() -> None:

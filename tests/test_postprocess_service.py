@@ -154,6 +154,30 @@ async def test_pool_matches_the_reference_embeddings(
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+async def test_rows_the_inference_stage_pooled_are_only_checked_and_normalized(
+    stub: Stub, tiny_repository: Path, normalize: bool
+) -> None:
+    """PoolRequest.pooled_embeddings (InferResponse.pooled): the same answer as pooling the token rows here."""
+    path, texts = _vdir(tiny_repository, "tiny-embed"), embedding_texts(n=8)
+    rows, cu = token_embeddings(path, texts)
+    pooled_rows = reference_embeddings(path, texts, normalize=False)
+    request = postprocess_pb2.PoolRequest(
+        model="tiny-embed",
+        version="1",
+        pooled_embeddings=tensors.encode(pooled_rows),
+        cu_seqlens=tensors.encode(cu),
+        normalize=normalize,
+    )
+    got = embeddings_of(await stub.Pool(request))
+    from_tokens = embeddings_of(await stub.Pool(pool_request("tiny-embed", rows, cu, normalize)))
+    np.testing.assert_allclose(got, from_tokens, rtol=1e-4, atol=1e-5)
+    if normalize:
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+    else:
+        np.testing.assert_array_equal(got, pooled_rows)
+
+
 async def test_the_model_s_pooling_decides_the_result(stub: Stub, tiny_repository: Path) -> None:
     # The same token rows, pooled by a mean-pooling and a cls-pooling model of the same width.
     texts = embedding_texts(n=4)
@@ -409,6 +433,28 @@ async def test_pool_shapes_must_agree_with_cu_seqlens_and_the_model(stub: Stub) 
     await _fails(stub.Pool(_pool(dim=16)), INVALID, errors.INVALID_INPUT, "token_embeddings", "hidden size 32")
     missing = postprocess_pb2.PoolRequest(model="tiny-embed", cu_seqlens=_ints((0, 1)))
     await _fails(stub.Pool(missing), INVALID, errors.INVALID_INPUT, "token_embeddings", "is required")
+
+
+async def test_pooled_rows_must_agree_with_cu_seqlens_and_the_model(stub: Stub) -> None:
+    def pooled(rows: int = 2, dim: int = 32, cu: Sequence[int] = (0, 2, 5), **kw: Any) -> Any:
+        return postprocess_pb2.PoolRequest(
+            model=kw.pop("model", "tiny-embed"), pooled_embeddings=_floats(rows, dim), cu_seqlens=_ints(cu), **kw
+        )
+
+    await _fails(stub.Pool(pooled(rows=3)), INVALID, errors.INVALID_INPUT, "pooled_embeddings", "3 rows")
+    await _fails(stub.Pool(pooled(dim=16)), INVALID, errors.INVALID_INPUT, "pooled_embeddings", "hidden size 32")
+    await _fails(stub.Pool(pooled(cu=(1, 2, 5))), INVALID, errors.INVALID_INPUT, "cu_seqlens", "start at 0")
+    await _fails(stub.Pool(pooled(model="tiny-sentiment")), INVALID, errors.WRONG_TASK, "model", "not embedding")
+    both = pooled(token_embeddings=_floats(5, 32))
+    await _fails(stub.Pool(both), INVALID, errors.INVALID_INPUT, "pooled_embeddings", "not both")
+    rows = np.zeros((2, 32), dtype=np.float32)
+    rows[1, 3] = float("nan")
+    nan = postprocess_pb2.PoolRequest(
+        model="tiny-embed", pooled_embeddings=tensors.encode(rows), cu_seqlens=_ints((0, 2, 5))
+    )
+    await _fails(stub.Pool(nan), INVALID, errors.INVALID_INPUT, "pooled_embeddings", "NaN or infinite")
+    no_cu = postprocess_pb2.PoolRequest(model="tiny-embed", pooled_embeddings=_floats(2, 32))
+    await _fails(stub.Pool(no_cu), INVALID, errors.INVALID_INPUT, "cu_seqlens", "is required")
 
 
 async def test_malformed_tensors_are_refused_by_the_codec(stub: Stub) -> None:

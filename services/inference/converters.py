@@ -57,8 +57,12 @@ def token_inputs(request: inference_pb2.InferRequest) -> TokenInputs:
     )
 
 
-def infer_response(model: ModelVersion, output: npt.NDArray[np.float32]) -> inference_pb2.InferResponse:
-    return inference_pb2.InferResponse(model=model.name, version=model.version, output=tensors.encode(output))
+def infer_response(
+    model: ModelVersion, output: npt.NDArray[np.float32], pooled: bool = False
+) -> inference_pb2.InferResponse:
+    return inference_pb2.InferResponse(
+        model=model.name, version=model.version, output=tensors.encode(output), pooled=pooled
+    )
 
 
 def model_info(description: ModelDescription) -> model_pb2.ModelInfo:

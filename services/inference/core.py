@@ -27,6 +27,7 @@ import torch
 from opentelemetry import trace
 
 from services.common import errors, tensors, timing, tracing
+from services.common.pooling import check_pooling, pool_padded
 from services.common.repository import (
     DEFAULT_ALIAS,
     METADATA_FILE,
@@ -567,6 +568,8 @@ class _Request:
     queued_at: float = 0.0
     started_at: float | None = None
     compute_s: float = 0.0
+    # Answer one pooled row per sequence instead of its token rows (InferRequest.pool on an embedding model).
+    pool: bool = False
 
     @property
     def count(self) -> int:
@@ -595,6 +598,7 @@ class Batcher:
         instances: int | None = None,
         call_cost_tokens: float | None = None,
         nice: int = 0,
+        pooling: str | None = None,
     ) -> None:
         self.backend = backend
         self.observer: BatchObserver = observer or _Unobserved()
@@ -602,6 +606,8 @@ class Batcher:
         self.name = name
         self.pad_token_id = pad_token_id
         self.token_level = token_level(config.task)
+        # How callers that ask for it get their sequences pooled (embedding models only; see submit).
+        self.pooling = check_pooling(pooling) if pooling is not None and config.task is Task.EMBEDDING else None
         self._queue: deque[_Request] = deque()
         self._wakeup = asyncio.Event()
         self._pending = 0
@@ -633,8 +639,12 @@ class Batcher:
         token_type_ids: IntArray | None,
         cu_seqlens: npt.NDArray[np.int32],
         deadline: float | None,
+        pool: bool = False,
     ) -> FloatArray:
-        """The output rows of one ragged batch: [total_tokens, width] or [n, width], in the caller's order."""
+        """The output rows of one ragged batch: [total_tokens, width] or [n, width], in the caller's order.
+
+        With pool (and a pooling, i.e. an embedding model), each sequence's token rows are pooled in the worker
+        thread right after its model call, and the caller gets [n, width]: see pools()."""
         if self._closed:
             raise errors.unavailable(f"model {self.name} is shutting down", model=self.name)
         count = len(cu_seqlens) - 1
@@ -649,7 +659,15 @@ class Batcher:
         future: asyncio.Future[FloatArray] = loop.create_future()
         cu = cu_seqlens.astype(np.int64)
         request = _Request(
-            input_ids, token_type_ids, cu[:-1], np.diff(cu), deadline, future, count, queued_at=time.perf_counter()
+            input_ids,
+            token_type_ids,
+            cu[:-1],
+            np.diff(cu),
+            deadline,
+            future,
+            count,
+            queued_at=time.perf_counter(),
+            pool=self.pools(pool),
         )
         self._pending += count
         future.add_done_callback(lambda _: self._release(count))
@@ -669,6 +687,10 @@ class Batcher:
         timing.add("queue", (request.started_at or request.queued_at) - request.queued_at)
         timing.add("compute", request.compute_s)
         return output
+
+    def pools(self, asked: bool) -> bool:
+        """Whether a caller asking for pooled rows gets them: only from embedding models, which name a pooling."""
+        return asked and self.pooling is not None
 
     def _release(self, count: int) -> None:
         self._pending -= count
@@ -793,26 +815,30 @@ class Batcher:
                 request.started_at = started
                 self.observer.queued(started - request.queued_at)
         with self._model_run_span(chosen, riders, alone):
-            out = await asyncio.get_running_loop().run_in_executor(self._executor, self._execute, chosen, alone)
+            out, pooled = await asyncio.get_running_loop().run_in_executor(self._executor, self._execute, chosen, alone)
         seconds = time.perf_counter() - started
         for request in riders:
             request.compute_s += seconds
         width = max(int(r.lengths[i]) for r, i in chosen)
         self.observer.batch(len(chosen), len(chosen) * width, seconds)
-        self._scatter(chosen, out)
+        self._scatter(chosen, out, pooled)
         for request, _ in chosen:
             request.remaining -= 1
             if request.remaining == 0 and not request.future.done():
                 assert request.output is not None
                 request.future.set_result(request.output)
 
-    def _scatter(self, chosen: list[tuple[_Request, int]], out: FloatArray) -> None:
+    def _scatter(self, chosen: list[tuple[_Request, int]], out: FloatArray, pooled: FloatArray | None) -> None:
         """Each output row into its caller's output, on the event loop: the calls of one request may finish on
         several instances at once, and only one thread may ever create and fill a request's output."""
         for row, (r, i) in enumerate(chosen):
             if r.output is None:
-                r.output = np.empty((r.total if self.token_level else r.count, out.shape[-1]), dtype=np.float32)
-            if self.token_level:
+                rows = r.total if self.token_level and not r.pool else r.count
+                r.output = np.empty((rows, out.shape[-1]), dtype=np.float32)
+            if r.pool:
+                assert pooled is not None
+                r.output[i] = pooled[row]
+            elif self.token_level:
                 start, length = int(r.starts[i]), int(r.lengths[i])
                 r.output[start : start + length] = out[row, :length]
             else:
@@ -841,8 +867,9 @@ class Batcher:
             },
         )
 
-    def _execute(self, chosen: list[tuple[_Request, int]], alone: bool = False) -> FloatArray:
-        """Worker thread: pad, run the model, check the output's shape. Touches no request's state."""
+    def _execute(self, chosen: list[tuple[_Request, int]], alone: bool = False) -> tuple[FloatArray, FloatArray | None]:
+        """Worker thread: pad, run the model, check the output's shape, pool the rows if any caller asked for it.
+        Touches no request's state."""
         width = max(int(r.lengths[i]) for r, i in chosen)
         ids = np.full((len(chosen), width), self.pad_token_id, dtype=np.int64)
         mask = np.zeros_like(ids)
@@ -857,7 +884,10 @@ class Batcher:
         expected = (len(chosen), width) if self.token_level else (len(chosen),)
         if out.shape[: len(expected)] != expected or out.ndim != len(expected) + 1:
             raise ValueError(f"{self.name} returned shape {list(out.shape)} for a {list(ids.shape)} batch")
-        return out
+        if self.pooling is None or not any(r.pool for r, _ in chosen):
+            return out, None
+        lengths = np.fromiter((r.lengths[i] for r, i in chosen), dtype=np.int64, count=len(chosen))
+        return out, pool_padded(out, lengths, self.pooling)
 
     async def close(self) -> None:
         """Fails what is still queued or running, stops the worker and its thread."""
@@ -1316,6 +1346,7 @@ class Inference:
                 instances=self.options.instances_of(model),
                 call_cost_tokens=call_cost,
                 nice=self.compute_nice,
+                pooling=model.pooling if model.task is Task.EMBEDDING else None,
             )
             slot.state = ModelState.READY
         entry = self._models.get(model.name)
@@ -1457,8 +1488,10 @@ class Inference:
         cu_seqlens: npt.NDArray[np.int32],
         deadline: float | None,
         tokenizer_fingerprint: str = "",
-    ) -> tuple[ModelVersion, FloatArray]:
-        """Runs a ragged batch through the model's batcher: [total_tokens, width] or [n, width] float32."""
+        pool: bool = False,
+    ) -> tuple[ModelVersion, FloatArray, bool]:
+        """Runs a ragged batch through the model's batcher: [total_tokens, width] or [n, width] float32, and
+        whether the rows are pooled ones (pool asked of an embedding model: [n, width])."""
         model, slot = self._select(model_ref)
         if slot is None:
             raise self._not_loaded(model)
@@ -1482,10 +1515,11 @@ class Inference:
         slot.in_flight += 1
         slot.last_used = time.monotonic()
         try:
-            output = await slot.batcher.submit(input_ids, token_type_ids, cu_seqlens, deadline)
+            pooled = slot.batcher.pools(pool)
+            output = await slot.batcher.submit(input_ids, token_type_ids, cu_seqlens, deadline, pool=pooled)
         finally:
             slot.in_flight -= 1
-        return model, output
+        return model, output, pooled
 
     def _validate(
         self,

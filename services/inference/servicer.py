@@ -29,15 +29,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: inference_pb2.InferRequest, context: Context
     ) -> inference_pb2.InferResponse:
         inputs = converters.token_inputs(request)
-        model, output = await self.core.infer(
+        model, output, pooled = await self.core.infer(
             request.model,
             inputs.input_ids,
             inputs.token_type_ids,
             inputs.cu_seqlens,
             deadline_of(context),
             request.tokenizer_fingerprint,
+            pool=request.pool,
         )
-        return converters.infer_response(model, output)
+        return converters.infer_response(model, output, pooled)
 
     async def ListModels(  # noqa: N802
         self, request: inference_pb2.ListModelsRequest, context: Context

@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.common import errors
+from services.common.pooling import check_pooling, pool_ragged
 from services.common.repository import ModelRepository, ModelVersion, Task
 
 log = logging.getLogger(__name__)
@@ -27,10 +28,7 @@ _INLINE_ELEMENTS = 1 << 16
 # Entities are built one Python object each, so token classification also stays inline only for short batches.
 _INLINE_TOKENS = 2048
 
-POOLINGS = ("mean", "cls", "max")
-
-# What sentence-transformers clamps the token count to and torch.nn.functional.normalize clamps the norm to.
-_MIN_TOKENS = 1e-9
+# What torch.nn.functional.normalize clamps the norm to.
 _MIN_NORM = 1e-12
 
 
@@ -92,25 +90,11 @@ class EmbeddingPostprocessor:
     """
 
     def __init__(self, pooling: str) -> None:
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-        self.pooling = pooling
+        self.pooling = check_pooling(pooling)
 
     def pool(self, token_embeddings: FloatArray, cu_seqlens: IntArray, normalize: bool = False) -> FloatArray:
-        starts = cu_seqlens[:-1]
-        pooled: npt.NDArray[np.floating]
-        if self.pooling == "cls":
-            pooled = token_embeddings[starts]
-        elif self.pooling == "max":
-            pooled = np.maximum.reduceat(token_embeddings, starts, axis=0)
-        else:
-            # A float64 accumulator: reduceat sums sequentially, and float32 drifts over thousands of tokens.
-            sums = np.add.reduceat(token_embeddings, starts, axis=0, dtype=np.float64)
-            counts = np.maximum(np.diff(cu_seqlens).astype(np.float64), _MIN_TOKENS)
-            pooled = sums / counts[:, None]
-        if normalize:
-            return l2_normalize(pooled)
-        return pooled.astype(np.float32, copy=False)
+        pooled = pool_ragged(token_embeddings, cu_seqlens, self.pooling)
+        return l2_normalize(pooled) if normalize else pooled
 
 
 class SequenceClassificationPostprocessor:
@@ -322,6 +306,26 @@ class Postprocessor:
             return EmbeddingPostprocessor(resolved.pooling).pool(token_embeddings, cu, normalize)
 
         return await self._run(token_embeddings.size <= _INLINE_ELEMENTS, work)
+
+    async def finish_pooled(
+        self, model: str, version: str, embeddings: FloatArray, cu_seqlens: IntArray, normalize: bool
+    ) -> FloatArray:
+        """Sentence embeddings [n, dim] the inference stage already pooled: checked, and scaled with normalize."""
+
+        def work() -> FloatArray:
+            resolved = self._model(model, version, Task.EMBEDDING)
+            cu = _check_cu_seqlens(cu_seqlens, "cu_seqlens")
+            _require_rows(embeddings, len(cu) - 1, "pooled_embeddings", "cu_seqlens")
+            if resolved.hidden_size and embeddings.shape[1] != resolved.hidden_size:
+                raise errors.invalid_argument(
+                    f"pooled_embeddings has {embeddings.shape[1]} columns but model"
+                    f" {resolved.name}:{resolved.version} has hidden size {resolved.hidden_size}",
+                    "pooled_embeddings",
+                )
+            _require_finite(embeddings, "pooled_embeddings")
+            return l2_normalize(embeddings) if normalize else embeddings
+
+        return await self._run(embeddings.size <= _INLINE_ELEMENTS, work)
 
     async def classify(self, model: str, version: str, logits: FloatArray, top_k: int) -> list[list[LabelScore]]:
         """Ranked labels per row of logits [n, num_labels]."""

@@ -6,6 +6,7 @@ from typing import Any
 
 import grpc
 
+from services.common import errors
 from services.postprocess import converters
 from services.postprocess.core import Postprocessor
 from tandem.postprocess.v1 import postprocess_pb2, postprocess_pb2_grpc
@@ -20,13 +21,26 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
     async def Pool(  # noqa: N802
         self, request: postprocess_pb2.PoolRequest, context: Context
     ) -> postprocess_pb2.PoolResponse:
-        embeddings = await self.core.pool(
-            request.model,
-            request.version,
-            converters.floats(request, "token_embeddings", "token_embeddings"),
-            converters.int32s(request, "cu_seqlens", "cu_seqlens", ndim=1),
-            request.normalize,
-        )
+        if request.HasField("pooled_embeddings"):
+            if request.HasField("token_embeddings"):
+                raise errors.invalid_argument(
+                    "set token_embeddings or pooled_embeddings, not both", "pooled_embeddings"
+                )
+            embeddings = await self.core.finish_pooled(
+                request.model,
+                request.version,
+                converters.floats(request, "pooled_embeddings", "pooled_embeddings"),
+                converters.int32s(request, "cu_seqlens", "cu_seqlens", ndim=1),
+                request.normalize,
+            )
+        else:
+            embeddings = await self.core.pool(
+                request.model,
+                request.version,
+                converters.floats(request, "token_embeddings", "token_embeddings"),
+                converters.int32s(request, "cu_seqlens", "cu_seqlens", ndim=1),
+                request.normalize,
+            )
         return converters.pool_response(embeddings)
 
     async def Classify(  # noqa: N802

@@ -26,7 +26,7 @@ from tandem.model.v1 import model_pb2 as tandem_dot_model_dot_v1_dot_model__pb2
 from tandem.tensor.v1 import tensor_pb2 as tandem_dot_tensor_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#tandem/inference/v1/inference.proto\x12\x13tandem.inference.v1\x1a\x1btandem/model/v1/model.proto\x1a\x1dtandem/tensor/v1/tensor.proto\"i\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1c.tandem.tensor.v1.TokenBatch\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\"Y\n\rInferResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\x06output\x18\x03 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\"\x13\n\x11ListModelsRequest\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.tandem.model.v1.ModelInfo\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"=\n\x10GetModelResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.tandem.model.v1.ModelInfo2\x9a\x02\n\x10InferenceService\x12N\n\x05Infer\x12!.tandem.inference.v1.InferRequest\x1a\".tandem.inference.v1.InferResponse\x12]\n\nListModels\x12&.tandem.inference.v1.ListModelsRequest\x1a\'.tandem.inference.v1.ListModelsResponse\x12W\n\x08GetModel\x12$.tandem.inference.v1.GetModelRequest\x1a%.tandem.inference.v1.GetModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#tandem/inference/v1/inference.proto\x12\x13tandem.inference.v1\x1a\x1btandem/model/v1/model.proto\x1a\x1dtandem/tensor/v1/tensor.proto\"w\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1c.tandem.tensor.v1.TokenBatch\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x0c\n\x04pool\x18\x04 \x01(\x08\"i\n\rInferResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\x06output\x18\x03 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12\x0e\n\x06pooled\x18\x04 \x01(\x08\"\x13\n\x11ListModelsRequest\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.tandem.model.v1.ModelInfo\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"=\n\x10GetModelResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.tandem.model.v1.ModelInfo2\x9a\x02\n\x10InferenceService\x12N\n\x05Infer\x12!.tandem.inference.v1.InferRequest\x1a\".tandem.inference.v1.InferResponse\x12]\n\nListModels\x12&.tandem.inference.v1.ListModelsRequest\x1a\'.tandem.inference.v1.ListModelsResponse\x12W\n\x08GetModel\x12$.tandem.inference.v1.GetModelRequest\x1a%.tandem.inference.v1.GetModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.inference.v1.inferen
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INFERREQUEST']._serialized_start=120
-  _globals['_INFERREQUEST']._serialized_end=225
-  _globals['_INFERRESPONSE']._serialized_start=227
-  _globals['_INFERRESPONSE']._serialized_end=316
-  _globals['_LISTMODELSREQUEST']._serialized_start=318
-  _globals['_LISTMODELSREQUEST']._serialized_end=337
-  _globals['_LISTMODELSRESPONSE']._serialized_start=339
-  _globals['_LISTMODELSRESPONSE']._serialized_end=403
-  _globals['_GETMODELREQUEST']._serialized_start=405
-  _globals['_GETMODELREQUEST']._serialized_end=437
-  _globals['_GETMODELRESPONSE']._serialized_start=439
-  _globals['_GETMODELRESPONSE']._serialized_end=500
-  _globals['_INFERENCESERVICE']._serialized_start=503
-  _globals['_INFERENCESERVICE']._serialized_end=785
+  _globals['_INFERREQUEST']._serialized_end=239
+  _globals['_INFERRESPONSE']._serialized_start=241
+  _globals['_INFERRESPONSE']._serialized_end=346
+  _globals['_LISTMODELSREQUEST']._serialized_start=348
+  _globals['_LISTMODELSREQUEST']._serialized_end=367
+  _globals['_LISTMODELSRESPONSE']._serialized_start=369
+  _globals['_LISTMODELSRESPONSE']._serialized_end=433
+  _globals['_GETMODELREQUEST']._serialized_start=435
+  _globals['_GETMODELREQUEST']._serialized_end=467
+  _globals['_GETMODELRESPONSE']._serialized_start=469
+  _globals['_GETMODELRESPONSE']._serialized_end=530
+  _globals['_INFERENCESERVICE']._serialized_start=533
+  _globals['_INFERENCESERVICE']._serialized_end=815
 # @@protoc_insertion_point(module_scope)

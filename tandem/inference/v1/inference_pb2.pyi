@@ -29,11 +29,18 @@ class InferRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name, "name:version" or "name@alias"; empty for the default model."""
     tokenizer_fingerprint: _builtins.str
     """Fingerprint of the tokenizer that made the ids (TokenizeResponse.tokenizer_fingerprint); when set and it
     differs from the version's own, the call fails with FAILED_PRECONDITION (reason TOKENIZER_MISMATCH).
+    """
+    pool: _builtins.bool
+    """Embedding models: pool each sequence's token rows into one row here, as the version's pooling says (mean, cls
+    or max), so that the answer is [n, width] instead of [total_tokens, width]: what crosses the next hops shrinks by
+    the sequences' average length, and long texts no longer outgrow the message size limit. Ignored by other tasks
+    (InferResponse.pooled says what was done).
     """
     @_builtins.property
     def batch(self) -> _tensor_pb2.TokenBatch:
@@ -45,10 +52,11 @@ class InferRequest(_message.Message):
         model: _builtins.str = ...,
         batch: _tensor_pb2.TokenBatch | None = ...,
         tokenizer_fingerprint: _builtins.str = ...,
+        pool: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "model", b"model", "tokenizer_fingerprint", b"tokenizer_fingerprint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "model", b"model", "pool", b"pool", "tokenizer_fingerprint", b"tokenizer_fingerprint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -63,14 +71,18 @@ class InferResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
+    POOLED_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model that ran."""
     version: _builtins.str
     """Version that ran."""
+    pooled: _builtins.bool
+    """True when output holds one pooled row per sequence (InferRequest.pool on an embedding model)."""
     @_builtins.property
     def output(self) -> _tensor_pb2.Tensor:
         """Token-level tasks (embedding, token classification): FLOAT32 [total_tokens, width], rows aligned with the
-        request's tokens. Sequence-level tasks (classification, rerank): FLOAT32 [n, num_labels].
+        request's tokens. Sequence-level tasks (classification, rerank): FLOAT32 [n, num_labels]. Pooled embeddings
+        (pooled): FLOAT32 [n, width], one unnormalized row per sequence.
         """
 
     def __init__(
@@ -79,10 +91,11 @@ class InferResponse(_message.Message):
         model: _builtins.str = ...,
         version: _builtins.str = ...,
         output: _tensor_pb2.Tensor | None = ...,
+        pooled: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["output", b"output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "output", b"output", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "output", b"output", "pooled", b"pooled", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

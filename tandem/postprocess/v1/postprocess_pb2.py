@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tandem.tensor.v1 import tensor_pb2 as tandem_dot_tensor_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'tandem/postprocess/v1/postprocess.proto\x12\x15tandem.postprocess.v1\x1a\x1dtandem/tensor/v1/tensor.proto\"\xa2\x01\n\x0bPoolRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x32\n\x10token_embeddings\x18\x03 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12,\n\ncu_seqlens\x18\x04 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12\x11\n\tnormalize\x18\x05 \x01(\x08\"<\n\x0cPoolResponse\x12,\n\nembeddings\x18\x01 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\"j\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\x06logits\x18\x03 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12\r\n\x05top_k\x18\x04 \x01(\x05\"9\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05index\x18\x03 \x01(\x05\"C\n\x0e\x43lassification\x12\x31\n\x06labels\x18\x01 \x03(\x0b\x32!.tandem.postprocess.v1.LabelScore\"J\n\x10\x43lassifyResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.tandem.postprocess.v1.Classification\"\x9d\x01\n\x15\x43lassifyTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\x06logits\x18\x03 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12+\n\x05\x62\x61tch\x18\x04 \x01(\x0b\x32\x1c.tandem.tensor.v1.TokenBatch\x12\r\n\x05texts\x18\x05 \x03(\t\"P\n\x06\x45ntity\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x05\x12\x0c\n\x04text\x18\x05 \x01(\t\"F\n\x13TokenClassification\x12/\n\x08\x65ntities\x18\x01 \x03(\x0b\x32\x1d.tandem.postprocess.v1.Entity\"U\n\x16\x43lassifyTokensResponse\x12;\n\x07results\x18\x01 \x03(\x0b\x32*.tandem.postprocess.v1.TokenClassification\"h\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\x06logits\x18\x03 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12\r\n\x05top_n\x18\x04 \x01(\x05\".\n\x0eRankedDocument\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x02\"H\n\x0eRerankResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.tandem.postprocess.v1.RankedDocument2\x88\x03\n\x12PostprocessService\x12O\n\x04Pool\x12\".tandem.postprocess.v1.PoolRequest\x1a#.tandem.postprocess.v1.PoolResponse\x12[\n\x08\x43lassify\x12&.tandem.postprocess.v1.ClassifyRequest\x1a\'.tandem.postprocess.v1.ClassifyResponse\x12m\n\x0e\x43lassifyTokens\x12,.tandem.postprocess.v1.ClassifyTokensRequest\x1a-.tandem.postprocess.v1.ClassifyTokensResponse\x12U\n\x06Rerank\x12$.tandem.postprocess.v1.RerankRequest\x1a%.tandem.postprocess.v1.RerankResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'tandem/postprocess/v1/postprocess.proto\x12\x15tandem.postprocess.v1\x1a\x1dtandem/tensor/v1/tensor.proto\"\xd7\x01\n\x0bPoolRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x32\n\x10token_embeddings\x18\x03 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12,\n\ncu_seqlens\x18\x04 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12\x11\n\tnormalize\x18\x05 \x01(\x08\x12\x33\n\x11pooled_embeddings\x18\x06 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\"<\n\x0cPoolResponse\x12,\n\nembeddings\x18\x01 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\"j\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\x06logits\x18\x03 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12\r\n\x05top_k\x18\x04 \x01(\x05\"9\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05index\x18\x03 \x01(\x05\"C\n\x0e\x43lassification\x12\x31\n\x06labels\x18\x01 \x03(\x0b\x32!.tandem.postprocess.v1.LabelScore\"J\n\x10\x43lassifyResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.tandem.postprocess.v1.Classification\"\x9d\x01\n\x15\x43lassifyTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\x06logits\x18\x03 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12+\n\x05\x62\x61tch\x18\x04 \x01(\x0b\x32\x1c.tandem.tensor.v1.TokenBatch\x12\r\n\x05texts\x18\x05 \x03(\t\"P\n\x06\x45ntity\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x05\x12\x0c\n\x04text\x18\x05 \x01(\t\"F\n\x13TokenClassification\x12/\n\x08\x65ntities\x18\x01 \x03(\x0b\x32\x1d.tandem.postprocess.v1.Entity\"U\n\x16\x43lassifyTokensResponse\x12;\n\x07results\x18\x01 \x03(\x0b\x32*.tandem.postprocess.v1.TokenClassification\"h\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\x06logits\x18\x03 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12\r\n\x05top_n\x18\x04 \x01(\x05\".\n\x0eRankedDocument\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x02\"H\n\x0eRerankResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.tandem.postprocess.v1.RankedDocument2\x88\x03\n\x12PostprocessService\x12O\n\x04Pool\x12\".tandem.postprocess.v1.PoolRequest\x1a#.tandem.postprocess.v1.PoolResponse\x12[\n\x08\x43lassify\x12&.tandem.postprocess.v1.ClassifyRequest\x1a\'.tandem.postprocess.v1.ClassifyResponse\x12m\n\x0e\x43lassifyTokens\x12,.tandem.postprocess.v1.ClassifyTokensRequest\x1a-.tandem.postprocess.v1.ClassifyTokensResponse\x12U\n\x06Rerank\x12$.tandem.postprocess.v1.RerankRequest\x1a%.tandem.postprocess.v1.RerankResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,31 +33,31 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.postprocess.v1.postp
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_POOLREQUEST']._serialized_start=98
-  _globals['_POOLREQUEST']._serialized_end=260
-  _globals['_POOLRESPONSE']._serialized_start=262
-  _globals['_POOLRESPONSE']._serialized_end=322
-  _globals['_CLASSIFYREQUEST']._serialized_start=324
-  _globals['_CLASSIFYREQUEST']._serialized_end=430
-  _globals['_LABELSCORE']._serialized_start=432
-  _globals['_LABELSCORE']._serialized_end=489
-  _globals['_CLASSIFICATION']._serialized_start=491
-  _globals['_CLASSIFICATION']._serialized_end=558
-  _globals['_CLASSIFYRESPONSE']._serialized_start=560
-  _globals['_CLASSIFYRESPONSE']._serialized_end=634
-  _globals['_CLASSIFYTOKENSREQUEST']._serialized_start=637
-  _globals['_CLASSIFYTOKENSREQUEST']._serialized_end=794
-  _globals['_ENTITY']._serialized_start=796
-  _globals['_ENTITY']._serialized_end=876
-  _globals['_TOKENCLASSIFICATION']._serialized_start=878
-  _globals['_TOKENCLASSIFICATION']._serialized_end=948
-  _globals['_CLASSIFYTOKENSRESPONSE']._serialized_start=950
-  _globals['_CLASSIFYTOKENSRESPONSE']._serialized_end=1035
-  _globals['_RERANKREQUEST']._serialized_start=1037
-  _globals['_RERANKREQUEST']._serialized_end=1141
-  _globals['_RANKEDDOCUMENT']._serialized_start=1143
-  _globals['_RANKEDDOCUMENT']._serialized_end=1189
-  _globals['_RERANKRESPONSE']._serialized_start=1191
-  _globals['_RERANKRESPONSE']._serialized_end=1263
-  _globals['_POSTPROCESSSERVICE']._serialized_start=1266
-  _globals['_POSTPROCESSSERVICE']._serialized_end=1658
+  _globals['_POOLREQUEST']._serialized_end=313
+  _globals['_POOLRESPONSE']._serialized_start=315
+  _globals['_POOLRESPONSE']._serialized_end=375
+  _globals['_CLASSIFYREQUEST']._serialized_start=377
+  _globals['_CLASSIFYREQUEST']._serialized_end=483
+  _globals['_LABELSCORE']._serialized_start=485
+  _globals['_LABELSCORE']._serialized_end=542
+  _globals['_CLASSIFICATION']._serialized_start=544
+  _globals['_CLASSIFICATION']._serialized_end=611
+  _globals['_CLASSIFYRESPONSE']._serialized_start=613
+  _globals['_CLASSIFYRESPONSE']._serialized_end=687
+  _globals['_CLASSIFYTOKENSREQUEST']._serialized_start=690
+  _globals['_CLASSIFYTOKENSREQUEST']._serialized_end=847
+  _globals['_ENTITY']._serialized_start=849
+  _globals['_ENTITY']._serialized_end=929
+  _globals['_TOKENCLASSIFICATION']._serialized_start=931
+  _globals['_TOKENCLASSIFICATION']._serialized_end=1001
+  _globals['_CLASSIFYTOKENSRESPONSE']._serialized_start=1003
+  _globals['_CLASSIFYTOKENSRESPONSE']._serialized_end=1088
+  _globals['_RERANKREQUEST']._serialized_start=1090
+  _globals['_RERANKREQUEST']._serialized_end=1194
+  _globals['_RANKEDDOCUMENT']._serialized_start=1196
+  _globals['_RANKEDDOCUMENT']._serialized_end=1242
+  _globals['_RERANKRESPONSE']._serialized_start=1244
+  _globals['_RERANKRESPONSE']._serialized_end=1316
+  _globals['_POSTPROCESSSERVICE']._serialized_start=1319
+  _globals['_POSTPROCESSSERVICE']._serialized_end=1711
 # @@protoc_insertion_point(module_scope)

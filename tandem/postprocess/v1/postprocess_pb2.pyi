@@ -21,7 +21,7 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class PoolRequest(_message.Message):
-    """Token embeddings to pool."""
+    """Token embeddings to pool, or embeddings the inference stage already pooled."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -30,6 +30,7 @@ class PoolRequest(_message.Message):
     TOKEN_EMBEDDINGS_FIELD_NUMBER: _builtins.int
     CU_SEQLENS_FIELD_NUMBER: _builtins.int
     NORMALIZE_FIELD_NUMBER: _builtins.int
+    POOLED_EMBEDDINGS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model whose pooling configuration applies."""
     version: _builtins.str
@@ -38,11 +39,17 @@ class PoolRequest(_message.Message):
     """Scale each embedding to unit L2 norm."""
     @_builtins.property
     def token_embeddings(self) -> _tensor_pb2.Tensor:
-        """FLOAT32 [total_tokens, dim]: token embeddings, rows aligned with cu_seqlens."""
+        """FLOAT32 [total_tokens, dim]: token embeddings, rows aligned with cu_seqlens. Set this or pooled_embeddings."""
 
     @_builtins.property
     def cu_seqlens(self) -> _tensor_pb2.Tensor:
         """INT32 [n + 1]: cumulative sequence lengths."""
+
+    @_builtins.property
+    def pooled_embeddings(self) -> _tensor_pb2.Tensor:
+        """FLOAT32 [n, dim]: one row per sequence, already pooled by the inference stage (InferResponse.pooled); only
+        checked and, with normalize, scaled. Set this or token_embeddings.
+        """
 
     def __init__(
         self,
@@ -52,10 +59,11 @@ class PoolRequest(_message.Message):
         token_embeddings: _tensor_pb2.Tensor | None = ...,
         cu_seqlens: _tensor_pb2.Tensor | None = ...,
         normalize: _builtins.bool = ...,
+        pooled_embeddings: _tensor_pb2.Tensor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cu_seqlens", b"cu_seqlens", "token_embeddings", b"token_embeddings"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cu_seqlens", b"cu_seqlens", "pooled_embeddings", b"pooled_embeddings", "token_embeddings", b"token_embeddings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cu_seqlens", b"cu_seqlens", "model", b"model", "normalize", b"normalize", "token_embeddings", b"token_embeddings", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cu_seqlens", b"cu_seqlens", "model", b"model", "normalize", b"normalize", "pooled_embeddings", b"pooled_embeddings", "token_embeddings", b"token_embeddings", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
