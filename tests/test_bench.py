@@ -69,3 +69,24 @@ def test_retry_delay_reads_the_refusals_retry_info() -> None:
 
     assert bench.retry_delay(refusal(errors.resource_exhausted("busy", retry_after_s=0.25))) == 0.25
     assert bench.retry_delay(refusal(errors.invalid_argument("bad", "inputs"))) is None
+
+
+def test_the_ceiling_is_the_best_of_the_bare_measurements_before_and_after_the_cells() -> None:
+    """A bare run that hit a slow moment must not flatter the ratios: rates take the highest, latency the lowest."""
+    before = {
+        "single_texts_per_s": 190.0,
+        "single_p50_ms": 4.5,
+        "naive_batch_texts_per_s": 300.0,
+        "sorted_batch_texts_per_s": 420.0,
+        "sorted_parallel_texts_per_s": 445.0,
+        "ceiling_texts_per_s": 445.0,
+        "spinning": 1.0,
+    }
+    after = {**before, "single_p50_ms": 3.4, "sorted_batch_texts_per_s": 490.0, "sorted_parallel_texts_per_s": 503.0}
+    after.update(ceiling_texts_per_s=503.0, spinning=0.0, single_texts_per_s=180.0)
+    best = bench.combine_bare([before, after])
+    assert best["ceiling_texts_per_s"] == 503.0
+    assert best["sorted_batch_texts_per_s"] == 490.0 and best["single_texts_per_s"] == 190.0
+    assert best["single_p50_ms"] == 3.4
+    assert best["spinning"] == 0.0  # the setting of the measurement that gave the ceiling
+    assert best["measurements"] == [before, after]
