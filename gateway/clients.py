@@ -87,6 +87,16 @@ def stage_error(stage: str, exc: grpc.aio.AioRpcError) -> errors.TandemError:
         )
     if code == grpc.StatusCode.CANCELLED:
         return errors.TandemError(f"call to the {stage} stage was cancelled", code=code)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        # Without a status of the stage's own, this is gRPC refusing a message over --max-message-bytes on the hop
+        # (a busy stage answers QUEUE_FULL with RetryInfo): retrying the same request cannot help.
+        return errors.TandemError(
+            f"a message to or from the {stage} stage is over the stage message size limit ({exc.details()}); send"
+            " fewer or shorter inputs per request, or raise --max-message-bytes on the gateway and the stages",
+            code=code,
+            reason=errors.MESSAGE_TOO_LARGE,
+            metadata={"stage": stage},
+        )
     return errors.TandemError(exc.details() or f"{stage} stage failed", code=code, reason=errors.INTERNAL)
 
 

@@ -293,7 +293,9 @@ async def test_a_batch_whose_token_rows_outgrow_the_message_limit_is_embedded(st
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.Embed(gateway_pb2.EmbedRequest(model="tiny-embed", inputs=texts))
         d = details_of(caught.value)
-        assert d.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "Sent message larger than max" in d.message, d
+        assert (d.code, d.reason, d.retry_delay_s) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "MESSAGE_TOO_LARGE", None)
+        assert "the inference stage is over the stage message size limit" in d.message, d
+        assert "Sent message larger than max" in d.message, d
     finally:
         await small.stop(0)
         await inference.close()
