@@ -219,6 +219,15 @@ def _require_rows(array: npt.NDArray[np.generic], rows: int, field: str, what: s
         raise errors.invalid_argument(f"{field} has {array.shape[0]} rows but {what} says {rows}", field)
 
 
+def _require_hidden_size(rows: FloatArray, model: ModelVersion, field: str) -> None:
+    if model.hidden_size and rows.shape[1] != model.hidden_size:
+        raise errors.invalid_argument(
+            f"{field} has {rows.shape[1]} columns but model {model.name}:{model.version} has hidden size"
+            f" {model.hidden_size}",
+            field,
+        )
+
+
 def _check_cu_seqlens(cu_seqlens: IntArray, field: str) -> IntArray:
     """Cumulative lengths: at least one sequence, starting at 0 and never decreasing. The token tensors are then
     checked against its last entry, so that a mismatch names the tensor rather than cu_seqlens."""
@@ -296,12 +305,7 @@ class Postprocessor:
                     "cu_seqlens has an empty sequence; every sequence needs at least one token", "cu_seqlens"
                 )
             _require_rows(token_embeddings, int(cu[-1]), "token_embeddings", "cu_seqlens")
-            if resolved.hidden_size and token_embeddings.shape[1] != resolved.hidden_size:
-                raise errors.invalid_argument(
-                    f"token_embeddings has {token_embeddings.shape[1]} columns but model"
-                    f" {resolved.name}:{resolved.version} has hidden size {resolved.hidden_size}",
-                    "token_embeddings",
-                )
+            _require_hidden_size(token_embeddings, resolved, "token_embeddings")
             _require_finite(token_embeddings, "token_embeddings")
             return EmbeddingPostprocessor(resolved.pooling).pool(token_embeddings, cu, normalize)
 
@@ -316,12 +320,7 @@ class Postprocessor:
             resolved = self._model(model, version, Task.EMBEDDING)
             cu = _check_cu_seqlens(cu_seqlens, "cu_seqlens")
             _require_rows(embeddings, len(cu) - 1, "pooled_embeddings", "cu_seqlens")
-            if resolved.hidden_size and embeddings.shape[1] != resolved.hidden_size:
-                raise errors.invalid_argument(
-                    f"pooled_embeddings has {embeddings.shape[1]} columns but model"
-                    f" {resolved.name}:{resolved.version} has hidden size {resolved.hidden_size}",
-                    "pooled_embeddings",
-                )
+            _require_hidden_size(embeddings, resolved, "pooled_embeddings")
             _require_finite(embeddings, "pooled_embeddings")
             return l2_normalize(embeddings) if normalize else embeddings
 

@@ -21,26 +21,18 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
     async def Pool(  # noqa: N802
         self, request: postprocess_pb2.PoolRequest, context: Context
     ) -> postprocess_pb2.PoolResponse:
-        if request.HasField("pooled_embeddings"):
-            if request.HasField("token_embeddings"):
-                raise errors.invalid_argument(
-                    "set token_embeddings or pooled_embeddings, not both", "pooled_embeddings"
-                )
-            embeddings = await self.core.finish_pooled(
-                request.model,
-                request.version,
-                converters.floats(request, "pooled_embeddings", "pooled_embeddings"),
-                converters.int32s(request, "cu_seqlens", "cu_seqlens", ndim=1),
-                request.normalize,
-            )
-        else:
-            embeddings = await self.core.pool(
-                request.model,
-                request.version,
-                converters.floats(request, "token_embeddings", "token_embeddings"),
-                converters.int32s(request, "cu_seqlens", "cu_seqlens", ndim=1),
-                request.normalize,
-            )
+        # Rows the inference stage already pooled (InferResponse.pooled) are only checked and normalized here.
+        pooled = request.HasField("pooled_embeddings")
+        if pooled and request.HasField("token_embeddings"):
+            raise errors.invalid_argument("set token_embeddings or pooled_embeddings, not both", "pooled_embeddings")
+        field = "pooled_embeddings" if pooled else "token_embeddings"
+        embeddings = await (self.core.finish_pooled if pooled else self.core.pool)(
+            request.model,
+            request.version,
+            converters.floats(request, field, field),
+            converters.int32s(request, "cu_seqlens", "cu_seqlens", ndim=1),
+            request.normalize,
+        )
         return converters.pool_response(embeddings)
 
     async def Classify(  # noqa: N802
