@@ -99,7 +99,8 @@ def test_pooling_a_padded_batch_in_the_inference_stage_equals_pooling_its_ragged
     padded = np.full((4, 9, 6), 1e6, dtype=np.float32)
     for i, (a, b) in enumerate(itertools.pairwise(cu)):
         padded[i, : b - a] = rows[a:b]
-    got = pool_padded(padded, lengths, pooling)
+    mask = (np.arange(9)[None, :] < lengths[:, None]).astype(np.int64)
+    got = pool_padded(padded, mask, pooling)
     assert got.dtype == np.float32 and got.shape == (4, 6)
     np.testing.assert_allclose(got, EmbeddingPostprocessor(pooling).pool(rows, cu), rtol=1e-6, atol=1e-7)
 

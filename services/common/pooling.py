@@ -40,15 +40,16 @@ def pool_ragged(token_embeddings: FloatArray, cu_seqlens: npt.NDArray[np.integer
     return pooled.astype(np.float32, copy=False)
 
 
-def pool_padded(hidden: FloatArray, lengths: npt.NDArray[np.integer], pooling: str) -> FloatArray:
-    """[rows, dim] from a padded model output [rows, width, dim] whose row i holds lengths[i] real tokens first."""
+def pool_padded(hidden: FloatArray, attention_mask: npt.NDArray[np.integer], pooling: str) -> FloatArray:
+    """[rows, dim] from a padded model output [rows, width, dim] and the attention mask it ran with [rows, width]
+    (1 for a real token, real tokens first)."""
     if pooling == "cls":
         return np.ascontiguousarray(hidden[:, 0], dtype=np.float32)
-    real = np.arange(hidden.shape[1])[None, :] < np.asarray(lengths)[:, None]
+    real = attention_mask.astype(bool)
     pooled: npt.NDArray[np.floating]
     if pooling == "max":
         pooled = np.where(real[:, :, None], hidden, -np.inf).max(axis=1)
     else:
         sums = np.einsum("rtd,rt->rd", hidden, real, dtype=np.float64)
-        pooled = sums / np.maximum(np.asarray(lengths, dtype=np.float64), _MIN_TOKENS)[:, None]
+        pooled = sums / np.maximum(real.sum(axis=1, dtype=np.float64), _MIN_TOKENS)[:, None]
     return pooled.astype(np.float32, copy=False)

@@ -886,8 +886,7 @@ class Batcher:
             raise ValueError(f"{self.name} returned shape {list(out.shape)} for a {list(ids.shape)} batch")
         if self.pooling is None or not any(r.pool for r, _ in chosen):
             return out, None
-        lengths = np.fromiter((r.lengths[i] for r, i in chosen), dtype=np.int64, count=len(chosen))
-        return out, pool_padded(out, lengths, self.pooling)
+        return out, pool_padded(out, mask, self.pooling)
 
     async def close(self) -> None:
         """Fails what is still queued or running, stops the worker and its thread."""
@@ -1346,7 +1345,7 @@ class Inference:
                 instances=self.options.instances_of(model),
                 call_cost_tokens=call_cost,
                 nice=self.compute_nice,
-                pooling=model.pooling if model.task is Task.EMBEDDING else None,
+                pooling=model.pooling,
             )
             slot.state = ModelState.READY
         entry = self._models.get(model.name)
