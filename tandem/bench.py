@@ -226,6 +226,8 @@ class Cell:
             "p99_ms": percentile(self.latencies_ms, 99),
             "codes": dict(self.codes),
             "failed_p50_ms": percentile(self.failure_latencies_ms, 50),
+            "failed_p90_ms": percentile(self.failure_latencies_ms, 90),
+            "failed_p99_ms": percentile(self.failure_latencies_ms, 99),
             "failed_max_ms": max(self.failure_latencies_ms, default=float("nan")),
             "late_successes": self.late,
         }

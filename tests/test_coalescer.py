@@ -146,6 +146,37 @@ async def test_past_max_queued_a_request_is_refused_at_once() -> None:
     assert await coalescer.submit("k", ["later"], 1e9) == ["k:LATER"]  # the count went back down
 
 
+async def test_refused_callers_are_told_to_come_back_in_turn() -> None:
+    """Each caller refused while others are already told to wait is asked to wait longer, by its place: a crowd of
+    refused callers comes back spread out instead of all at once. Once their suggested times pass, the delay falls
+    back to the base one; the refused inputs (2 for one caller) count for their size."""
+    from services.common import errors
+
+    recorder = Recorder(delay_s=0.3)
+    coalescer: Coalescer[str, list[str]] = Coalescer(recorder.run, split, max_inflight=1, max_queued=4)
+    admitted = [asyncio.ensure_future(coalescer.submit("k", [f"a{i}"], 1e9)) for i in range(4)]
+    await recorder.started.wait()
+
+    async def refused(inputs: list[str]) -> float:
+        with pytest.raises(errors.TandemError) as caught:
+            await coalescer.submit("k", inputs, 1e9)
+        assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert errors.reason_of(caught.value) == "QUEUE_FULL"
+        assert caught.value.retry_after_s is not None
+        return caught.value.retry_after_s
+
+    first = await refused(["r0"])
+    second = await refused(["r1", "r2"])
+    third = await refused(["r3"])
+    # No answer seen yet, so the base delay is the minimum; then 1 and 3 inputs ahead of a limit of 4.
+    assert first == pytest.approx(MIN_RETRY_S)
+    assert second == pytest.approx(MIN_RETRY_S * (1 + 1 / 4))
+    assert third == pytest.approx(MIN_RETRY_S * (1 + 3 / 4))
+    await asyncio.sleep(third + 0.05)  # every suggested time has passed: nobody is waiting any more
+    assert await refused(["r4"]) == pytest.approx(MIN_RETRY_S)
+    assert await asyncio.gather(*admitted) == [[f"k:A{i}"] for i in range(4)]
+
+
 async def test_a_caller_that_gives_up_frees_its_place_at_once() -> None:
     recorder = Recorder(delay_s=0.2)
     coalescer: Coalescer[str, list[str]] = Coalescer(recorder.run, split, max_inflight=1, max_queued=2)
