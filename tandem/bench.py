@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import statistics
@@ -168,6 +169,14 @@ class BareModel:
         ]
         return [text for _, text in sorted(zip(counts, texts, strict=True), key=lambda pair: pair[0])]
 
+    def sorted_rate(self, ordered: Sequence[str], batch: int) -> float:
+        """texts/s over texts already sorted by token count, in batches of `batch`."""
+        self.embed(ordered[:batch])
+        t0 = time.perf_counter()
+        for i in range(0, len(ordered), batch):
+            self.embed(ordered[i : i + batch])
+        return len(ordered) / (time.perf_counter() - t0)
+
     def measure(self, texts: Sequence[str], batch: int) -> dict[str, float]:
         """texts/s one at a time, in naive batches, and in length-sorted batches; the ceiling is the best."""
         for text in texts[:8]:
@@ -183,11 +192,7 @@ class BareModel:
         for i in range(0, len(texts), batch):
             self.embed(texts[i : i + batch])
         naive = len(texts) / (time.perf_counter() - t0)
-        ordered = self.by_tokens(texts)
-        t0 = time.perf_counter()
-        for i in range(0, len(ordered), batch):
-            self.embed(ordered[i : i + batch])
-        sorted_rate = len(texts) / (time.perf_counter() - t0)
+        sorted_rate = self.sorted_rate(self.by_tokens(texts), batch)
         return {
             "single_texts_per_s": single,
             "single_p50_ms": statistics.median(latencies) * 1000,
@@ -211,8 +216,11 @@ class Cell:
     codes: Counter[str] = field(default_factory=Counter)
     late: int = 0
 
-    def summary(self, ceiling: float) -> dict[str, Any]:
+    def summary(self, ceiling: float, beside: Sequence[float] = ()) -> dict[str, Any]:
+        """The cell's figures; `ceiling` is the run's bare ceiling, `beside` the bare model's speed measured right
+        before and right after this cell (the higher one counts, so a slow moment never flatters the ratio)."""
         rate = self.texts / self.seconds if self.seconds else 0.0
+        near = max(beside, default=0.0)
         return {
             "api": self.api,
             "model": self.model,
@@ -221,6 +229,8 @@ class Cell:
             "requests": self.requests,
             "texts_per_s": rate,
             "ratio_to_bare": rate / ceiling if ceiling else float("nan"),
+            "bare_beside_texts_per_s": near if near else float("nan"),
+            "ratio_to_bare_beside": rate / near if near else float("nan"),
             "p50_ms": percentile(self.latencies_ms, 50),
             "p90_ms": percentile(self.latencies_ms, 90),
             "p99_ms": percentile(self.latencies_ms, 99),
@@ -505,6 +515,33 @@ def measure_parallel(models: Sequence[BareModel], texts: Sequence[str], batch: i
     return len(texts) / (time.perf_counter() - t0)
 
 
+class BareBeside:
+    """A quick measurement of the bare model's best speed, taken between the cells.
+
+    On a shared machine the speed of the host moves within minutes (on the 2-core development VM, 4 x 32 cells
+    against one server gave 334-458 texts/s within ten minutes, with the inference stage's CPU per text moving
+    alike), so a ceiling measured once before and once after the grid cannot tell Tandem's overhead from a slow
+    moment. Measured between every two cells, each cell is also compared with the bare model of its own moment.
+    The two usual winners of the full measurement only: length-sorted batches on one-thread sessions side by side,
+    and on one session with every thread; about a second each on the 512-text corpus.
+    """
+
+    def __init__(self, repository: Path, model: str, texts: Sequence[str], threads: int, batch: int) -> None:
+        version_dir, onnx, max_length, pooling = _locate_model(repository, model)
+        self.whole = BareModel(version_dir, onnx, max_length, pooling, threads, True)
+        self.side_by_side = (
+            [BareModel(version_dir, onnx, max_length, pooling, 1, False) for _ in range(threads)] if threads > 1 else []
+        )
+        self.ordered = self.whole.by_tokens(texts)
+        self.batch = batch
+
+    def measure(self) -> float:
+        rate = self.whole.sorted_rate(self.ordered, self.batch)
+        if self.side_by_side:
+            rate = max(rate, measure_parallel(self.side_by_side, self.ordered, self.batch))
+        return rate
+
+
 def measure_bare(repository: Path, model: str, texts: Sequence[str], threads: int, batch: int) -> dict[str, float]:
     """The model's own speed on these texts, at its best: one session using every thread (ONNX Runtime's thread
     spinning on and off), and `threads` single-thread sessions side by side. The ceiling is the fastest of all."""
@@ -577,6 +614,13 @@ def main(argv: Sequence[str]) -> int:
         action="store_false",
         help="measure the bare model only before the cells (default: before and after, the ceiling is the best)",
     )
+    parser.add_argument(
+        "--no-bare-beside",
+        dest="bare_beside",
+        action="store_false",
+        help="do not measure the bare model quickly between the cells (default: measured, and each cell is also "
+        "compared with the bare model just before and after it)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--tls-ca", type=Path, default=None, help="PEM CA of a gateway served with TLS")
     parser.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate (gateway with mTLS)")
@@ -621,6 +665,13 @@ def main(argv: Sequence[str]) -> int:
             bare_by_model[model] = measure_bare(repository, model, texts, opts.threads, opts.bare_batch)
     bare = bare_by_model.get(models[0], {})
     ceiling = bare.get("ceiling_texts_per_s", 0.0)
+    beside = (
+        {model: BareBeside(repository, model, texts, opts.threads, opts.bare_batch) for model in models}
+        if bare_by_model and opts.bare_beside
+        else {}
+    )
+    # The bare model's speed at the last measurement between cells, per model.
+    last_beside: dict[str, float] = {}
     results = []
     # Cells that are compared with each other (models, APIs at one concurrency and size) run back to back, so a
     # change in the machine's background load affects them alike.
@@ -653,6 +704,8 @@ def main(argv: Sequence[str]) -> int:
             if opts.probe_interval_ms > 0
             else None
         )
+        if model in beside and model not in last_beside:
+            last_beside[model] = beside[model].measure()
         with tqdm(total=requests, desc=label, leave=False, unit="req") as progress, probe or contextlib.nullcontext():
             asyncio.run(
                 run_cell(
@@ -669,7 +722,12 @@ def main(argv: Sequence[str]) -> int:
                     opts.honor_retry_info,
                 )
             )
-        summary = cell.summary(bare_by_model.get(model, {}).get("ceiling_texts_per_s", 0.0))
+        nearby: list[float] = []
+        if model in beside:
+            # The measurement after this cell is also the one before the next cell of the same model.
+            nearby = [last_beside[model], beside[model].measure()]
+            last_beside[model] = nearby[1]
+        summary = cell.summary(bare_by_model.get(model, {}).get("ceiling_texts_per_s", 0.0), nearby)
         if probe is not None:
             summary["probe"] = probe.summary()
             print(f"{label}  probe: {summary['probe']}", flush=True)
@@ -677,7 +735,13 @@ def main(argv: Sequence[str]) -> int:
         print(
             f"{label}  {summary['texts_per_s']:8.1f} texts/s  "
             f"x{summary['ratio_to_bare']:.2f} bare  p50 {summary['p50_ms']:7.2f}  p90 {summary['p90_ms']:7.2f}  "
-            f"p99 {summary['p99_ms']:7.2f} ms  codes {summary['codes']}",
+            f"p99 {summary['p99_ms']:7.2f} ms  codes {summary['codes']}"
+            + (
+                f"  (x{summary['ratio_to_bare_beside']:.2f} of the bare model beside it: "
+                f"{summary['bare_beside_texts_per_s']:.1f} texts/s)"
+                if nearby
+                else ""
+            ),
             flush=True,
         )
     if bare_by_model and opts.bare_after:
@@ -696,7 +760,12 @@ def main(argv: Sequence[str]) -> int:
             print(
                 f"{result['api']:<6} c={result['concurrency']:<4} n={result['texts_per_request']:<3}{model}  "
                 f"{result['texts_per_s']:8.1f} texts/s  x{result['ratio_to_bare']:.2f} bare "
-                f"(ceiling {bare_by_model[result['model']]['ceiling_texts_per_s']:.1f})",
+                f"(ceiling {bare_by_model[result['model']]['ceiling_texts_per_s']:.1f})"
+                + (
+                    f"  x{result['ratio_to_bare_beside']:.2f} beside"
+                    if not math.isnan(result["ratio_to_bare_beside"])
+                    else ""
+                ),
                 flush=True,
             )
     opts.out.mkdir(parents=True, exist_ok=True)

@@ -90,3 +90,54 @@ def test_the_ceiling_is_the_best_of_the_bare_measurements_before_and_after_the_c
     assert best["single_p50_ms"] == 3.4
     assert best["spinning"] == 0.0  # the setting of the measurement that gave the ceiling
     assert best["measurements"] == [before, after]
+
+
+def test_each_cell_is_also_compared_with_the_bare_model_measured_beside_it() -> None:
+    """The faster of the bare measurements just before and just after a cell counts (a slow moment of the host
+    while the bare model ran must not flatter the cell); without them the fields are NaN, not a made-up ratio."""
+    import math
+
+    cell = bench.Cell(concurrency=4, texts_per_request=32, texts=900, seconds=2.0)
+    summary = cell.summary(500.0, [400.0, 450.0])
+    assert summary["texts_per_s"] == 450.0
+    assert summary["ratio_to_bare"] == 0.9
+    assert summary["bare_beside_texts_per_s"] == 450.0
+    assert summary["ratio_to_bare_beside"] == 1.0
+    alone = cell.summary(500.0)
+    assert math.isnan(alone["bare_beside_texts_per_s"]) and math.isnan(alone["ratio_to_bare_beside"])
+
+
+async def test_bench_measures_the_bare_model_beside_every_cell(stack: Stack, tmp_path: Path) -> None:
+    """With the bare model measured (tiny-embed's ONNX graph, exported by the stack's inference stage), every cell
+    also carries the bare speed measured next to it and its ratio to that."""
+    import math
+
+    await stack.stub.Embed(bench.gateway_pb2.EmbedRequest(model="tiny-embed", inputs=["exported first"]))
+    out = tmp_path / "bench"
+    argv = [
+        "--target",
+        stack.gateway.address,
+        "--model",
+        "tiny-embed",
+        "--model-repository",
+        str(stack.repository),
+        "--concurrency",
+        "1,2",
+        "--texts-per-request",
+        "2",
+        "--texts-per-cell",
+        "8",
+        "--corpus",
+        "32",
+        "--bare-batch",
+        "8",
+        "--no-bare-after",
+        "--out",
+        str(out),
+    ]
+    assert await asyncio.to_thread(bench.main, argv) == 0
+    rows = json.loads((out / "bench.json").read_text())["results"]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["bare_beside_texts_per_s"] > 0
+        assert math.isclose(row["ratio_to_bare_beside"], row["texts_per_s"] / row["bare_beside_texts_per_s"])
