@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable, Sequence
@@ -110,10 +111,12 @@ class Coalescer(Generic[Key, Result]):
         return cap
 
     def _delay(self, key: Key, waiting: int) -> float:
-        latency = self._latency.get(key, MIN_RETRY_S)
-        if self.max_queued:
-            latency *= 1 + waiting / self.max_queued
-        return min(max(latency, MIN_RETRY_S), MAX_RETRY_S)
+        base = max(self._latency.get(key, MIN_RETRY_S), MIN_RETRY_S)
+        stretched = base * (1 + waiting / self.max_queued) if self.max_queued else base
+        if stretched <= MAX_RETRY_S:
+            return stretched
+        # Past the cap every caller would get the same delay and come back together: spread them over what is left.
+        return random.uniform(min(base, MAX_RETRY_S), MAX_RETRY_S)
 
     def _waiting(self, key: Key, now: float) -> int:
         """Inputs of refused callers whose suggested retry time is still ahead (forgetting those that passed)."""
@@ -136,7 +139,11 @@ class Coalescer(Generic[Key, Result]):
         crowd several times the limit kept the gateway refusing several callers for each one it admitted (at
         concurrency 256 and a limit of 64, 3.6 refusals per answer); spaced out by their place, refused callers
         come back about as fast as places free up, and the gateway's cycles go to answers and fast refusals.
-        Within [MIN_RETRY_S, MAX_RETRY_S]; a caller that ignores RetryInfo is refused again, as before.
+        Within [MIN_RETRY_S, MAX_RETRY_S]; once the stretch passes the top, at random between the answer time and
+        the top. A
+        caller that ignores RetryInfo is refused again, as before, and its early calls count as callers waiting, so
+        a crowd of such callers pushes the delays of well-behaved ones toward MAX_RETRY_S (per-key rate limits are
+        what stop it).
         """
         now = time.monotonic()
         delay = self._delay(key, self._waiting(key, now))

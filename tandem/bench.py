@@ -670,8 +670,9 @@ def main(argv: Sequence[str]) -> int:
         if bare_by_model and opts.bare_beside
         else {}
     )
-    # The bare model's speed at the last measurement between cells, per model.
-    last_beside: dict[str, float] = {}
+    # The bare model's speed measured right after the previous cell, and that cell's model.
+    last_beside = 0.0
+    last_model = ""
     results = []
     # Cells that are compared with each other (models, APIs at one concurrency and size) run back to back, so a
     # change in the machine's background load affects them alike.
@@ -704,8 +705,9 @@ def main(argv: Sequence[str]) -> int:
             if opts.probe_interval_ms > 0
             else None
         )
-        if model in beside and model not in last_beside:
-            last_beside[model] = beside[model].measure()
+        if model in beside and model != last_model:
+            # Measured after a cell of another model (or none yet): measure this one now.
+            last_beside = beside[model].measure()
         with tqdm(total=requests, desc=label, leave=False, unit="req") as progress, probe or contextlib.nullcontext():
             asyncio.run(
                 run_cell(
@@ -724,9 +726,9 @@ def main(argv: Sequence[str]) -> int:
             )
         nearby: list[float] = []
         if model in beside:
-            # The measurement after this cell is also the one before the next cell of the same model.
-            nearby = [last_beside[model], beside[model].measure()]
-            last_beside[model] = nearby[1]
+            # The measurement after this cell is also the one before the next cell, when that is of the same model.
+            nearby = [last_beside, beside[model].measure()]
+            last_beside, last_model = nearby[1], model
         summary = cell.summary(bare_by_model.get(model, {}).get("ceiling_texts_per_s", 0.0), nearby)
         if probe is not None:
             summary["probe"] = probe.summary()

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tandem import bench
 from tests.conftest import Stack
@@ -48,8 +52,6 @@ async def test_bench_runs_every_api_and_writes_results(stack: Stack, tmp_path: P
 
 
 def test_bench_refuses_an_unknown_api(tmp_path: Path) -> None:
-    import pytest
-
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--api", "embed,rest", "--skip-bare", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
@@ -95,8 +97,6 @@ def test_the_ceiling_is_the_best_of_the_bare_measurements_before_and_after_the_c
 def test_each_cell_is_also_compared_with_the_bare_model_measured_beside_it() -> None:
     """The faster of the bare measurements just before and just after a cell counts (a slow moment of the host
     while the bare model ran must not flatter the cell); without them the fields are NaN, not a made-up ratio."""
-    import math
-
     cell = bench.Cell(concurrency=4, texts_per_request=32, texts=900, seconds=2.0)
     summary = cell.summary(500.0, [400.0, 450.0])
     assert summary["texts_per_s"] == 450.0
@@ -107,37 +107,59 @@ def test_each_cell_is_also_compared_with_the_bare_model_measured_beside_it() -> 
     assert math.isnan(alone["bare_beside_texts_per_s"]) and math.isnan(alone["ratio_to_bare_beside"])
 
 
-async def test_bench_measures_the_bare_model_beside_every_cell(stack: Stack, tmp_path: Path) -> None:
-    """With the bare model measured (tiny-embed's ONNX graph, exported by the stack's inference stage), every cell
-    also carries the bare speed measured next to it and its ratio to that."""
-    import math
+async def test_bench_measures_the_bare_model_beside_every_cell(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the bare model measured (the tiny models' ONNX graphs, exported by the stack's inference stage), the bare
+    model is also measured between cells: each cell gets the faster of the measurements just before and after it,
+    and a cell after another model's cell gets a fresh one of its own model."""
+    for model in ("tiny-embed", "tiny-embed-cls"):  # exported by now
+        await stack.stub.Embed(bench.gateway_pb2.EmbedRequest(model=model, inputs=["exported first"]))
+    real_measure = bench.BareBeside.measure
+    figures: list[float] = []
+    measured: list[float] = []
 
-    await stack.stub.Embed(bench.gateway_pb2.EmbedRequest(model="tiny-embed", inputs=["exported first"]))
+    def measure(self: bench.BareBeside) -> float:
+        assert real_measure(self) > 0  # the real measurement runs; the figure it reports is one the test knows
+        measured.append(figures.pop(0))
+        return measured[-1]
+
+    monkeypatch.setattr(bench.BareBeside, "measure", measure)
     out = tmp_path / "bench"
-    argv = [
-        "--target",
-        stack.gateway.address,
-        "--model",
-        "tiny-embed",
-        "--model-repository",
-        str(stack.repository),
-        "--concurrency",
-        "1,2",
-        "--texts-per-request",
-        "2",
-        "--texts-per-cell",
-        "8",
-        "--corpus",
-        "32",
-        "--bare-batch",
-        "8",
-        "--no-bare-after",
-        "--out",
-        str(out),
+
+    def argv(models: str, *extra: str) -> list[str]:
+        return [
+            *("--target", stack.gateway.address, "--model", models, "--model-repository", str(stack.repository)),
+            *("--concurrency", "1,2", "--texts-per-request", "2", "--texts-per-cell", "8", "--corpus", "32"),
+            *("--bare-batch", "8", "--out", str(out), *extra),
+        ]
+
+    def results() -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = json.loads((out / "bench.json").read_text())["results"]
+        return rows
+
+    # Two models: cells alternate between them, so every cell gets a fresh measurement before it and one after.
+    figures[:] = [100.0, 200.0, 300.0, 150.0, 500.0, 400.0, 250.0, 260.0]
+    assert await asyncio.to_thread(bench.main, argv("tiny-embed,tiny-embed-cls")) == 0
+    rows = results()
+    assert [(r["model"], r["concurrency"]) for r in rows] == [
+        ("tiny-embed", 1),
+        ("tiny-embed-cls", 1),
+        ("tiny-embed", 2),
+        ("tiny-embed-cls", 2),
     ]
-    assert await asyncio.to_thread(bench.main, argv) == 0
-    rows = json.loads((out / "bench.json").read_text())["results"]
-    assert len(rows) == 2
+    assert len(measured) == 8 and not figures
+    assert [r["bare_beside_texts_per_s"] for r in rows] == [200.0, 300.0, 500.0, 260.0]  # the faster of each pair
     for row in rows:
-        assert row["bare_beside_texts_per_s"] > 0
         assert math.isclose(row["ratio_to_bare_beside"], row["texts_per_s"] / row["bare_beside_texts_per_s"])
+    # One model: the measurement between its two cells serves as the after of one and the before of the next.
+    measured.clear()
+    figures[:] = [100.0, 300.0, 200.0]
+    assert await asyncio.to_thread(bench.main, argv("tiny-embed", "--no-bare-after")) == 0
+    assert len(measured) == 3
+    assert [r["bare_beside_texts_per_s"] for r in results()] == [300.0, 300.0]
+    # Without the measurements between cells, the fields say so instead of holding a made-up figure.
+    measured.clear()
+    assert await asyncio.to_thread(bench.main, argv("tiny-embed", "--no-bare-beside", "--no-bare-after")) == 0
+    assert not measured
+    assert all(math.isnan(r["ratio_to_bare_beside"]) for r in results())

@@ -146,16 +146,31 @@ async def test_past_max_queued_a_request_is_refused_at_once() -> None:
     assert await coalescer.submit("k", ["later"], 1e9) == ["k:LATER"]  # the count went back down
 
 
-async def test_refused_callers_are_told_to_come_back_in_turn() -> None:
+async def test_refused_callers_are_told_to_come_back_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each caller refused while others are already told to wait is asked to wait longer, by its place: a crowd of
     refused callers comes back spread out instead of all at once. Once their suggested times pass, the delay falls
-    back to the base one; the refused inputs (2 for one caller) count for their size."""
+    back to the base one; the refused inputs (2 for one caller) count for their size. Past MAX_RETRY_S the delays
+    are spread below it instead of all being the same."""
+    from gateway import coalescer as module
     from services.common import errors
 
-    recorder = Recorder(delay_s=0.3)
-    coalescer: Coalescer[str, list[str]] = Coalescer(recorder.run, split, max_inflight=1, max_queued=4)
+    class Clock:  # the coalescer's clock only; the event loop keeps the real one
+        now = 1000.0
+
+        def monotonic(self) -> float:
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(module, "time", clock)
+    release = asyncio.Event()
+
+    async def held(key: str, inputs: list[str], deadline: float) -> list[str]:
+        await release.wait()  # the admitted texts stay in progress until the test is done refusing
+        return [f"{key}:{text.upper()}" for text in inputs]
+
+    coalescer: Coalescer[str, list[str]] = Coalescer(held, split, max_inflight=1, max_queued=4)
     admitted = [asyncio.ensure_future(coalescer.submit("k", [f"a{i}"], 1e9)) for i in range(4)]
-    await recorder.started.wait()
+    await asyncio.sleep(0)
 
     async def refused(inputs: list[str]) -> float:
         with pytest.raises(errors.TandemError) as caught:
@@ -172,8 +187,16 @@ async def test_refused_callers_are_told_to_come_back_in_turn() -> None:
     assert first == pytest.approx(MIN_RETRY_S)
     assert second == pytest.approx(MIN_RETRY_S * (1 + 1 / 4))
     assert third == pytest.approx(MIN_RETRY_S * (1 + 3 / 4))
-    await asyncio.sleep(third + 0.05)  # every suggested time has passed: nobody is waiting any more
+    clock.now += third  # every suggested time has passed: nobody is waiting any more
     assert await refused(["r4"]) == pytest.approx(MIN_RETRY_S)
+    clock.now += MIN_RETRY_S
+    # A crowd: the stretch grows to the cap (1 + 155 / 4 times the minimum is 1.99 s), then delays spread below it.
+    crowd = [await refused([f"c{i}"]) for i in range(200)]
+    assert crowd[:156] == [pytest.approx(MIN_RETRY_S * (1 + i / 4)) for i in range(156)]
+    assert all(MIN_RETRY_S <= d <= MAX_RETRY_S for d in crowd)
+    capped = crowd[160:]
+    assert len(set(capped)) > 1
+    release.set()
     assert await asyncio.gather(*admitted) == [[f"k:A{i}"] for i in range(4)]
 
 
