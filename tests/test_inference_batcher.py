@@ -444,3 +444,33 @@ async def test_pool_is_ignored_without_a_pooling() -> None:
     batcher, _ = make(False, pooling="mean")
     assert batcher.pooling is None and not batcher.pools(True)
     await batcher.close()
+
+
+def test_the_call_cost_is_fitted_from_one_row_and_many_rows_calls_taken_in_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A model whose call takes 2 ms plus 0.1 ms per padded token costs 20 tokens per call. 30 ms into the
+    measurement the machine gets 1.5 times slower: taken in turn, both sizes see the slowdown alike and the fit stays
+    near 20 (one size after the other, the slowdown falls on the many-rows calls only and the fit comes out near 6)."""
+    from types import SimpleNamespace
+
+    from services.inference import core
+
+    class Clock:  # the measurement's clock only
+        now = 0.0
+
+        def perf_counter(self) -> float:
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(core, "time", clock)
+
+    class Model:
+        def run(self, input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray | None) -> FloatArray:
+            slow = 1.5 if clock.now > 0.03 else 1.0  # a busier machine from 30 ms on
+            clock.now += slow * (0.002 + 0.0001 * input_ids.size)
+            return np.zeros((*input_ids.shape, 4), dtype=np.float32)
+
+    model = SimpleNamespace(max_length=128, config=SimpleNamespace(max_batch_tokens=16384))
+    cost = core.measure_call_cost(Model(), model)  # type: ignore[arg-type]
+    assert 15 < cost < 25

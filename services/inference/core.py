@@ -1055,28 +1055,31 @@ def _warm_up(backend: Backend, model: ModelVersion) -> None:
 
 
 def measure_call_cost(
-    backend: Backend, model: ModelVersion, rows: int = 8, length: int = 16, repeats: int = 5
+    backend: Backend, model: ModelVersion, rows: int = 8, length: int = 16, repeats: int = 15
 ) -> float:
     """The model's fixed cost per call in padded tokens: what one more call costs beyond the tokens it carries.
 
-    Fitted from the median times of 1 x `length` and `rows` x `length` calls. The batcher cuts a round where
-    padding would cost more than this: on CPU a call costs a few tokens (all-MiniLM-L6-v2, one thread: about
-    7), so sequences of different lengths run apart; on a GPU a call costs thousands and rounds stay whole.
+    Fitted from the median times of 1 x `length` and `rows` x `length` calls, run alternately so that a change in the
+    machine's speed while it measures (other stages start at the same time) hits both sizes alike: measured one
+    size after the other, five times each, twelve restarts of `tandem serve` gave 5.7 to 14.3 tokens; in turn,
+    fifteen times each, eight gave 7.9 to 10.4. The
+    batcher cuts a round where padding would cost more than this: on CPU a call costs a few tokens
+    (all-MiniLM-L6-v2, one thread: about 7), so sequences of different lengths run apart; on a GPU a call costs
+    thousands and rounds stay whole.
     """
     length = min(length, model.max_length)
-
-    def median_s(batch: int) -> float:
+    shapes = {}
+    for batch in (1, rows):
         ids = np.ones((batch, length), dtype=np.int64)  # id 1 exists in every vocabulary the warm-up accepts
-        mask, types = np.ones_like(ids), np.zeros_like(ids)
-        backend.run(ids, mask, types)
-        times = []
-        for _ in range(repeats):
+        shapes[batch] = (ids, np.ones_like(ids), np.zeros_like(ids))
+        backend.run(*shapes[batch])
+    times: dict[int, list[float]] = {1: [], rows: []}
+    for _ in range(repeats):
+        for batch, inputs in shapes.items():
             started = time.perf_counter()
-            backend.run(ids, mask, types)
-            times.append(time.perf_counter() - started)
-        return float(np.median(times))
-
-    one, many = median_s(1), median_s(rows)
+            backend.run(*inputs)
+            times[batch].append(time.perf_counter() - started)
+    one, many = float(np.median(times[1])), float(np.median(times[rows]))
     per_token = (many - one) / ((rows - 1) * length)
     if per_token <= 0:  # as fast for many rows as for one: no padding is worth a call
         return float(model.config.max_batch_tokens)
