@@ -140,10 +140,9 @@ class Coalescer(Generic[Key, Result]):
         concurrency 256 and a limit of 64, 3.6 refusals per answer); spaced out by their place, refused callers
         come back about as fast as places free up, and the gateway's cycles go to answers and fast refusals.
         Within [MIN_RETRY_S, MAX_RETRY_S]; once the stretch passes the top, at random between the answer time and
-        the top. A
-        caller that ignores RetryInfo is refused again, as before, and its early calls count as callers waiting, so
-        a crowd of such callers pushes the delays of well-behaved ones toward MAX_RETRY_S (per-key rate limits are
-        what stop it).
+        the top. A caller that ignores RetryInfo is refused again, as before, and its early calls count as callers
+        waiting, so a crowd of such callers pushes the delays of well-behaved ones toward MAX_RETRY_S (per-key rate
+        limits are what stop it).
         """
         now = time.monotonic()
         delay = self._delay(key, self._waiting(key, now))
