@@ -219,13 +219,16 @@ def _require_rows(array: npt.NDArray[np.generic], rows: int, field: str, what: s
         raise errors.invalid_argument(f"{field} has {array.shape[0]} rows but {what} says {rows}", field)
 
 
-def _require_hidden_size(rows: FloatArray, model: ModelVersion, field: str) -> None:
+def _require_embeddings(rows: FloatArray, count: int, model: ModelVersion, field: str) -> None:
+    """Embedding rows (token or pooled): as many as cu_seqlens says, the model's width, and finite."""
+    _require_rows(rows, count, field, "cu_seqlens")
     if model.hidden_size and rows.shape[1] != model.hidden_size:
         raise errors.invalid_argument(
             f"{field} has {rows.shape[1]} columns but model {model.name}:{model.version} has hidden size"
             f" {model.hidden_size}",
             field,
         )
+    _require_finite(rows, field)
 
 
 def _check_cu_seqlens(cu_seqlens: IntArray, field: str) -> IntArray:
@@ -304,9 +307,7 @@ class Postprocessor:
                 raise errors.invalid_argument(
                     "cu_seqlens has an empty sequence; every sequence needs at least one token", "cu_seqlens"
                 )
-            _require_rows(token_embeddings, int(cu[-1]), "token_embeddings", "cu_seqlens")
-            _require_hidden_size(token_embeddings, resolved, "token_embeddings")
-            _require_finite(token_embeddings, "token_embeddings")
+            _require_embeddings(token_embeddings, int(cu[-1]), resolved, "token_embeddings")
             return EmbeddingPostprocessor(resolved.pooling).pool(token_embeddings, cu, normalize)
 
         return await self._run(token_embeddings.size <= _INLINE_ELEMENTS, work)
@@ -319,9 +320,7 @@ class Postprocessor:
         def work() -> FloatArray:
             resolved = self._model(model, version, Task.EMBEDDING)
             cu = _check_cu_seqlens(cu_seqlens, "cu_seqlens")
-            _require_rows(embeddings, len(cu) - 1, "pooled_embeddings", "cu_seqlens")
-            _require_hidden_size(embeddings, resolved, "pooled_embeddings")
-            _require_finite(embeddings, "pooled_embeddings")
+            _require_embeddings(embeddings, len(cu) - 1, resolved, "pooled_embeddings")
             return l2_normalize(embeddings) if normalize else embeddings
 
         return await self._run(embeddings.size <= _INLINE_ELEMENTS, work)
