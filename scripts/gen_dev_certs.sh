@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Development TLS certificates for Tandem: a CA, a server certificate (localhost, 127.0.0.1, ::1) and a client
-# certificate, written into the folder given (see tandem/devcerts.py). Never for production.
+# certificate, written into the folder given (see tandem/cli/devcerts.py). Never for production.
 #   scripts/gen_dev_certs.sh certs/ [--name my-host ...]
 set -euo pipefail
 if [ $# -lt 1 ]; then
@@ -15,4 +15,4 @@ fi
 folder=$1
 shift
 case $folder in /*) ;; *) folder="$OLDPWD/$folder" ;; esac
-exec "$python" -m tandem.devcerts "$folder" "$@"
+exec "$python" -m tandem.cli.devcerts "$folder" "$@"

@@ -13,8 +13,9 @@ from grpc_tools import protoc  # type: ignore[import-untyped]
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
-# Generated modules live where their proto package says: tandem.tokenizer.v1 -> tandem/tokenizer/v1/, and a
-# third-party package keeps its own root: the Open Inference Protocol's `inference` -> inference/.
+# Generated modules live where their proto file lies: tandem/tokenizer/v1/*.proto -> tandem/tokenizer/v1/ (the
+# Open Inference Protocol's file, proto package `inference`, lies in tandem/oip/v2/). Those folders hold generated
+# code only; hand-written code lives in other subpackages of tandem/ (sdk, cli, bench).
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 # Top-level packages that also hold hand-written code (and their own __init__.py), which generation leaves alone.
 HAND_WRITTEN_PACKAGES = {Path("tandem")}
@@ -33,7 +34,7 @@ def proto_files() -> list[Path]:
 
 
 def generated_roots() -> list[str]:
-    """Top-level folders that hold generated code: one per top-level folder of protos/ (tandem, inference)."""
+    """Top-level folders that hold generated code: one per top-level folder of protos/."""
     return sorted(p.name for p in PROTOS.iterdir() if p.is_dir())
 
 

@@ -24,8 +24,8 @@ else
   echo "no earlier protos to compare with"
 fi
 echo "== ruff"
-ruff check services gateway tandem/devcerts.py tandem/cli.py tandem/bench.py tandem/supervisor.py tandem/client.py tandem/models_cli.py scripts tests
-ruff format --check services gateway tandem/devcerts.py tandem/cli.py tandem/bench.py tandem/supervisor.py tandem/client.py tandem/models_cli.py scripts tests
+ruff check .
+ruff format --check .
 echo "== mypy --strict"
 mypy
 echo "== pytest"

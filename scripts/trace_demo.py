@@ -87,7 +87,7 @@ def main() -> int:
 
     collector = Collector()
     server = grpc.server(futures.ThreadPoolExecutor(4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)  # type: ignore[no-untyped-call]
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     command = [sys.executable, "-m", "tandem.cli", "serve", "--port", "0", "--log-level", "WARNING"]
@@ -115,7 +115,7 @@ def main() -> int:
             reply, call = stub.Embed.with_call(
                 request, metadata=(("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),)
             )
-            timing = dict(call.trailing_metadata() or ()).get("x-tandem-timing", "")
+            timing = str(dict(call.trailing_metadata() or ()).get("x-tandem-timing", ""))
         print(f"Embed({opts.text!r}) -> {len(reply.embeddings[0].values)} dims; x-tandem-timing: {timing}")
     finally:
         proc.send_signal(signal.SIGINT)

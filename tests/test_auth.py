@@ -14,11 +14,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from gateway.__main__ import build_interceptors, is_loopback
 from gateway.auth import ADMIN, INFER, KeyRing, parse_keys, presented_key
 from gateway.settings import GatewaySettings
-from inference import grpc_service_pb2 as oip
-from inference import grpc_service_pb2_grpc as oip_grpc
-from tandem.client import AsyncTandemClient, TandemError
 from tandem.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from tandem.management.v1 import management_pb2, management_pb2_grpc
+from tandem.oip.v2 import grpc_service_pb2 as oip
+from tandem.oip.v2 import grpc_service_pb2_grpc as oip_grpc
+from tandem.sdk import AsyncTandemClient, TandemError
 from tests.conftest import Stack
 from tests.gateways import Gateway, gateway_over
 from tests.status import details_of

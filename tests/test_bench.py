@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tandem import bench
+from tandem.bench import run as bench
 from tests.conftest import Stack
 
 

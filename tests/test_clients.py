@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tandem.client import TandemClient
+from tandem.sdk import TandemClient
 from tests.deployment import tandem_serve
 
 pytestmark = pytest.mark.e2e

@@ -22,8 +22,8 @@ import numpy.typing as npt
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tandem.cli.supervisor import Supervisor
 from tandem.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from tandem.supervisor import Supervisor
 from tests.fixtures import tiny_models
 from tests.status import details_of
 

@@ -30,7 +30,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inference import grpc_service_pb2 as oip
 from services.common.repository import ModelRepository
 from services.common.server import start_server
 from services.inference.core import Inference
@@ -39,6 +38,7 @@ from services.inference.servicer import registrar as inference_registrar
 from tandem.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from tandem.inference.v1 import inference_pb2, inference_pb2_grpc
 from tandem.management.v1 import management_pb2
+from tandem.oip.v2 import grpc_service_pb2 as oip
 from tandem.postprocess.v1 import postprocess_pb2, postprocess_pb2_grpc
 from tandem.tensor.v1 import tensor_pb2
 from tandem.tokenizer.v1 import tokenizer_pb2, tokenizer_pb2_grpc

@@ -13,10 +13,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.auth import AuthInterceptor, KeyRing, parse_keys
 from gateway.limits import RateLimiter, RateLimitInterceptor, request_cost
 from gateway.settings import GatewaySettings
-from inference import grpc_service_pb2 as oip
-from inference import grpc_service_pb2_grpc as oip_grpc
-from tandem.client import NO_RETRY, AsyncTandemClient, RetryPolicy, TandemError
 from tandem.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from tandem.oip.v2 import grpc_service_pb2 as oip
+from tandem.oip.v2 import grpc_service_pb2_grpc as oip_grpc
+from tandem.sdk import NO_RETRY, AsyncTandemClient, RetryPolicy, TandemError
 from tests.conftest import Stack
 from tests.gateways import Gateway, gateway_over
 from tests.status import details_of

@@ -22,7 +22,7 @@ from services.common.default_model import packaged_model_dir
 from services.common.repository import ModelRepository, read_metadata, tokenizer_fingerprint
 from services.inference.accuracy import DEFAULT_TEXTS
 from services.inference.core import Inference
-from tandem import models_cli
+from tandem.cli import models as models_cli
 from tests.fixtures import reference, tiny_models
 
 
@@ -287,7 +287,7 @@ def test_quantize_a_classifier(tiny_repository: Path, tmp_path: Path) -> None:
 def test_runs_as_a_command(built: Built) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run(
-        [sys.executable, "-m", "tandem.models_cli", "list", "emb", "--model-repository", str(built.repo)],
+        [sys.executable, "-m", "tandem.cli.models", "list", "emb", "--model-repository", str(built.repo)],
         capture_output=True,
         text=True,
         env=env,
@@ -297,6 +297,6 @@ def test_runs_as_a_command(built: Built) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("emb  (policy: the latest 1;")
     usage = subprocess.run(
-        [sys.executable, "-m", "tandem.models_cli"], capture_output=True, text=True, env=env, timeout=120, check=False
+        [sys.executable, "-m", "tandem.cli.models"], capture_output=True, text=True, env=env, timeout=120, check=False
     )
     assert usage.returncode == 2 and "usage: tandem models" in usage.stderr

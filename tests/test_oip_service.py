@@ -29,8 +29,6 @@ from gateway.oip import converters
 from gateway.oip.core import in_completion_order
 from gateway.oip.servicer import registrar as oip_registrar
 from gateway.servicer import registrar as gateway_registrar
-from inference import grpc_service_pb2 as pb
-from inference import grpc_service_pb2_grpc as pb_grpc
 from services.common import errors
 from services.common.repository import ModelRepository
 from services.common.server import RunningServer, start_server
@@ -42,6 +40,8 @@ from services.postprocess.servicer import registrar as postprocess_registrar
 from services.tokenizer.core import Tokenizer
 from services.tokenizer.servicer import registrar as tokenizer_registrar
 from tandem.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from tandem.oip.v2 import grpc_service_pb2 as pb
+from tandem.oip.v2 import grpc_service_pb2_grpc as pb_grpc
 from tests.fixtures import tiny_models
 from tests.status import details_of
 

@@ -462,7 +462,7 @@ async def test_wire_contract_matches_tritonclient() -> None:
     """Every message and RPC Tandem declares is, byte for byte, the one tritonclient was compiled with."""
     from google.protobuf import descriptor_pb2
 
-    from inference import grpc_service_pb2
+    from tandem.oip.v2 import grpc_service_pb2
 
     child = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -1,4 +1,4 @@
-"""tandem.client: typed results against the in-process stack, and retries against a gateway that fails on purpose."""
+"""tandem.sdk: typed results against the in-process stack, and retries against a gateway that fails on purpose."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from services.common import errors
-from tandem.client import (
+from tandem.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from tandem.sdk import (
     NO_RETRY,
     AsyncTandemClient,
     RetryPolicy,
     TandemClient,
     TandemError,
 )
-from tandem.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from tests.conftest import Stack
 from tests.fixtures import tiny_models
 

@@ -20,8 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common import tls
 from services.common.server import RunningServer
 from tandem import devcerts
-from tandem.client import NO_RETRY, AsyncTandemClient, TandemClient, tls_credentials
 from tandem.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from tandem.sdk import NO_RETRY, AsyncTandemClient, TandemClient, tls_credentials
 from tests.conftest import Stack
 from tests.deployment import tandem_serve
 from tests.fixtures import reference, tiny_models

@@ -21,8 +21,8 @@ from gateway.coalescer import Coalescer
 from gateway.settings import GatewaySettings
 from services.common import tracing
 from services.inference.settings import InferenceSettings
+from tandem.cli.supervisor import Replica, Supervisor
 from tandem.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from tandem.supervisor import Replica, Supervisor
 
 MiB = 1024 * 1024
 SERVICES = ("gateway", "tokenizer", "inference", "postprocess")

@@ -15,8 +15,8 @@ import numpy as np
 
 from gateway.oip import core
 from gateway.oip.statistics import Duration, VersionStatistics
-from inference import grpc_service_pb2 as pb
 from services.common import errors
+from tandem.oip.v2 import grpc_service_pb2 as pb
 
 _LENGTH = struct.Struct("<I")
 _NUMPY: dict[str, np.dtype[np.generic]] = {core.FP32: np.dtype("<f4"), core.INT64: np.dtype("<i8")}

@@ -11,9 +11,9 @@ import grpc
 from gateway.core import Pipeline
 from gateway.oip import converters
 from gateway.oip.core import DataPlane, ModelRegistry, in_completion_order
-from inference import grpc_service_pb2 as pb
-from inference import grpc_service_pb2_grpc as pb_grpc
 from services.common import errors
+from tandem.oip.v2 import grpc_service_pb2 as pb
+from tandem.oip.v2 import grpc_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Development certificates: a throwaway CA, a server certificate and a client certificate for TLS and mTLS tests.
 
-    python -m tandem.devcerts certs/        # or scripts/gen_dev_certs.sh certs/
+    python -m tandem.cli.devcerts certs/        # or scripts/gen_dev_certs.sh certs/
 
 writes `ca.pem` (+ `ca-key.pem`), `server.pem`/`server-key.pem` and `client.pem`/`client-key.pem`. The server
 certificate names localhost, 127.0.0.1 and ::1 and may also act as a client (extended key usage serverAuth and

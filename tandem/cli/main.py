@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tandem.supervisor import MODULES, ServeTls, Supervisor, parse_replicas
+from tandem.cli.supervisor import MODULES, ServeTls, Supervisor, parse_replicas
 
 
 def serve(argv: Sequence[str]) -> int:
@@ -113,7 +113,7 @@ def try_lines(address: str, tls: ServeTls | None) -> str:
     if tls is None:
         grpcurl, buf, scheme = "grpcurl -plaintext", "buf curl --protocol grpc --http2-prior-knowledge", "http"
     else:
-        # Any client certificate the CA signed will do; tandem/devcerts.py writes one next to the CA.
+        # Any client certificate the CA signed will do; tandem/cli/devcerts.py writes one next to the CA.
         cert, key = tls.ca.parent / "client.pem", tls.ca.parent / "client-key.pem"
         if not cert.exists():
             cert, key = Path("CLIENT.pem"), Path("CLIENT-KEY.pem")
@@ -146,11 +146,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if command == "serve":
         sys.exit(serve(rest))
     if command == "models":
-        from tandem import models_cli
+        from tandem.cli import models as models_cli
 
         sys.exit(models_cli.main(rest))
     if command == "bench":
-        from tandem import bench
+        from tandem.bench import run as bench
 
         sys.exit(bench.main(rest))
     if command in MODULES:

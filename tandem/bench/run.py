@@ -253,7 +253,7 @@ def _code_name(number: int) -> str:
 def _oip_request(model: str, batch: Sequence[str]) -> Any:
     """ModelInfer with the texts as one BYTES input in raw_input_contents, as Triton clients send it."""
     from gateway.oip.converters import encode_bytes_tensor
-    from inference import grpc_service_pb2
+    from tandem.oip.v2 import grpc_service_pb2
 
     name, _, version = model.partition(":")
     raw = encode_bytes_tensor([t.encode() for t in batch])
@@ -299,7 +299,7 @@ async def run_cell(
         metadata = (("x-api-key", api_key),) if api_key else None
         await stub.Embed(warm, timeout=60, metadata=metadata)
         if cell.api == "oip":
-            from inference import grpc_service_pb2_grpc
+            from tandem.oip.v2 import grpc_service_pb2_grpc
 
             oip = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
             await oip.ModelInfer(_oip_request(model, texts[: cell.texts_per_request]), timeout=60, metadata=metadata)
@@ -403,7 +403,7 @@ def _probe(settings: ProbeSettings, stop: Any, results: Any) -> None:
     if settings.tls_server_name:
         options.append(("grpc.ssl_target_name_override", settings.tls_server_name))
     if settings.tls_ca is not None or settings.tls_cert is not None:
-        from tandem.client import tls_credentials
+        from tandem.sdk import tls_credentials
 
         credentials = tls_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key)
         channel = grpc.secure_channel(settings.target, credentials, options=options)
@@ -643,7 +643,7 @@ def main(argv: Sequence[str]) -> int:
     opts = parser.parse_args(argv)
     credentials = None
     if opts.tls_ca is not None or opts.tls_cert is not None:
-        from tandem.client import tls_credentials
+        from tandem.sdk import tls_credentials
 
         try:
             credentials = tls_credentials(opts.tls_ca, opts.tls_cert, opts.tls_key)

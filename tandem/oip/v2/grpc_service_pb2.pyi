@@ -8,7 +8,9 @@ grpc_predict_v2.proto): the package, service, message and field names and number
 clients (tritonclient, KServe clients, grpcurl) work unchanged. Only the RPCs Tandem serves are declared here:
 ModelConfig (which needs Triton's model_config.proto), shared memory, trace and log settings are left out and
 answer UNIMPLEMENTED. This file is a third-party wire contract: it keeps its own names and is excluded from buf
-lint by path (protos/buf.yaml). Never renumber or rename anything in it.
+lint by path (protos/buf.yaml). Never renumber or rename anything in it. The file lives under tandem/oip/v2/ so
+that its generated Python code is `tandem.oip.v2` (no top-level `inference` package is installed); the proto
+package, and so every wire name, stays `inference`.
 """
 
 from collections import abc as _abc

@@ -1,0 +1,1 @@
+"""The `tandem` command line: `serve` and its supervisor, `models` (repository tools), `bench`, dev certificates."""
