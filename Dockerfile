@@ -5,13 +5,14 @@
 #   docker run IMAGE gateway --tokenizer dns:///tokenizer:50052 ...   (likewise tokenizer | inference | postprocess)
 #   docker run -p 50051:50051 IMAGE                                   (no command: `tandem serve`, all four in one)
 #
-# Why one image rather than one per role: the four roles share almost all of their dependencies (grpcio, numpy,
-# transformers/tokenizers; inference adds onnxruntime and torch), so per-role images would save little while
-# multiplying builds, tags and scans, and every role would have to be released in lock-step anyway (the stages'
-# protos move together). One image means one tag per release and identical code in every pod; Kubernetes picks
-# the role with `args:` (deploy/base/*.yaml). Inference on GPU is the exception: Dockerfile.cuda.
+# One full image runs every role: the roles share almost all of their dependencies and are released in lock-step
+# (the stages' protos move together), so one tag per release means identical code in every pod; Kubernetes picks
+# the role with `args:` (deploy/base/*.yaml). The `runtime-light` target is the same venv without torch and ONNX
+# Runtime, about half the size, for the three roles that never run a model (gateway, tokenizer, postprocess).
+# Inference on GPU: Dockerfile.cuda. Building and running both with podman: docs/containers.md.
 #
 #   docker build -t tandem:0.1.0 .
+#   docker build --target runtime-light -t tandem-light:0.1.0 .
 #
 # No HEALTHCHECK: Kubernetes probes grpc.health.v1 directly (deploy/base); with plain Docker use
 # `grpcurl -plaintext HOST:PORT grpc.health.v1.Health/Check`.
@@ -54,14 +55,53 @@ COPY docker/bake_default_model.py /tmp/bake_default_model.py
 RUN python /tmp/bake_default_model.py /opt/tandem
 
 # ---------------------------------------------------------------------------------------------------------------------
-# runtime: the slim base, the venv, the baked repository, an unprivileged user. No compilers, no pip cache, no source.
+# venv-full: the build venv as the runtime needs it. Cut: pip (never used at run time), and torch's C++ headers, its
+# test suite and its bundled binaries other than torch_shm_manager (about 190 MB; Tandem never compiles against
+# torch or runs torch.compile).
+FROM build AS venv-full
+RUN site=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") \
+    && rm -rf "$site/torch/include" "$site/torch/test" \
+    && find "$site/torch/bin" -mindepth 1 ! -name torch_shm_manager -delete \
+    && pip uninstall --yes pip
+
+# ---------------------------------------------------------------------------------------------------------------------
+# venv-light: the same venv (same versions, no second install) without what only a model run needs: torch, ONNX
+# Runtime, onnx and their own dependencies. Enough for the gateway, tokenizer and postprocess roles
+# (transformers' tokenizers work without torch).
+FROM build AS venv-light
+RUN pip uninstall --yes torch onnxruntime onnx onnxscript onnx-ir sympy mpmath networkx flatbuffers ml-dtypes \
+    && python -c "import gateway.__main__, services.tokenizer.__main__, services.postprocess.__main__" \
+    && pip uninstall --yes pip
+
+# ---------------------------------------------------------------------------------------------------------------------
+# runtime-light (`--target runtime-light`): gateway, tokenizer and postprocess only, about half the size of the full
+# image. Same user, paths and entry point as `runtime`; `inference` and `serve` need the full image.
+FROM ${PYTHON_IMAGE} AS runtime-light
+RUN groupadd --system --gid 10001 tandem \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /home/tandem --create-home --shell /usr/sbin/nologin tandem
+COPY --from=venv-light /opt/venv /opt/venv
+COPY --from=build /opt/tandem /opt/tandem
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    HOME=/home/tandem
+USER 10001:10001
+WORKDIR /home/tandem
+EXPOSE 50051 50052 50054
+ENTRYPOINT ["tandem"]
+CMD ["--help"]
+
+# ---------------------------------------------------------------------------------------------------------------------
+# runtime (the default target): the slim base, the venv, the baked repository, an unprivileged user. No compilers, no pip cache, no source.
 FROM ${PYTHON_IMAGE} AS runtime
 
 # A fixed numeric uid/gid: Kubernetes' runAsNonRoot can only verify a numeric USER (deploy/base uses 10001 too).
 RUN groupadd --system --gid 10001 tandem \
     && useradd --system --uid 10001 --gid 10001 --home-dir /home/tandem --create-home --shell /usr/sbin/nologin tandem
 
-COPY --from=build /opt/venv /opt/venv
+COPY --from=venv-full /opt/venv /opt/venv
 COPY --from=build /opt/tandem /opt/tandem
 
 # Offline: models come from the image or the /models volume, never from a model hub.
