@@ -83,4 +83,4 @@ class ServiceSettings(BaseSettings):
     @classmethod
     def from_args(cls, argv: Sequence[str], prog: str) -> Self:
         """Flags win over environment variables, which win over defaults."""
-        return cls(_cli_parse_args=list(argv), _cli_prog_name=prog)  # type: ignore[call-arg]
+        return cls(_cli_parse_args=list(argv), _cli_prog_name=prog)

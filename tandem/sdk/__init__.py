@@ -1,20 +1,16 @@
-"""Tandem's Python SDK: typed sync and asyncio clients for the gateway, and the decoding of its rich errors."""
+"""Tandem's Python SDK: typed asyncio and blocking clients for the gateway, and the decoding of its rich errors.
 
-from tandem.sdk.client import (
-    NO_RETRY,
-    AsyncTandemClient,
-    Entity,
-    FieldViolation,
-    Label,
-    ModelInfo,
-    RerankResult,
-    RetryPolicy,
-    StreamResult,
-    TandemClient,
-    TandemError,
-    TokenEncoding,
-    tls_credentials,
-)
+aio.py (AsyncTandemClient) and client.py (TandemClient) are the two transports; converters.py builds their requests
+and reads their results, retry.py decides when to call again, errors.py and status.py decode failures, types.py holds
+the results, channel.py the channel options and TLS credentials.
+"""
+
+from tandem.sdk.aio import AsyncTandemClient
+from tandem.sdk.channel import tls_credentials
+from tandem.sdk.client import TandemClient
+from tandem.sdk.errors import FieldViolation, TandemError
+from tandem.sdk.retry import NO_RETRY, RetryPolicy
+from tandem.sdk.types import Entity, Label, ModelInfo, RerankResult, StreamResult, TokenEncoding
 
 __all__ = [
     "NO_RETRY",

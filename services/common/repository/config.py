@@ -1,0 +1,162 @@
+"""What a model folder says about itself: the schemas of tandem.json and metadata.json, and the resolved
+ModelVersion every stage works with."""
+
+from __future__ import annotations
+
+from collections.abc import Container, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+CONFIG_FILE = "tandem.json"
+ALIASES_FILE = "aliases.json"
+METADATA_FILE = "metadata.json"
+
+
+class Task(StrEnum):
+    EMBEDDING = "embedding"
+    CLASSIFICATION = "classification"
+    TOKEN_CLASSIFICATION = "token-classification"
+    RERANK = "rerank"
+
+
+class VersionPolicy(BaseModel):
+    """Which versions are loaded: the newest `latest`, `specific` ones, or `all`; latest 1 when none is given."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    latest: int | None = Field(default=None, ge=1, description="the newest N versions that load")
+    specific: list[int] | None = Field(default=None, min_length=1, description="exactly these versions")
+    all: bool = Field(default=False, description="every version")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> VersionPolicy:
+        given = sum((self.latest is not None, self.specific is not None, self.all))
+        if given > 1:
+            raise ValueError("version_policy takes one of latest, specific, all")
+        if given == 0:
+            self.latest = 1
+        if self.specific is not None and any(v < 1 for v in self.specific):
+            raise ValueError("version_policy.specific holds version numbers (1 or more)")
+        return self
+
+    def select(self, versions: Sequence[str], failed: Container[str] = ()) -> list[str]:
+        """The versions (ascending) this policy loads; `latest` skips versions that failed, so an older one serves."""
+        if self.all:
+            return list(versions)
+        if self.specific is not None:
+            wanted = {str(v) for v in self.specific}
+            return [v for v in versions if v in wanted]
+        usable = [v for v in versions if v not in failed]
+        return usable[-(self.latest or 1) :]
+
+    def describe(self) -> str:
+        if self.all:
+            return "all versions"
+        if self.specific is not None:
+            return "versions " + ", ".join(str(v) for v in self.specific)
+        return f"the latest {self.latest}"
+
+
+class ModelConfig(BaseModel):
+    """Contents of <model>/tandem.json."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    task: Task
+    backend: Literal["onnx", "torch"] = "onnx"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_length: int | None = Field(None, gt=1, description="token limit; default from the model's own files")
+    pooling: Literal["mean", "cls", "max"] | None = Field(None, description="default from 1_Pooling/config.json")
+    max_batch_size: int = Field(32, ge=1, description="sequences per model call")
+    max_batch_tokens: int = Field(16384, ge=1, description="padded tokens per model call")
+    # 0: an idle model starts at once; requests that arrive while it runs form the next batch (as in TEI).
+    max_queue_delay_ms: float = Field(0.0, ge=0, description="longest wait for more work before a call")
+    max_queue_size: int = Field(2048, ge=1, description="sequences waiting before RESOURCE_EXHAUSTED")
+    batch_call_cost_tokens: float | None = Field(
+        None,
+        ge=0,
+        description="the model's fixed cost per call in padded tokens: a round is cut into separate calls where "
+        "padding would cost more. Default: measured when the version loads",
+    )
+    instances: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="model calls that run at once, each on its own worker thread; on CPU the stage's threads are "
+        "shared out among them. Default: 2 on CPU with 2 or more threads (two single-thread calls side by side "
+        "give 15-20% more throughput than one two-thread call under load), else 1",
+    )
+    run_alone: bool | None = Field(
+        None,
+        description="on CPU with instances splitting the threads: a call that has the model to itself (nothing "
+        "queued, no other call running) runs on a second session with all of the stage's threads (one text at a "
+        "time 2-3.5 ms faster on 2 cores). Costs a second copy of the weights in memory. Default: on",
+    )
+    version_policy: VersionPolicy = Field(default_factory=lambda: VersionPolicy(), description="which versions load")
+
+
+class AccuracyReport(BaseModel):
+    """How closely a derived version reproduces its source model on held-out texts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reference: str = Field(description="source model as name:version, run with transformers in float32")
+    texts: int = Field(ge=0, description="held-out texts compared")
+    min_cosine: float | None = None
+    mean_cosine: float | None = None
+    top1_agreement: float | None = None
+    max_probability_difference: float | None = None
+
+
+Precision = Literal["fp32", "fp16", "int8"]
+
+
+class VersionMetadata(BaseModel):
+    """Contents of <model>/<version>/metadata.json, written by `tandem models`; folders made by hand have none."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    task: Task
+    source: str = ""
+    # Overrides tandem.json's backend for this version (an exported or quantised version is ONNX whatever the
+    # model's default is).
+    backend: Literal["onnx", "torch"] | None = None
+    precision: Precision = "fp32"
+    tokenizer_fingerprint: str = ""
+    max_length: int | None = None
+    dimension: int | None = None
+    labels: list[str] = Field(default_factory=list)
+    created: datetime | None = None
+    derived_from: str | None = Field(None, description="name:version this version was exported or quantised from")
+    accuracy: AccuracyReport | None = None
+    notes: list[str] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One version of one model, with what every stage needs to know about it."""
+
+    name: str
+    version: str
+    path: Path
+    config: ModelConfig
+    hf_config: dict[str, Any] = field(repr=False)
+    max_length: int
+    labels: tuple[str, ...]
+    multi_label: bool
+    hidden_size: int
+    pooling: str
+    metadata: VersionMetadata | None = None
+
+    @property
+    def task(self) -> Task:
+        return self.config.task
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"

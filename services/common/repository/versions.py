@@ -1,0 +1,83 @@
+"""Reading one version folder: its Hugging Face files (config.json, 1_Pooling, tokenizer and sentence-transformers
+settings) and its metadata.json, into the ModelVersion the stages serve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from services.common.repository import files
+from services.common.repository.config import CONFIG_FILE, METADATA_FILE, ModelConfig, ModelVersion, VersionMetadata
+
+
+def _pooling_from_files(path: Path) -> str:
+    pooling_file = path / "1_Pooling" / "config.json"
+    if not pooling_file.exists():
+        return "mean"
+    cfg = files.read_json(pooling_file)
+    if cfg.get("pooling_mode_cls_token"):
+        return "cls"
+    if cfg.get("pooling_mode_max_tokens"):
+        return "max"
+    return "mean"
+
+
+def _max_length_from_files(path: Path, hf_config: dict[str, Any]) -> int:
+    limits: list[int] = []
+    st_config = path / "sentence_bert_config.json"
+    if st_config.exists():
+        value = files.read_json(st_config).get("max_seq_length")
+        if isinstance(value, int):
+            limits.append(value)
+    tok_config = path / "tokenizer_config.json"
+    if tok_config.exists():
+        value = files.read_json(tok_config).get("model_max_length")
+        if isinstance(value, int) and value < 1_000_000:
+            limits.append(value)
+    positions = hf_config.get("max_position_embeddings")
+    if isinstance(positions, int):
+        limits.append(positions)
+    return min(limits) if limits else 512
+
+
+def read_metadata(path: Path) -> VersionMetadata | None:
+    """A version folder's metadata.json; None when it has none; ValueError when it is unreadable."""
+    file = path / METADATA_FILE
+    if not file.is_file():
+        return None
+    try:
+        return VersionMetadata.model_validate(files.read_json(file))
+    except ValidationError as exc:
+        raise ValueError(f"{METADATA_FILE} is invalid: {exc}") from exc
+
+
+def load_version(name: str, version: str, path: Path, config: ModelConfig) -> ModelVersion:
+    """Reads a version folder's metadata; raises ValueError naming what is missing or broken."""
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ValueError(f"{name}:{version} has no config.json")
+    hf_config = files.read_json(config_file)
+    metadata = read_metadata(path)
+    if metadata is not None:
+        if metadata.task != config.task:
+            raise ValueError(f"{METADATA_FILE} says task {metadata.task.value}, {CONFIG_FILE} {config.task.value}")
+        if metadata.backend is not None and metadata.backend != config.backend:
+            config = config.model_copy(update={"backend": metadata.backend})
+    id2label = hf_config.get("id2label") or {}
+    labels = tuple(str(id2label[k]) for k in sorted(id2label, key=lambda k: int(k)))
+    max_length = config.max_length or _max_length_from_files(path, hf_config)
+    return ModelVersion(
+        name=name,
+        version=version,
+        path=path,
+        config=config,
+        hf_config=hf_config,
+        max_length=max_length,
+        labels=labels,
+        multi_label=hf_config.get("problem_type") == "multi_label_classification",
+        hidden_size=int(hf_config.get("hidden_size", 0)),
+        pooling=config.pooling or _pooling_from_files(path),
+        metadata=metadata,
+    )

@@ -1,0 +1,204 @@
+"""The asyncio client for Tandem's gateway: numpy embeddings, deadlines, retries that honour RetryInfo, rich errors.
+
+    async with AsyncTandemClient("127.0.0.1:50051") as client:
+        vectors = await client.embed(["A man plays guitar.", "Someone plays an instrument."])   # (2, 384) float32
+
+`TandemClient` (tandem/sdk/client.py) is its blocking twin: the same methods, the same requests and results
+(tandem/sdk/converters.py) and the same retries (tandem/sdk/retry.py). Every failure raises `TandemError`.
+"""
+
+# `timeout` is a gRPC deadline in seconds, named as grpc.aio names it, not an asyncio timeout.
+# ruff: noqa: ASYNC109
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from types import TracebackType
+from typing import Self, TypeVar
+
+import grpc
+import grpc.aio
+
+from tandem.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from tandem.sdk import converters
+from tandem.sdk.channel import CHANNEL_OPTIONS, DEFAULT_TIMEOUT_S, api_key_metadata
+from tandem.sdk.errors import TandemError
+from tandem.sdk.retry import DEFAULT_RETRY, Attempts, RetryPolicy
+from tandem.sdk.types import Entity, Label, ModelInfo, RerankResult, StreamResult, TokenEncoding, Vectors
+
+__all__ = ["AsyncTandemClient"]
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+
+
+class AsyncTandemClient:
+    """Asyncio client for tandem.gateway.v1.GatewayService; use with `async with`, or await close().
+
+    `timeout` is each call's deadline in seconds, retries and their waits included; a call's own `timeout=`
+    overrides it. `retry=NO_RETRY` turns retries off. Pass `channel` to bring your own (interceptors, load
+    balancing); the client then leaves closing it to you. `api_key` is sent as `x-api-key` with every call.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        credentials: grpc.ChannelCredentials | None = None,
+        channel: grpc.aio.Channel | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        if channel is not None and credentials is not None:
+            raise ValueError("pass either a channel or credentials, not both")
+        self._owns_channel = channel is None
+        if channel is None:
+            channel = (
+                grpc.aio.secure_channel(target, credentials, CHANNEL_OPTIONS)
+                if credentials is not None
+                else grpc.aio.insecure_channel(target, CHANNEL_OPTIONS)
+            )
+        self.channel = channel
+        self.stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        self.timeout = timeout
+        self.retry = retry
+        self.metadata = api_key_metadata(api_key)
+
+    async def close(self) -> None:
+        if self._owns_channel:
+            await self.channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def _call(
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[Request, Response],
+        request: Request,
+        timeout: float | None,
+    ) -> Response:
+        attempts = Attempts(self.retry, self.timeout if timeout is None else timeout)
+        while True:
+            try:
+                return await method(request, timeout=attempts.start(), metadata=self.metadata)
+            except grpc.RpcError as rpc_error:
+                error = TandemError.from_rpc_error(rpc_error)
+                delay = attempts.delay_s(error)
+                if delay is None:
+                    raise error from rpc_error
+            await asyncio.sleep(delay)
+
+    async def embed(
+        self,
+        inputs: Sequence[str],
+        *,
+        model: str = "",
+        normalize: bool = True,
+        truncate: bool = True,
+        timeout: float | None = None,
+    ) -> Vectors:
+        """Embeddings as a float32 array of shape (len(inputs), dimension), in input order."""
+        request = converters.embed_request(inputs, model, normalize, truncate)
+        return converters.vectors(await self._call(self.stub.Embed, request, timeout))
+
+    async def classify(
+        self,
+        inputs: Sequence[str],
+        *,
+        model: str = "",
+        top_k: int = 0,
+        truncate: bool = True,
+        timeout: float | None = None,
+    ) -> list[list[Label]]:
+        """Per input, its labels best first (top_k of them; 0 for all)."""
+        request = converters.classify_request(inputs, model, top_k, truncate)
+        return converters.labels(await self._call(self.stub.Classify, request, timeout))
+
+    async def classify_tokens(
+        self, inputs: Sequence[str], *, model: str = "", truncate: bool = True, timeout: float | None = None
+    ) -> list[list[Entity]]:
+        """Per input, its entities in text order."""
+        request = converters.classify_tokens_request(inputs, model, truncate)
+        return converters.entities(await self._call(self.stub.ClassifyTokens, request, timeout))
+
+    async def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        model: str = "",
+        top_n: int = 0,
+        return_documents: bool = False,
+        truncate: bool = True,
+        timeout: float | None = None,
+    ) -> list[RerankResult]:
+        """Documents best first (top_n of them; 0 for all)."""
+        request = converters.rerank_request(query, documents, model, top_n, return_documents, truncate)
+        return converters.ranked(await self._call(self.stub.Rerank, request, timeout))
+
+    async def tokenize(
+        self,
+        inputs: Sequence[str],
+        *,
+        model: str = "",
+        add_special_tokens: bool = True,
+        truncate: bool = True,
+        timeout: float | None = None,
+    ) -> list[TokenEncoding]:
+        request = converters.tokenize_request(inputs, model, add_special_tokens, truncate)
+        return converters.encodings(await self._call(self.stub.Tokenize, request, timeout))
+
+    async def detokenize(
+        self, ids: Sequence[int], *, model: str = "", skip_special_tokens: bool = True, timeout: float | None = None
+    ) -> str:
+        request = converters.detokenize_request(ids, model, skip_special_tokens)
+        return (await self._call(self.stub.Detokenize, request, timeout)).text
+
+    async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        reply = await self._call(self.stub.ListModels, gateway_pb2.ListModelsRequest(), timeout)
+        return [converters.model_info(m) for m in reply.models]
+
+    async def get_model(self, model: str = "", *, timeout: float | None = None) -> ModelInfo:
+        reply = await self._call(self.stub.GetModel, gateway_pb2.GetModelRequest(model=model), timeout)
+        return converters.model_info(reply.model)
+
+    async def embed_stream(
+        self,
+        requests: Iterable[tuple[str, Sequence[str]]] | AsyncIterable[tuple[str, Sequence[str]]],
+        *,
+        model: str = "",
+        normalize: bool = True,
+        truncate: bool = True,
+        timeout: float | None = None,
+    ) -> AsyncIterator[StreamResult]:
+        """Embeds (id, inputs) pairs over one EmbedStream and yields a result per request, in request order;
+        `requests` may also be an async iterable, fed while responses arrive.
+
+        A failed request yields a result with `error` set and the stream goes on; a failure of the stream itself
+        raises TandemError. Streams are not retried (responses already yielded cannot be taken back), and
+        `timeout` bounds the whole stream (default: none, as a stream may run for as long as it is fed).
+        """
+
+        async def produce() -> AsyncIterator[gateway_pb2.EmbedStreamRequest]:
+            if isinstance(requests, AsyncIterable):
+                async for request_id, inputs in requests:
+                    yield converters.stream_request(request_id, inputs, model, normalize, truncate)
+            else:
+                for request in converters.stream_requests(requests, model, normalize, truncate):
+                    yield request
+
+        call = self.stub.EmbedStream(produce(), timeout=timeout, metadata=self.metadata)
+        try:
+            async for response in call:
+                yield converters.stream_result(response)
+        except grpc.RpcError as rpc_error:
+            raise TandemError.from_rpc_error(rpc_error) from rpc_error
+        finally:
+            call.cancel()  # no-op after a full read; stops the call when the caller leaves the loop early
