@@ -17,7 +17,7 @@ from pathlib import Path
 
 from services.common.default_model import DEFAULT_MODEL_NAME, ensure_default_repository
 from services.common.repository import ModelRepository
-from services.inference.core import ensure_onnx
+from services.inference.export.onnx import ensure_onnx
 
 
 def main(argv: list[str]) -> int:

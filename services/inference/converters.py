@@ -7,14 +7,10 @@ import numpy.typing as npt
 
 from services.common import errors, tensors
 from services.common.repository import AccuracyReport, ModelVersion, Task, VersionPolicy
-from services.inference.core import (
-    IntArray,
-    ModelDescription,
-    ModelState,
-    ModelStatus,
-    TokenInputs,
-    VersionStatus,
-)
+from services.inference.backends.base import IntArray
+from services.inference.core import ModelDescription, TokenInputs
+from services.inference.loading import ModelState
+from services.inference.management import ModelStatus, VersionStatus
 from tandem.inference.v1 import inference_pb2
 from tandem.management.v1 import management_pb2
 from tandem.model.v1 import model_pb2

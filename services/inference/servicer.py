@@ -9,6 +9,7 @@ import grpc
 
 from services.inference import converters
 from services.inference.core import Inference
+from services.inference.management import ModelManagement
 from tandem.inference.v1 import inference_pb2, inference_pb2_grpc
 from tandem.management.v1 import management_pb2, management_pb2_grpc
 
@@ -62,7 +63,7 @@ def registrar(core: Inference) -> tuple[Any, str]:
 class ManagementServicer(management_pb2_grpc.ManagementServiceServicer):
     """The model lifecycle: convert, await the core, convert back."""
 
-    def __init__(self, core: Inference) -> None:
+    def __init__(self, core: ModelManagement) -> None:
         self.core = core
 
     async def ListModels(  # noqa: N802
@@ -106,7 +107,7 @@ MANAGEMENT_SERVICE_NAME = management_pb2.DESCRIPTOR.services_by_name["Management
 
 
 def management_registrar(core: Inference) -> tuple[Any, str]:
-    servicer = ManagementServicer(core)
+    servicer = ManagementServicer(core.management)
     return (
         lambda server: management_pb2_grpc.add_ManagementServiceServicer_to_server(servicer, server)
     ), MANAGEMENT_SERVICE_NAME

@@ -1,7 +1,7 @@
 """ONNX graphs derived from an export for `tandem models`: offline-optimised fp32, dynamic int8, and fp16.
 
 Every function writes its result under a temporary name and renames it into place, so a half-written graph is
-never seen, and reads only the graph it is given (the exporter itself is services.inference.core.export_onnx).
+never seen, and reads only the graph it is given (the exporter itself is export.onnx.export_onnx).
 """
 
 from __future__ import annotations

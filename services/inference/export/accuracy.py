@@ -15,7 +15,8 @@ import numpy.typing as npt
 import torch
 
 from services.common.repository import AccuracyReport, ModelVersion, Task
-from services.inference.core import Backend, FloatArray, IntArray, load_hf_model, token_level, wrap_single_output
+from services.inference.backends.base import Backend, FloatArray, IntArray, token_level
+from services.inference.backends.torch import load_hf_model, wrap_single_output
 from services.postprocess.core import EmbeddingPostprocessor, sigmoid, softmax
 
 # Held-out texts: short and long, questions, numbers, code-ish and non-English lines, since quantisation errors

@@ -1,0 +1,1 @@
+"""Model runtimes behind one small interface: base (Backend, BackendOptions), onnx (ONNX Runtime), torch."""

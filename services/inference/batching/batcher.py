@@ -1,0 +1,342 @@
+"""The Batcher: merges concurrent requests for one model version into padded model calls on worker threads."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+from opentelemetry import trace
+
+from services.common import errors, timing, tracing
+from services.common.pooling import check_pooling, pool_padded
+from services.common.repository import ModelConfig, Task
+from services.inference.backends.base import Backend, FloatArray, IntArray, lower_priority, token_level
+from services.inference.batching.planner import DEFAULT_CALL_COST_TOKENS, cut
+from services.inference.batching.requests import Request
+
+log = logging.getLogger(__name__)
+
+
+class BatchObserver(Protocol):
+    """Where a batcher reports how long requests queued and each model call (the stage's metrics)."""
+
+    def queued(self, seconds: float) -> None: ...
+
+    def batch(self, rows: int, padded_tokens: int, seconds: float) -> None: ...
+
+
+class _Unobserved:
+    def queued(self, seconds: float) -> None:
+        return None
+
+    def batch(self, rows: int, padded_tokens: int, seconds: float) -> None:
+        return None
+
+
+class Batcher:
+    """Merges concurrent requests for one model version into padded model calls, run in one worker thread.
+
+    Each round takes the queued requests (waiting up to max_queue_delay_ms for more while under max_batch_size
+    sequences), sorts their sequences by length so that padding stays small, cuts them into calls bounded by
+    max_batch_size sequences and max_batch_tokens padded tokens, and routes the output rows back to their callers.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        config: ModelConfig,
+        name: str,
+        pad_token_id: int = 0,
+        observer: BatchObserver | None = None,
+        instances: int | None = None,
+        call_cost_tokens: float | None = None,
+        nice: int = 0,
+        pooling: str | None = None,
+    ) -> None:
+        self.backend = backend
+        self.observer: BatchObserver = observer or _Unobserved()
+        self.config = config
+        self.name = name
+        self.pad_token_id = pad_token_id
+        self.token_level = token_level(config.task)
+        # How callers that ask for it get their sequences pooled (embedding models only; see submit).
+        self.pooling = check_pooling(pooling) if pooling is not None and config.task is Task.EMBEDDING else None
+        self._queue: deque[Request] = deque()
+        self._wakeup = asyncio.Event()
+        self._pending = 0
+        # Calls cut from the rounds taken so far, waiting for a free instance; and what each instance is running
+        # now (both answered with UNAVAILABLE if the batcher closes meanwhile).
+        self._calls: deque[list[tuple[Request, int]]] = deque()
+        self._running: dict[int, list[tuple[Request, int]]] = {}
+        # Padding worth accepting to save a call (planner.cut): given, from tandem.json, or a middle-of-the-road guess.
+        if call_cost_tokens is None:
+            call_cost_tokens = config.batch_call_cost_tokens
+        self.call_cost_tokens = DEFAULT_CALL_COST_TOKENS if call_cost_tokens is None else call_cost_tokens
+        self._workers: list[asyncio.Task[None]] = []
+        self._closed = False
+        # One thread per instance: up to `instances` model calls run at once (each on the backend's share of the
+        # cores), and the event loop never waits on one.
+        self.instances = instances or config.instances or 1
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.instances, thread_name_prefix=f"infer-{name}", initializer=lower_priority, initargs=(nice,)
+        )
+
+    @property
+    def pending(self) -> int:
+        """Sequences admitted and not yet answered (waiting or running)."""
+        return self._pending
+
+    async def submit(
+        self,
+        input_ids: IntArray,
+        token_type_ids: IntArray | None,
+        cu_seqlens: npt.NDArray[np.int32],
+        deadline: float | None,
+        pool: bool = False,
+    ) -> FloatArray:
+        """The output rows of one ragged batch: [total_tokens, width] or [n, width], in the caller's order.
+
+        With pool (and a pooling, i.e. an embedding model), each sequence's token rows are pooled in the worker
+        thread right after its model call, and the caller gets [n, width]: see pools()."""
+        if self._closed:
+            raise errors.unavailable(f"model {self.name} is shutting down", model=self.name)
+        count = len(cu_seqlens) - 1
+        if self._pending + count > self.config.max_queue_size:
+            raise errors.resource_exhausted(
+                f"model {self.name} is busy: {self._pending} sequences queued, limit {self.config.max_queue_size}",
+                model=self.name,
+            )
+        if deadline is not None and deadline <= time.monotonic():
+            raise errors.deadline_exceeded(f"deadline passed before {self.name} could run", model=self.name)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[FloatArray] = loop.create_future()
+        cu = cu_seqlens.astype(np.int64)
+        request = Request(
+            input_ids,
+            token_type_ids,
+            cu[:-1],
+            np.diff(cu),
+            deadline,
+            future,
+            count,
+            queued_at=time.perf_counter(),
+            pool=self.pools(pool),
+        )
+        self._pending += count
+        future.add_done_callback(lambda _: self._release(count))
+        if tracing.enabled():  # nothing per request on the hot path while tracing is off
+            request.caller = trace.get_current_span()
+            request.queued = tracing.tracer().start_span("queue", attributes={"tandem.model": self.name})
+            future.add_done_callback(lambda _: tracing.end(request.queued))
+        self._queue.append(request)
+        self._wakeup.set()
+        if not self._workers:
+            self._workers = [
+                loop.create_task(self._work(i), name=f"batcher-{self.name}-{i}") for i in range(self.instances)
+            ]
+        # A cancelled caller cancels this future too, and the worker then skips its sequences.
+        output = await future
+        # The split the caller gets in its x-tandem-timing trailer: waiting for the batcher vs. in the model.
+        timing.add("queue", (request.started_at or request.queued_at) - request.queued_at)
+        timing.add("compute", request.compute_s)
+        return output
+
+    def pools(self, asked: bool) -> bool:
+        """Whether a caller asking for pooled rows gets them: only from embedding models, which name a pooling."""
+        return asked and self.pooling is not None
+
+    def _release(self, count: int) -> None:
+        self._pending -= count
+
+    async def _work(self, worker: int) -> None:
+        """One instance: runs the next cut call whenever it is free; when none is left, cuts the next round.
+
+        A round's calls go to a shared list, so while one instance runs a call the others take the next ones. A call
+        that has the model to itself (nothing else cut, queued or running) runs on all of the stage's threads when
+        the backend can (Backend.runs_alone): a lone request is not held to one instance's share of the cores. A
+        call that starts meanwhile does not wait for it; the two share the cores until the lone one ends.
+        """
+        while True:
+            if not self._calls:
+                while not self._queue and not self._calls:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                if self._calls:  # another instance cut a round while this one waited
+                    continue
+                taken = await self._take()
+                try:
+                    self._plan(taken)
+                except Exception:
+                    log.exception("batcher of %s failed to plan a round", self.name)
+                    self._fail(taken, errors.internal())
+                if self._calls or self._queue:  # more work than this instance can start now: wake the others
+                    self._wakeup.set()
+                continue
+            call = self._calls.popleft()
+            alone = self.backend.runs_alone and not self._calls and not self._queue and not self._running
+            self._running[worker] = call
+            try:
+                await self._run_call(call, alone)
+            except Exception:
+                log.exception("model call of %s failed", self.name)
+                self._fail([r for r, _ in call], errors.internal())
+            finally:
+                self._running.pop(worker, None)
+
+    @staticmethod
+    def _fail(requests: Iterable[Request], error: Exception) -> None:
+        for request in requests:
+            if not request.future.done():
+                request.future.set_exception(error)
+
+    async def _take(self) -> list[Request]:
+        """Whole requests from the queue, lingering for more while under max_batch_size sequences."""
+        taken: list[Request] = []
+        count = 0
+        limit = self.config.max_batch_size
+        linger_until = time.monotonic() + self.config.max_queue_delay_ms / 1000
+        while True:
+            while self._queue and (count < limit or not taken):
+                request = self._queue.popleft()
+                if request.future.done():  # cancelled while queued
+                    continue
+                taken.append(request)
+                count += request.count
+            left = linger_until - time.monotonic()
+            if count >= limit or left <= 0:
+                return taken
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._wakeup.wait()
+
+    def _wanted(self, request: Request, now: float) -> bool:
+        """False for requests already answered or cancelled, and for those past their deadline (failed here)."""
+        if request.future.done():
+            return False
+        if request.deadline is not None and request.deadline <= now:
+            request.future.set_exception(
+                errors.deadline_exceeded(f"deadline passed while queued for {self.name}", model=self.name)
+            )
+            return False
+        return True
+
+    def _plan(self, taken: list[Request]) -> None:
+        """Cuts a round's live sequences into calls, queued for whichever instance is free first."""
+        for request in taken:
+            tracing.end(request.queued)
+        live = [r for r in taken if self._wanted(r, time.monotonic())]
+        if not live:
+            return
+        items = [(r, i) for r in live for i in range(r.count)]
+        lengths = np.concatenate([r.lengths for r in live])
+        self._calls.extend([items[j] for j in call] for call in cut(lengths, self.config, self.call_cost_tokens))
+
+    async def _run_call(self, call: list[tuple[Request, int]], alone: bool = False) -> None:
+        now = time.monotonic()
+        chosen = [item for item in call if self._wanted(item[0], now)]
+        if not chosen:
+            return
+        riders = list(dict.fromkeys(r for r, _ in chosen))
+        started = time.perf_counter()
+        for request in riders:
+            if request.started_at is None:
+                request.started_at = started
+                self.observer.queued(started - request.queued_at)
+        with self._model_run_span(chosen, riders, alone):
+            out, pooled = await asyncio.get_running_loop().run_in_executor(self._executor, self._execute, chosen, alone)
+        seconds = time.perf_counter() - started
+        for request in riders:
+            request.compute_s += seconds
+        width = max(int(r.lengths[i]) for r, i in chosen)
+        self.observer.batch(len(chosen), len(chosen) * width, seconds)
+        self._scatter(chosen, out, pooled)
+        for request, _ in chosen:
+            request.remaining -= 1
+            if request.remaining == 0 and not request.future.done():
+                assert request.output is not None
+                request.future.set_result(request.output)
+
+    def _scatter(self, chosen: list[tuple[Request, int]], out: FloatArray, pooled: FloatArray | None) -> None:
+        """Each output row into its caller's output, on the event loop: the calls of one request may finish on
+        several instances at once, and only one thread may ever create and fill a request's output."""
+        for row, (r, i) in enumerate(chosen):
+            if r.output is None:
+                rows = r.total if self.token_level and not r.pool else r.count
+                r.output = np.empty((rows, out.shape[-1]), dtype=np.float32)
+            if r.pool:
+                assert pooled is not None
+                r.output[i] = pooled[row]
+            elif self.token_level:
+                start, length = int(r.starts[i]), int(r.lengths[i])
+                r.output[start : start + length] = out[row, :length]
+            else:
+                r.output[i] = out[row]
+
+    def _model_run_span(
+        self, chosen: list[tuple[Request, int]], callers: list[Request], alone: bool
+    ) -> contextlib.AbstractContextManager[trace.Span]:
+        """One span per model call, under its first caller's span and linked to every other caller's."""
+        if not tracing.enabled():
+            return contextlib.nullcontext(trace.INVALID_SPAN)
+        model, _, version = self.name.rpartition(":")
+        lengths = [int(r.lengths[i]) for r, i in chosen]
+        return tracing.tracer().start_as_current_span(
+            "model.run",
+            context=trace.set_span_in_context(callers[0].caller),
+            links=[trace.Link(r.caller.get_span_context()) for r in callers[1:]],
+            attributes={
+                "tandem.model": model or self.name,
+                "tandem.model_version": version,
+                "tandem.batch_size": len(chosen),
+                "tandem.requests": len(callers),
+                "tandem.tokens": sum(lengths),
+                "tandem.padded_tokens": len(chosen) * max(lengths),
+                "tandem.alone": alone,
+            },
+        )
+
+    def _execute(self, chosen: list[tuple[Request, int]], alone: bool = False) -> tuple[FloatArray, FloatArray | None]:
+        """Worker thread: pad, run the model, check the output's shape, pool the rows if any caller asked for it.
+        Touches no request's state."""
+        width = max(int(r.lengths[i]) for r, i in chosen)
+        ids = np.full((len(chosen), width), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        types = np.zeros_like(ids) if self.backend.uses_token_type_ids else None
+        for row, (r, i) in enumerate(chosen):
+            start, length = int(r.starts[i]), int(r.lengths[i])
+            ids[row, :length] = r.input_ids[start : start + length]
+            mask[row, :length] = 1
+            if types is not None and r.token_type_ids is not None:
+                types[row, :length] = r.token_type_ids[start : start + length]
+        out = (self.backend.run_alone if alone else self.backend.run)(ids, mask, types)
+        expected = (len(chosen), width) if self.token_level else (len(chosen),)
+        if out.shape[: len(expected)] != expected or out.ndim != len(expected) + 1:
+            raise ValueError(f"{self.name} returned shape {list(out.shape)} for a {list(ids.shape)} batch")
+        if self.pooling is None or not any(r.pool for r, _ in chosen):
+            return out, None
+        return out, pool_padded(out, mask, self.pooling)
+
+    async def close(self) -> None:
+        """Fails what is still queued or running, stops the worker and its thread."""
+        self._closed = True
+        calls = [*self._running.values(), *self._calls]
+        unanswered = [*(r for call in calls for r, _ in call), *self._queue]
+        self._queue.clear()
+        self._calls.clear()
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        for request in unanswered:
+            if not request.future.done():
+                request.future.set_exception(errors.unavailable(f"model {self.name} is shutting down", model=self.name))
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+        self.backend.close()
