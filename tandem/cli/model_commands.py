@@ -1,0 +1,367 @@
+"""The `tandem models` subcommands: add, export, quantize, list, alias, promote, remove and speed, each over the
+repository folder (tandem/cli/model_folders.py) and the inference stage's public export and backend functions."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from services.common import errors
+from services.common.repository import (
+    ALIASES_FILE,
+    CONFIG_FILE,
+    METADATA_FILE,
+    AccuracyReport,
+    ModelVersion,
+    Precision,
+    check_alias,
+    check_name,
+    load_version,
+    locked,
+    parse_reference,
+    read_metadata,
+    write_json_atomic,
+)
+from tandem.cli.model_folders import (
+    NOT_DERIVED,
+    CommandError,
+    Context,
+    copy_files,
+    has_weights,
+    model_config,
+    new_version,
+    read_texts,
+    reference_version,
+    refused,
+    resolve,
+    source_folder,
+    version_metadata,
+)
+
+DEFAULT_MIN_COSINE = 0.99
+DEFAULT_MIN_AGREEMENT = 0.98
+
+
+def add(ctx: Context, name: str, source: str, task: str, link: bool) -> int:
+    check_name(name, "NAME")
+    folder, described = source_folder(source)
+    config_file = ctx.root / name / CONFIG_FILE
+    if config_file.is_file():
+        config = model_config(ctx, name)
+        if config.task.value != task:
+            raise CommandError(f"model {name} is a {config.task.value} model; cannot add a {task} version")
+    else:
+        (ctx.root / name).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(config_file, {"task": task, "backend": "onnx"})
+        config = model_config(ctx, name)
+    with new_version(ctx, name) as (version, staging):
+        copy_files(folder, staging, link=link, skip=(METADATA_FILE, "README.md"))
+        try:
+            model = load_version(name, version, staging, config)
+        except (OSError, ValueError) as exc:
+            raise CommandError(f"{source} cannot be read as a {task} model: {exc}") from exc
+        write_json_atomic(
+            staging / METADATA_FILE, version_metadata(model, staging, source=described, precision="fp32", backend=None)
+        )
+    print(f"added {name}:{version} from {described}")
+    return 0
+
+
+def _derive(
+    ctx: Context,
+    ref: str,
+    kind: str,
+    texts_file: Path | None,
+    build: Callable[[ModelVersion, Path], tuple[Precision, list[str]]],
+) -> int:
+    """Makes a new ONNX version from `ref` with `build(source, staging) -> (precision, notes)`, measures it against
+    the source's Hugging Face weights, and writes the report into its metadata."""
+    from services.inference.backends.onnx import cpu_backend
+    from services.inference.export.accuracy import accuracy_report
+
+    source = resolve(ctx, ref)
+    reference = reference_version(ctx, source)
+    texts = read_texts(texts_file)
+    with new_version(ctx, source.name) as (version, staging):
+        copy_files(source.path, staging, link=False, skip=NOT_DERIVED)
+        precision, notes = build(source, staging)
+        report: AccuracyReport | None = None
+        try:
+            candidate = cpu_backend(staging / "model.onnx", ctx.threads)
+        except Exception as exc:  # fp16 graphs with operators the CPU provider lacks
+            notes.append(f"accuracy not measured: the graph does not run on this machine's CPU: {exc}")
+        else:
+            report = accuracy_report(candidate, source, reference, texts, ctx.threads)
+            candidate.close()
+        metadata = version_metadata(
+            source,
+            staging,
+            source=f"{source.ref} ({kind})",
+            precision=precision,
+            backend="onnx",
+            derived_from=source.ref,
+            accuracy=report,
+            notes=notes,
+        )
+        write_json_atomic(staging / METADATA_FILE, metadata)
+    print(f"created {source.name}:{version} ({kind} of {source.ref}, {precision})")
+    print(_describe_report(report, notes))
+    return 0
+
+
+def _describe_report(report: AccuracyReport | None, notes: Sequence[str] = ()) -> str:
+    if report is None:
+        return "accuracy: not measured" + "".join(f"\n  {n}" for n in notes)
+    lines = [f"accuracy against {report.reference} (transformers, float32) on {report.texts} texts:"]
+    for field in ("min_cosine", "mean_cosine", "top1_agreement", "max_probability_difference"):
+        value = getattr(report, field)
+        if value is not None:
+            lines.append(f"  {field.replace('_', ' ')}: {value:.6f}")
+    return "\n".join(lines)
+
+
+def _source_onnx(ctx: Context, source: ModelVersion) -> Path:
+    """The source version's own graph (a derived version), or its export (made now if there is none)."""
+    from services.inference.export.onnx import ensure_onnx
+
+    if (source.path / "model.onnx").is_file():
+        return source.path / "model.onnx"
+    path, _ = ensure_onnx(source, ctx.home, ctx.threads)
+    return path
+
+
+def export(ctx: Context, ref: str, texts_file: Path | None, optimize: bool) -> int:
+    from services.inference.export.conversion import optimize_onnx
+    from services.inference.export.onnx import export_onnx
+
+    def build(source: ModelVersion, staging: Path) -> tuple[Precision, list[str]]:
+        if not has_weights(source.path):
+            raise CommandError(f"{source.ref} has no Hugging Face weights to export")
+        with tempfile.TemporaryDirectory(dir=staging.parent) as tmp:
+            raw = Path(tmp) / "model.onnx"
+            export_onnx(source, raw, ctx.threads)
+            if optimize:
+                optimize_onnx(raw, staging / "model.onnx", ctx.threads)
+            else:
+                shutil.move(raw, staging / "model.onnx")
+        notes = ["ONNX Runtime extended graph optimisations applied offline"] if optimize else []
+        return "fp32", notes
+
+    return _derive(ctx, ref, "export, optimised" if optimize else "export", texts_file, build)
+
+
+def quantize(ctx: Context, ref: str, mode: str, texts_file: Path | None, per_channel: bool) -> int:
+    from services.inference.export.conversion import convert_fp16, optimize_onnx, quantize_int8
+
+    def build(source: ModelVersion, staging: Path) -> tuple[Precision, list[str]]:
+        metadata = source.metadata
+        if metadata is not None and metadata.precision != "fp32":
+            raise CommandError(f"{source.ref} is already {metadata.precision}; quantise an fp32 version")
+        graph = _source_onnx(ctx, source)
+        if mode == "fp16":
+            used = convert_fp16(graph, staging / "model.onnx")
+            return "fp16", [f"converted with {used}, inputs and outputs kept float32"]
+        with tempfile.TemporaryDirectory(dir=staging.parent) as tmp:
+            optimized = Path(tmp) / "optimized.onnx"
+            optimize_onnx(graph, optimized, ctx.threads)
+            quantize_int8(optimized, staging / "model.onnx", per_channel=per_channel)
+        scales = "per output channel" if per_channel else "per tensor"
+        return "int8", [f"onnxruntime quantize_dynamic: int8 MatMul weights {scales}, activations per call"]
+
+    return _derive(ctx, ref, f"quantize {mode}", texts_file, build)
+
+
+def list_models(ctx: Context, name: str | None, as_json: bool) -> int:
+    names = [name] if name else ctx.repository.names()
+    models: list[dict[str, Any]] = []
+    for model_name in names:
+        check_name(model_name, "NAME")
+        listing = ctx.repository.listing(model_name)
+        entry: dict[str, Any] = {
+            "name": model_name,
+            "policy": listing.policy.describe(),
+            "aliases": dict(listing.aliases),
+            "default": ctx.repository.default_version(listing),
+            "versions": [],
+        }
+        if listing.config_error:
+            entry["error"] = listing.config_error
+        for version in listing.versions:
+            row: dict[str, Any] = {"version": version}
+            try:
+                metadata = read_metadata(ctx.root / model_name / version)
+            except (OSError, ValueError) as exc:
+                row["error"] = str(exc)
+                metadata = None
+            if metadata is not None:
+                row.update(metadata.model_dump(mode="json", exclude_none=True, exclude={"labels"}))
+            row["aliases"] = sorted(a for a, v in listing.aliases.items() if v == version)
+            entry["versions"].append(row)
+        models.append(entry)
+    if as_json:
+        print(json.dumps(models, indent=2))
+        return 0
+    for entry in models:
+        aliases = ", ".join(f"{a}={v}" for a, v in sorted(entry["aliases"].items())) or "none"
+        print(f"{entry['name']}  (policy: {entry['policy']}; default version {entry['default']}; aliases: {aliases})")
+        if "error" in entry:
+            print(f"  error: {entry['error']}")
+        for row in entry["versions"]:
+            accuracy = row.get("accuracy") or {}
+            figures = ", ".join(
+                f"{k.replace('_', ' ')} {accuracy[k]:.4f}"
+                for k in ("min_cosine", "mean_cosine", "top1_agreement", "max_probability_difference")
+                if k in accuracy
+            )
+            tags = f" [{', '.join(row['aliases'])}]" if row["aliases"] else ""
+            print(
+                f"  {row['version']:>4}{tags}  {row.get('precision', 'fp32')}  {row.get('source', '(no metadata)')}"
+                + (f"  accuracy: {figures}" if figures else "")
+                + (f"  error: {row['error']}" if "error" in row else "")
+            )
+    return 0
+
+
+def set_alias(ctx: Context, name: str, alias: str, version: str | None, delete: bool) -> int:
+    check_name(name, "NAME")
+    check_alias(alias, "ALIAS")
+    try:
+        if delete:
+            ctx.repository.delete_alias(name, alias)
+            print(f"removed alias {name}@{alias}")
+        elif version is None:
+            raise CommandError("give a VERSION, or --delete")
+        else:
+            ctx.repository.set_alias(name, alias, version)
+            print(f"{name}@{alias} -> {version}")
+    except errors.TandemError as err:
+        raise refused(err) from None
+    return 0
+
+
+def promote(
+    ctx: Context,
+    name: str,
+    version: str,
+    alias: str,
+    force: bool,
+    min_cosine: float,
+    min_agreement: float,
+    max_probability_difference: float | None,
+) -> int:
+    """Points `alias` (stable: what bare requests get) at a version whose accuracy report passes the gate."""
+    model = resolve(ctx, f"{name}:{version}")
+    check_alias(alias, "--alias")
+    metadata = model.metadata
+    report = metadata.accuracy if metadata is not None else None
+    problems: list[str] = []
+    if report is None:
+        if metadata is not None and metadata.derived_from:
+            problems.append(f"{model.ref} was derived from {metadata.derived_from} but has no accuracy report")
+    else:
+        if report.min_cosine is not None and report.min_cosine < min_cosine:
+            problems.append(f"min cosine {report.min_cosine:.6f} is below {min_cosine}")
+        if report.top1_agreement is not None and report.top1_agreement < min_agreement:
+            problems.append(f"top-1 agreement {report.top1_agreement:.6f} is below {min_agreement}")
+        if (
+            max_probability_difference is not None
+            and report.max_probability_difference is not None
+            and report.max_probability_difference > max_probability_difference
+        ):
+            problems.append(
+                f"max probability difference {report.max_probability_difference:.6f} exceeds"
+                f" {max_probability_difference}"
+            )
+    if problems and not force:
+        raise CommandError(f"refusing to promote {model.ref}: " + "; ".join(problems) + " (--force overrides)")
+    for problem in problems:
+        print(f"warning: {problem} (forced)", file=sys.stderr)
+    try:
+        ctx.repository.set_alias(name, alias, version)
+    except errors.TandemError as err:
+        raise refused(err) from None
+    print(f"promoted {model.ref}: {name}@{alias} -> {version}")
+    return 0
+
+
+def remove(ctx: Context, ref: str, force: bool) -> int:
+    parsed = parse_reference(ref)
+    if parsed.alias is not None:
+        raise CommandError("remove takes NAME or NAME:VERSION, not an alias")
+    try:
+        folder = ctx.repository.contained_folder(parsed.name, parsed.version)
+    except errors.TandemError as err:
+        raise refused(err) from None
+    model_dir = folder if parsed.version is None else folder.parent
+    with locked(model_dir):
+        if parsed.version is not None:
+            aliases = ctx.repository.aliases(parsed.name)
+            pointing = sorted(a for a, v in aliases.items() if v == parsed.version)
+            if pointing and not force:
+                raise CommandError(
+                    f"aliases {', '.join(pointing)} point at {ref}; move them first, or --force removes them too"
+                )
+            if pointing:
+                kept = {a: v for a, v in aliases.items() if v != parsed.version}
+                write_json_atomic(model_dir / ALIASES_FILE, kept)
+        # Renamed away first, so that readers see the whole folder or none of it.
+        trash = folder.with_name(f".{folder.name}.removing-{os.getpid()}")
+        os.rename(folder, trash)
+    shutil.rmtree(trash)
+    print(f"removed {ref}")
+    return 0
+
+
+def speed(ctx: Context, refs: Sequence[str], texts_file: Path | None, batch_size: int, repeats: int) -> int:
+    """Median milliseconds per text, in-process with each version's own backend: texts one at a time, and in
+    padded batches of `batch_size`."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from services.inference.backends.base import BackendOptions
+    from services.inference.loading import create_backend
+
+    texts = read_texts(texts_file)
+    print(f"{len(texts)} texts, {ctx.threads} threads, median of {repeats} runs; ms per text")
+    print(f"{'version':<28} {'precision':<9} {'single':>8} {'batch ' + str(batch_size):>10}")
+    for ref in refs:
+        model = resolve(ctx, ref)
+        # One caller, so one instance with every thread: the threads printed above are the threads of each run.
+        backend = create_backend(
+            model, BackendOptions(home=ctx.home, intra_op_threads=ctx.threads, device="cpu", instances=1)
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(model.path))
+
+        def run(batch: list[str], backend: Any = backend, tokenizer: Any = tokenizer, model: Any = model) -> None:
+            enc = tokenizer(batch, padding=True, truncation=True, max_length=model.max_length, return_tensors="np")
+            types = enc.get("token_type_ids")
+            backend.run(
+                enc["input_ids"].astype(np.int64),
+                enc["attention_mask"].astype(np.int64),
+                None if types is None else types.astype(np.int64),
+            )
+
+        def timed(batch: list[str], run: Callable[[list[str]], None] = run) -> float:
+            run(batch)  # warm for this shape
+            samples = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                run(batch)
+                samples.append(time.perf_counter() - started)
+            return statistics.median(samples) * 1000 / len(batch)
+
+        single = statistics.median(timed([t]) for t in texts)
+        batches = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
+        batched = statistics.median(timed(b) for b in batches if len(b) == batch_size or len(batches) == 1)
+        precision = model.metadata.precision if model.metadata is not None else "fp32"
+        print(f"{model.ref:<28} {precision:<9} {single:>8.2f} {batched:>10.3f}")
+        backend.close()
+    return 0
