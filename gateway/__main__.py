@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
-import sys
 from collections.abc import Sequence
 
 import grpc
@@ -21,16 +19,9 @@ from gateway.management.servicer import registrar as management_registrar
 from gateway.oip.servicer import registrar as oip_registrar
 from gateway.servicer import registrar
 from gateway.settings import GatewaySettings
-from services.common import logging as tandem_logging
-from services.common import tls, tracing
-from services.common.metrics import GatewayMetrics, MetricsInterceptor, ServiceMetrics, serve_metrics
-from services.common.server import (
-    RunningServer,
-    exit_with_parent,
-    freeze_imported_objects,
-    start_server,
-    wait_for_termination,
-)
+from services.common import stage, tls
+from services.common.metrics import GatewayMetrics
+from services.common.server import Registrar, RunningServer
 
 log = logging.getLogger(__name__)
 
@@ -104,69 +95,59 @@ async def follow_stage_health(running: RunningServer, pipeline: Pipeline, interv
         await asyncio.sleep(interval_s)
 
 
-async def serve(
-    settings: GatewaySettings,
-    security: tls.ServiceTls | None = None,
-    access: Sequence[grpc.aio.ServerInterceptor] | None = None,
-) -> None:
-    """`access`: the authentication and rate-limit interceptors (built from the settings when not given)."""
+def services(
+    pipeline: Pipeline,
+    management: ManagementClient,
+    *,
+    stream_window: int = 64,
+    management_timeout_s: float = 600.0,
+) -> list[tuple[Registrar, str]]:
+    """What the gateway serves on one port: the native API, the Open Inference Protocol (KServe v2 / Triton clients;
+    its model repository calls go to the registry) and the model lifecycle API, both forwarded to the inference
+    stage's ManagementService through `management`. Tests build their gateways with this too."""
+    return [
+        registrar(pipeline, stream_window),
+        oip_registrar(pipeline, management),
+        management_registrar(management, management_timeout_s),
+    ]
+
+
+async def serve(settings: GatewaySettings, security: tls.ServiceTls | None = None) -> None:
     security = security or tls.load(settings)
-    access = build_interceptors(settings) if access is None else access
-    pipeline = build_pipeline(settings, security.channels)
-    management = ManagementClient(settings.inference, settings.max_message_bytes, security=security.channels)
-    running = await start_server(
-        settings.listen,
-        # The native API and the Open Inference Protocol (KServe v2 / Triton clients) on one port; the model
-        # lifecycle API forwarded to the inference stage.
-        [
-            registrar(pipeline, settings.stream_window),
-            oip_registrar(pipeline, management),
-            management_registrar(management, settings.management_timeout_s),
-        ],
-        reflection_enabled=settings.reflection,
-        max_message_bytes=settings.max_message_bytes,
-        address_file=settings.address_file,
-        serving=False,
-        max_connection_age_s=None,
-        # Tracing and metrics outermost, so refused calls are traced and counted too; then who may call, and how much.
-        interceptors=[
-            *tracing.server_interceptors("gateway"),
-            MetricsInterceptor(
-                ServiceMetrics("gateway"), [GatewayMetrics(REGISTRY, access_log_enabled=settings.access_log).observe]
-            ),
-            *access,
-        ],
-        options=[("grpc.max_concurrent_streams", settings.max_concurrent_streams)],
-        credentials=security.server,
-    )
-    metrics_server = serve_metrics(REGISTRY, settings.listen, settings.metrics_port)
-    log.info("gateway serving on %s", running.address)
-    watcher = asyncio.create_task(follow_stage_health(running, pipeline, settings.health_interval_s))
-
-    async def close() -> None:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-        await pipeline.close()
-        await management.close()
-        if metrics_server is not None:
-            metrics_server.close()
-
-    await wait_for_termination(running, settings.grace_s, close)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    settings = GatewaySettings.from_args(sys.argv[1:] if argv is None else argv, "tandem gateway")
-    tandem_logging.configure(settings.log_level, settings.json_logs, service="gateway")
-    tracing.configure(settings.otlp_endpoint, "gateway", settings.otel_service_name, settings.trace_sample_ratio)
-    security = tls.load_or_exit(settings, "tandem gateway")
-    exit_with_parent(settings.parent_pid)
     try:
         access = build_interceptors(settings)
     except (OSError, ValueError) as exc:  # a bad keys file stops the gateway with a message, not a traceback
         raise SystemExit(f"tandem gateway: cannot load API keys: {exc}") from None
-    freeze_imported_objects()
-    asyncio.run(serve(settings, security, access))
+    pipeline = build_pipeline(settings, security.channels)
+    management = ManagementClient(settings.inference, settings.max_message_bytes, security=security.channels)
+
+    async def close() -> None:
+        await pipeline.close()
+        await management.close()
+
+    # The shared stage bootstrap, with what only the gateway has: its health follows the stages', who may call and
+    # how much (after tracing and metrics, so refused calls are traced and counted), the public port's options.
+    await stage.serve(
+        "gateway",
+        settings,
+        security,
+        services(
+            pipeline,
+            management,
+            stream_window=settings.stream_window,
+            management_timeout_s=settings.management_timeout_s,
+        ),
+        observers=[GatewayMetrics(REGISTRY, access_log_enabled=settings.access_log).observe],
+        close=close,
+        interceptors=access,
+        health=lambda running: follow_stage_health(running, pipeline, settings.health_interval_s),
+        public=True,
+        options=[("grpc.max_concurrent_streams", settings.max_concurrent_streams)],
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    stage.main("gateway", GatewaySettings, serve, argv)
 
 
 if __name__ == "__main__":

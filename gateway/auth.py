@@ -20,6 +20,7 @@ import grpc
 
 from gateway.interception import Context, Handler, rejecting_handler, wrap_handler
 from services.common import errors
+from services.common.errors import Reason
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +151,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if presented is None:
             raise errors.unauthenticated(
                 f"this call needs an API key: send it as '{API_KEY_HEADER}: KEY' or 'authorization: Bearer KEY'",
-                reason=errors.MISSING_CREDENTIALS,
+                reason=Reason.MISSING_CREDENTIALS,
             )
         key = self.keys.find(presented)
         if key is None:
-            raise errors.unauthenticated("the API key is not valid", reason=errors.INVALID_API_KEY)
+            raise errors.unauthenticated("the API key is not valid", reason=Reason.INVALID_API_KEY)
         if not key.allows(scope):
             log.warning("key %s refused %s: needs scope %r", key.key_id, method, scope)
             raise errors.permission_denied(

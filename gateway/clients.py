@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
@@ -14,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from services.common import errors, timing, tracing
+from services.common.errors import Reason
 from services.common.logging import request_id
 from services.common.server import REQUEST_ID_KEY
 from services.common.tls import ChannelSecurity, secure_or_insecure_channel
@@ -27,35 +29,27 @@ Response = TypeVar("Response")
 Stub = TypeVar("Stub")
 
 
-def service_config(service_name: str) -> str:
-    """Client-side round-robin over every address the target resolves to, and bounded retries on UNAVAILABLE.
-
-    Every stage RPC is idempotent, so a retry after a replica went away is safe; no other code is retried (not
-    INVALID_ARGUMENT, and never past the deadline, which bounds every attempt). A replica that is draining or still
-    warming up answers UNAVAILABLE, so its calls are retried on another.
-    """
-    return json.dumps(
-        {
-            "loadBalancingConfig": [{"round_robin": {}}],
-            "methodConfig": [
-                {
-                    "name": [{"service": service_name}],
-                    "retryPolicy": {
-                        "maxAttempts": 3,
-                        "initialBackoff": "0.02s",
-                        "maxBackoff": "0.2s",
-                        "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
-                    },
-                }
-            ],
-        }
-    )
+# Stage calls have one retry layer, StageClient's (`_attempt`), and the channel has no retryPolicy: with both, their
+# tries multiplied (up to 9 RPCs per stage call, 18 with a hedge). StageClient's is the one kept because gRPC's
+# retryPolicy commits a call once response headers arrive, so it cannot retry one cut off mid-answer (a replica
+# killed while sending), and a method config takes a retryPolicy or a hedgingPolicy, never both, while the gateway
+# needs retries and hedging together (StageClient hedges a slow attempt with another, each with its own retries).
+#
+# The budget stays what the two layers gave together, 9 RPCs per attempt: round_robin keeps sending calls to a
+# replica that is up but still loading its models (it answers UNAVAILABLE) until it is ready, and with concurrent
+# callers the next tries of one call often land on it again; with 3, the rolling-restart fault test lost calls.
+# Pauses grow as in gRPC's retry policy, with full jitter so that the tries of one call spread over the replicas.
+MAX_TRIES = 9
+BACKOFF_S, MAX_BACKOFF_S = 0.02, 0.2
+SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 
-def channel_options(service_name: str, max_message_bytes: int) -> list[tuple[str, Any]]:
+def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """Client-side round-robin over every address the target resolves to; no retryPolicy (see SERVICE_CONFIG)."""
     return [
-        ("grpc.service_config", service_config(service_name)),
+        ("grpc.service_config", SERVICE_CONFIG),
+        # Only gRPC's transparent retries, which resend a call that never reached the stage's application (a stream
+        # refused by a connection going away); they are no attempt of their own, since nothing ran.
         ("grpc.enable_retries", 1),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -83,7 +77,7 @@ def stage_error(stage: str, exc: grpc.aio.AioRpcError) -> errors.TandemError:
         return errors.deadline_exceeded(f"deadline exceeded waiting for the {stage} stage", stage=stage)
     if code == grpc.StatusCode.UNAVAILABLE:
         return errors.unavailable(
-            f"the {stage} stage is unavailable: {exc.details()}", reason=errors.STAGE_UNAVAILABLE, stage=stage
+            f"the {stage} stage is unavailable: {exc.details()}", reason=Reason.STAGE_UNAVAILABLE, stage=stage
         )
     if code == grpc.StatusCode.CANCELLED:
         return errors.TandemError(f"call to the {stage} stage was cancelled", code=code)
@@ -94,16 +88,16 @@ def stage_error(stage: str, exc: grpc.aio.AioRpcError) -> errors.TandemError:
             f"a message to or from the {stage} stage is over the stage message size limit ({exc.details()}); send"
             " fewer or shorter inputs per request, or raise --max-message-bytes on the gateway and the stages",
             code=code,
-            reason=errors.MESSAGE_TOO_LARGE,
+            reason=Reason.MESSAGE_TOO_LARGE,
             metadata={"stage": stage},
         )
-    return errors.TandemError(exc.details() or f"{stage} stage failed", code=code, reason=errors.INTERNAL)
+    return errors.TandemError(exc.details() or f"{stage} stage failed", code=code, reason=Reason.INTERNAL)
 
 
 class StageClient(Generic[Stub]):
     """A channel to one stage (any number of replicas behind the target) and the call discipline.
 
-    A subclass names its stage, the gRPC service (for the channel's retry policy) and the stub to call it with.
+    A subclass names its stage and the stub to call it with.
     """
 
     # Stage timings that this stage reports in its x-tandem-timing trailer and that the gateway passes on to its
@@ -111,7 +105,6 @@ class StageClient(Generic[Stub]):
     forwarded_timings: tuple[str, ...] = ()
 
     stage: str
-    service_name: str
     stub_type: Callable[[grpc.aio.Channel], Stub]
 
     def __init__(
@@ -128,7 +121,7 @@ class StageClient(Generic[Stub]):
         # A CLIENT span per attempt (hedges and retries each get one) carries `traceparent` to the stage.
         self.channel = secure_or_insecure_channel(
             target,
-            channel_options(self.service_name, max_message_bytes),
+            channel_options(max_message_bytes),
             security,
             interceptors=tracing.client_interceptors() or None,
         )
@@ -136,13 +129,15 @@ class StageClient(Generic[Stub]):
         self._stub = self.stub_type(self.channel)
 
     async def _attempt(self, rpc: Callable[..., Awaitable[Response]], request: Any, deadline: float) -> Response:
-        """One logical attempt; UNAVAILABLE or CANCELLED is tried again (on the next replica) while time is left.
+        """One logical attempt: up to MAX_TRIES RPCs, the next one (on the next replica) after UNAVAILABLE or
+        CANCELLED, while time is left. The only retries of a stage call (see SERVICE_CONFIG); every stage RPC is
+        idempotent.
 
-        The channel's retry policy cannot retry a call whose response headers already arrived, such as one cut off
-        by a replica that died while sending its answer, nor one that failed CANCELLED (a replica draining past
-        its grace period); every stage RPC is idempotent, so those are retried here.
+        This covers what the channel's retry policy cannot: a call cut off after its response headers arrived (a
+        replica that died while sending its answer), and one that failed CANCELLED (a replica draining past its
+        grace period).
         """
-        for retry in range(3):
+        for retry in range(MAX_TRIES):
             timeout = deadline - time.monotonic()
             if timeout <= 0:
                 raise errors.deadline_exceeded(
@@ -157,9 +152,9 @@ class StageClient(Generic[Stub]):
             except grpc.aio.AioRpcError as exc:
                 # CANCELLED here was the stage's doing (a replica draining past its grace period), not ours: our own
                 # cancellation arrives as asyncio.CancelledError instead.
-                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) or retry == 2:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) or retry == MAX_TRIES - 1:
                     raise stage_error(self.stage, exc) from None
-                await asyncio.sleep(0.02 * (retry + 1))
+                await asyncio.sleep(random.uniform(0, min(MAX_BACKOFF_S, BACKOFF_S * 2**retry)))
         raise AssertionError("unreachable")
 
     def _forward_timings(self, trailers: Any) -> None:
@@ -177,7 +172,7 @@ class StageClient(Generic[Stub]):
 
         With hedging on, a call that has not answered after `hedge_after_s` gets a second attempt (round_robin
         sends it to the next replica) and the first success wins: a replica that hangs, rather than dies, then
-        costs a delay instead of a failure. Channel retries cannot do this: they only follow a failure.
+        costs a delay instead of a failure. Retries cannot do this: they only follow a failure.
 
         `stage` names the call's share of the caller's x-tandem-timing trailer (tokenize, infer, postprocess).
         """
@@ -220,7 +215,6 @@ class StageClient(Generic[Stub]):
 
 class TokenizerClient(StageClient["tokenizer_pb2_grpc.TokenizerServiceAsyncStub"]):
     stage = "tokenizer"
-    service_name = "tandem.tokenizer.v1.TokenizerService"
     stub_type = tokenizer_pb2_grpc.TokenizerServiceStub
 
     async def tokenize(self, request: tokenizer_pb2.TokenizeRequest, deadline: float) -> tokenizer_pb2.TokenizeResponse:
@@ -235,7 +229,6 @@ class TokenizerClient(StageClient["tokenizer_pb2_grpc.TokenizerServiceAsyncStub"
 class InferenceClient(StageClient["inference_pb2_grpc.InferenceServiceAsyncStub"]):
     forwarded_timings = ("queue", "compute")
     stage = "inference"
-    service_name = "tandem.inference.v1.InferenceService"
     stub_type = inference_pb2_grpc.InferenceServiceStub
 
     async def infer(self, request: inference_pb2.InferRequest, deadline: float) -> inference_pb2.InferResponse:
@@ -250,7 +243,6 @@ class InferenceClient(StageClient["inference_pb2_grpc.InferenceServiceAsyncStub"
 
 class PostprocessClient(StageClient["postprocess_pb2_grpc.PostprocessServiceAsyncStub"]):
     stage = "postprocess"
-    service_name = "tandem.postprocess.v1.PostprocessService"
     stub_type = postprocess_pb2_grpc.PostprocessServiceStub
 
     async def pool(self, request: postprocess_pb2.PoolRequest, deadline: float) -> postprocess_pb2.PoolResponse:

@@ -21,6 +21,7 @@ from typing import Generic, TypeVar
 from opentelemetry import trace
 
 from services.common import errors, timing, tracing
+from services.common.errors import Reason
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ class Coalescer(Generic[Key, Result]):
                     result = await self._run_fn(key, inputs, max(w.deadline for w in live))
                 parts = self._split(result, [len(w.inputs) for w in live])
             except Exception as exc:  # every caller of the run sees the run's error
-                if len(live) > 1 and errors.reason_of(exc) == errors.TOO_MANY_INPUTS:
+                if len(live) > 1 and errors.reason_of(exc) == Reason.TOO_MANY_INPUTS:
                     # Too large because it was merged, not because of any caller: no caller may see that error.
                     # Merge at most half as much from now on and run these callers again, first in line.
                     cap = max(1, len(inputs) // 2)

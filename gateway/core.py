@@ -19,6 +19,7 @@ import numpy.typing as npt
 from gateway.clients import InferenceClient, PostprocessClient, TokenizerClient
 from gateway.coalescer import Coalescer
 from services.common import errors, tensors, timing
+from services.common.errors import Reason
 from tandem.inference.v1 import inference_pb2
 from tandem.model.v1 import model_pb2
 from tandem.postprocess.v1 import postprocess_pb2
@@ -203,7 +204,7 @@ class Pipeline:
             raise errors.invalid_argument(
                 f"{len(inputs)} entries in {field} exceed the limit of {self.max_inputs} per request",
                 field,
-                reason=errors.TOO_MANY_INPUTS,
+                reason=Reason.TOO_MANY_INPUTS,
             )
         for i, text in enumerate(inputs):
             self.check_length(text, f"{field}[{i}]")
@@ -215,7 +216,7 @@ class Pipeline:
             raise errors.invalid_argument(
                 f"{field} has {len(text)} characters, more than the limit of {self.max_input_chars}",
                 field,
-                reason=errors.INPUT_TOO_LONG,
+                reason=Reason.INPUT_TOO_LONG,
             )
 
     async def _model_for(self, ref: str, task: int, rpc: str, deadline: float) -> model_pb2.ModelInfo:
@@ -226,7 +227,7 @@ class Pipeline:
                 f"model {info.name!r} is {_a(_TASK_NAMES.get(info.task, 'unknown'))} model; {rpc} needs "
                 f"{_a(_TASK_NAMES[task])} model",
                 "model",
-                reason=errors.WRONG_TASK,
+                reason=Reason.WRONG_TASK,
                 model=info.name,
             )
         if not info.ready:

@@ -25,12 +25,11 @@ def _state_name(state: int) -> str:
 
 
 class ManagementClient(StageClient["management_pb2_grpc.ManagementServiceAsyncStub"]):
-    """A channel of its own to the inference stage (every call is idempotent, so the stage channel's retries on
-    UNAVAILABLE apply). Behind a round-robin target one replica answers each call: aliases reach the others
-    through the repository (aliases.json, read every second); loads and unloads stay with the replica."""
+    """A channel of its own to the inference stage (every call is idempotent, so StageClient's retries on
+    UNAVAILABLE and CANCELLED apply). Behind a round-robin target one replica answers each call: aliases reach the
+    others through the repository (aliases.json, read every second); loads and unloads stay with the replica."""
 
     stage = "inference"
-    service_name = SERVICE_NAME
     stub_type = management_pb2_grpc.ManagementServiceStub
 
     async def list_models(

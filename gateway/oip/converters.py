@@ -13,13 +13,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from gateway.oip import core
+from gateway.oip import dataplane, models, signatures
 from gateway.oip.statistics import Duration, VersionStatistics
 from services.common import errors
 from tandem.oip.v2 import grpc_service_pb2 as pb
 
 _LENGTH = struct.Struct("<I")
-_NUMPY: dict[str, np.dtype[np.generic]] = {core.FP32: np.dtype("<f4"), core.INT64: np.dtype("<i8")}
+_NUMPY: dict[str, np.dtype[np.generic]] = {signatures.FP32: np.dtype("<f4"), signatures.INT64: np.dtype("<i8")}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -63,19 +63,19 @@ def encode_bytes_tensor(elements: Sequence[bytes]) -> bytes:
     return b"".join(_LENGTH.pack(len(e)) + e for e in elements)
 
 
-def _parameter(value: pb.InferParameter, field_name: str) -> core.Parameter:
+def _parameter(value: pb.InferParameter, field_name: str) -> signatures.Parameter:
     kind = value.WhichOneof("parameter_choice")
     if kind is None:
         raise errors.invalid_argument(f"{field_name} has no value", field_name)
-    result: core.Parameter = getattr(value, kind)
+    result: signatures.Parameter = getattr(value, kind)
     return result
 
 
-def parameters(entries: Mapping[str, pb.InferParameter], prefix: str = "parameters") -> dict[str, core.Parameter]:
+def parameters(entries: Mapping[str, pb.InferParameter], prefix: str = "parameters") -> dict[str, signatures.Parameter]:
     return {key: _parameter(value, f"{prefix}[{key}]") for key, value in entries.items()}
 
 
-def _input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> core.InputTensor:
+def _input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> signatures.InputTensor:
     name, field_name = tensor.name, f"inputs[{tensor.name}]"
     shape = tuple(int(d) for d in tensor.shape)
     if any(d < 0 for d in shape):
@@ -86,7 +86,7 @@ def _input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> 
             f"input {name!r}: give its data in contents or in raw_input_contents, not both", field_name
         )
     elements: list[bytes] | None = None
-    if tensor.datatype == core.BYTES:
+    if tensor.datatype == signatures.BYTES:
         if raw is not None:
             elements = decode_bytes_tensor(raw, count, name)
         else:
@@ -97,24 +97,24 @@ def _input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> 
                     f"{list(shape)} needs {count}",
                     field_name,
                 )
-    return core.InputTensor(name, tensor.datatype, shape, elements)
+    return signatures.InputTensor(name, tensor.datatype, shape, elements)
 
 
-def infer_call(request: pb.ModelInferRequest) -> core.InferCall:
+def infer_call(request: pb.ModelInferRequest) -> signatures.InferCall:
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise errors.invalid_argument(
             f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: give one per input, in input order",
             "raw_input_contents",
         )
-    return core.InferCall(
+    return signatures.InferCall(
         model_name=request.model_name,
         model_version=request.model_version,
         id=request.id,
         parameters=parameters(request.parameters),
         inputs=[_input(tensor, raw[i] if raw else None) for i, tensor in enumerate(request.inputs)],
         outputs=[
-            core.RequestedOutput(o.name, parameters(o.parameters, f"outputs[{o.name}].parameters"))
+            signatures.RequestedOutput(o.name, parameters(o.parameters, f"outputs[{o.name}].parameters"))
             for o in request.outputs
         ],
     )
@@ -130,13 +130,13 @@ def repository_parameters(entries: Mapping[str, pb.ModelRepositoryParameter]) ->
 # Responses
 
 
-def _raw(output: core.OutputTensor) -> bytes:
+def _raw(output: signatures.OutputTensor) -> bytes:
     if isinstance(output.data, np.ndarray):
         return bytes(np.ascontiguousarray(output.data, dtype=_NUMPY[output.datatype]).tobytes())
     return encode_bytes_tensor(output.data)
 
 
-def infer_response(result: core.InferResult) -> pb.ModelInferResponse:
+def infer_response(result: signatures.InferResult) -> pb.ModelInferResponse:
     return pb.ModelInferResponse(
         model_name=result.model_name,
         model_version=result.model_version,
@@ -149,7 +149,7 @@ def infer_response(result: core.InferResult) -> pb.ModelInferResponse:
     )
 
 
-def stream_response(result: core.InferResult) -> pb.ModelStreamInferResponse:
+def stream_response(result: signatures.InferResult) -> pb.ModelStreamInferResponse:
     return pb.ModelStreamInferResponse(infer_response=infer_response(result))
 
 
@@ -167,11 +167,11 @@ def stream_error(request: pb.ModelInferRequest, err: errors.TandemError) -> pb.M
     )
 
 
-def _tensors(specs: Sequence[core.TensorSpec]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+def _tensors(specs: Sequence[signatures.TensorSpec]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
     return [pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in specs]
 
 
-def model_metadata_response(metadata: core.ModelMetadata) -> pb.ModelMetadataResponse:
+def model_metadata_response(metadata: dataplane.ModelMetadata) -> pb.ModelMetadataResponse:
     return pb.ModelMetadataResponse(
         name=metadata.name,
         versions=metadata.versions,
@@ -181,7 +181,7 @@ def model_metadata_response(metadata: core.ModelMetadata) -> pb.ModelMetadataRes
     )
 
 
-def server_metadata_response(metadata: core.ServerMetadata) -> pb.ServerMetadataResponse:
+def server_metadata_response(metadata: dataplane.ServerMetadata) -> pb.ServerMetadataResponse:
     return pb.ServerMetadataResponse(name=metadata.name, version=metadata.version, extensions=metadata.extensions)
 
 
@@ -205,7 +205,7 @@ def model_statistics_response(stats: Sequence[VersionStatistics]) -> pb.ModelSta
     )
 
 
-def repository_index_response(entries: Sequence[core.IndexEntry]) -> pb.RepositoryIndexResponse:
+def repository_index_response(entries: Sequence[models.IndexEntry]) -> pb.RepositoryIndexResponse:
     return pb.RepositoryIndexResponse(
         models=[
             pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=e.version, state=e.state, reason=e.reason)

@@ -10,7 +10,9 @@ import grpc
 
 from gateway.core import Pipeline
 from gateway.oip import converters
-from gateway.oip.core import DataPlane, ModelRegistry, in_completion_order
+from gateway.oip.dataplane import DataPlane
+from gateway.oip.models import ModelRegistry
+from gateway.streams import in_completion_order
 from services.common import errors
 from tandem.oip.v2 import grpc_service_pb2 as pb
 from tandem.oip.v2 import grpc_service_pb2_grpc as pb_grpc
@@ -102,11 +104,8 @@ class InferenceProtocolServicer(pb_grpc.GRPCInferenceServiceServicer):
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
-def registrar(pipeline: Pipeline, registry: ModelRegistry | None = None) -> tuple[Any, str]:
-    """Registers the protocol over the gateway's pipeline, beside the native GatewayService.
-
-    With `registry` (the management client), RepositoryModelLoad/Unload and RepositoryIndex go to the model
-    registry; without it, models are the ones the stages loaded at start and unloads are UNIMPLEMENTED.
-    """
-    servicer = InferenceProtocolServicer(DataPlane(pipeline, registry=registry))
+def registrar(pipeline: Pipeline, registry: ModelRegistry) -> tuple[Any, str]:
+    """Registers the protocol over the gateway's pipeline, beside the native GatewayService; RepositoryModelLoad,
+    RepositoryModelUnload and RepositoryIndex go to the model registry (the management client)."""
+    servicer = InferenceProtocolServicer(DataPlane(pipeline, registry))
     return (lambda server: pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)), SERVICE_NAME

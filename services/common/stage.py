@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
+import grpc
 from prometheus_client import REGISTRY
 
 from services.common import logging as tandem_logging
@@ -15,6 +17,7 @@ from services.common import tls, tracing
 from services.common.metrics import CallObserver, MetricsInterceptor, ServiceMetrics, serve_metrics
 from services.common.server import (
     Registrar,
+    RunningServer,
     exit_with_parent,
     freeze_imported_objects,
     start_server,
@@ -36,11 +39,18 @@ async def serve(
     observers: Iterable[CallObserver] = (),
     warm_up: Callable[[], Awaitable[None]] | None = None,
     close: Callable[[], Awaitable[None]] | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    health: Callable[[RunningServer], Coroutine[Any, Any, None]] | None = None,
+    public: bool = False,
+    options: Sequence[tuple[str, Any]] = (),
 ) -> None:
     """Serves `registrars` with the stage's interceptors and /metrics until SIGTERM, then drains and runs `close`.
 
     With `warm_up` the server binds and answers health checks NOT_SERVING while it runs (model export and warm-up can
-    take minutes), and turns SERVING once it is done.
+    take minutes), and turns SERVING once it is done. With `health` it starts NOT_SERVING and `health` sets it for
+    as long as the server runs (the gateway's follows its stages'). `interceptors` run after tracing and metrics, so
+    the calls they refuse are traced and counted. `public` is the gateway's port: request ids are echoed to callers
+    and connections are never recycled. `options` are more gRPC server arguments.
     """
     security = security or tls.load(settings)
     running = await start_server(
@@ -48,11 +58,17 @@ async def serve(
         registrars,
         reflection_enabled=settings.reflection,
         max_message_bytes=settings.max_message_bytes,
-        serving=warm_up is None,
+        serving=warm_up is None and health is None,
         address_file=settings.address_file,
-        interceptors=[*tracing.server_interceptors(role), MetricsInterceptor(ServiceMetrics(role), observers)],
+        max_connection_age_s=None if public else 60.0,
+        interceptors=[
+            *tracing.server_interceptors(role),
+            MetricsInterceptor(ServiceMetrics(role), observers),
+            *interceptors,
+        ],
+        options=options,
         credentials=security.server,
-        echo_request_id=False,  # the gateway, the only caller, sent the id itself
+        echo_request_id=public,  # a stage's only caller, the gateway, sent the id itself
     )
     metrics_server = serve_metrics(REGISTRY, settings.listen, settings.metrics_port)
     if warm_up is not None:
@@ -60,8 +76,13 @@ async def serve(
         await warm_up()
         await running.set_serving(True)
     log.info("%s serving on %s", role, running.address)
+    follower = asyncio.create_task(health(running)) if health is not None else None
 
     async def stop() -> None:
+        if follower is not None:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
         if close is not None:
             await close()
         if metrics_server is not None:
