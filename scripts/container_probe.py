@@ -95,7 +95,7 @@ def check(address: str, metrics_ports: Sequence[int]) -> int:
 
 
 def oip(address: str) -> int:
-    import tritonclient.grpc as grpcclient  # type: ignore[import-untyped]
+    import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(address)
     if not (client.is_server_live() and client.is_server_ready()):

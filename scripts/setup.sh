@@ -21,7 +21,7 @@ if [ "${1:-}" = "--dev" ]; then
 fi
 
 if [ "${1:-}" = "--dev" ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  # The C++ client's toolchain (tests/test_clients.py builds it against a live deployment).
+  # The C++ client's toolchain (tests/e2e/test_clients.py builds it against a live deployment).
   if ! dpkg -s libgrpc++-dev protobuf-compiler-grpc >/dev/null 2>&1; then
     apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake g++ pkg-config libgrpc++-dev libprotobuf-dev \

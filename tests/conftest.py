@@ -1,82 +1,91 @@
-"""Shared fixtures: one repository of tiny trained models per test session, built by the tests themselves."""
+"""Shared fixtures: the tiny trained models (built by the tests themselves, once per session), the copy of them that
+servers load, the session's in-process stack and development certificates."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import shutil
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-import grpc
 import pytest
+
+if TYPE_CHECKING:
+    from tandem.cli.devcerts import DevCerts
+    from tests.harness import Stack
 
 # Tests must never reach a model hub; everything they load is built locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# Each folder is one kind of test, and its tests carry its name as a marker (pyproject.toml describes them).
+KINDS = ("unit", "service", "e2e", "deploy", "fuzz")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks every test with its folder's kind, so that `-m unit` or `-m "not e2e"` selects without naming paths."""
+    root = Path(__file__).parent
+    for item in items:
+        if item.path.is_relative_to(root):
+            kind = item.path.relative_to(root).parts[0]
+            if kind in KINDS:
+                item.add_marker(kind)
+
 
 @pytest.fixture(scope="session")
-def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model repository holding tiny-embed, tiny-embed-cls, tiny-sentiment, tiny-topics, tiny-ner, tiny-rerank."""
+def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A model repository holding tiny-embed, tiny-embed-cls, tiny-sentiment, tiny-topics, tiny-ner, tiny-rerank:
+    Hugging Face files only, never loaded by a server (they load `served_repository`), so every test that reads or
+    copies it sees the same files whatever ran before it."""
     from tests.fixtures.tiny_models import build_all
 
     root = tmp_path_factory.mktemp("repository")
     build_all(root)
-    return root
-
-
-MiB = 1024 * 1024
-
-
-@dataclass
-class Stack:
-    stub: Any  # tandem.gateway.v1 GatewayServiceStub
-    pipeline: Any  # gateway.core.Pipeline
-    gateway: Any  # RunningServer
-    stages: dict[str, Any]
-    repository: Path
+    yield root
+    written = sorted(str(p.relative_to(root)) for p in root.rglob("*.onnx"))
+    assert not written, f"a test loaded tiny_repository instead of served_repository and exported {written}"
 
 
 @pytest.fixture(scope="session")
-async def stack(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    """Tokenizer, inference and postprocess servers plus a gateway, in-process on port 0, on the tiny models."""
-    from gateway.clients import InferenceClient, PostprocessClient, TokenizerClient
-    from gateway.core import Pipeline
-    from gateway.oip.servicer import registrar as oip_registrar
-    from gateway.servicer import registrar as gateway_registrar
+def served_repository(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of tiny_repository with each model's ONNX graph exported beside it (as `tandem models export` leaves a
+    folder): what in-process stacks and deployments serve. Exported up front, so no test's result depends on which
+    test loaded a model first."""
     from services.common.repository import ModelRepository
-    from services.common.server import start_server
-    from services.inference.core import Inference
-    from services.inference.servicer import registrar as inference_registrar
-    from services.postprocess.core import Postprocessor
-    from services.postprocess.servicer import registrar as postprocess_registrar
-    from services.tokenizer.core import Tokenizer
-    from services.tokenizer.servicer import registrar as tokenizer_registrar
-    from tandem.gateway.v1 import gateway_pb2_grpc
+    from services.inference.export.onnx import ensure_onnx
+
+    root = tmp_path_factory.mktemp("served-repository")
+    shutil.copytree(tiny_repository, root, dirs_exist_ok=True)
+    repository, home = ModelRepository(root), tmp_path_factory.mktemp("export-home")
+    for model_dir in sorted(root.iterdir()):
+        model = repository.resolve(model_dir.name)
+        if model.config.backend == "onnx":
+            ensure_onnx(model, home, threads=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+async def stack(served_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    """Tokenizer, inference and postprocess servers plus a gateway, in-process on port 0, on the tiny models."""
+    from tests.harness import serve_stack
 
     home = tmp_path_factory.mktemp("home")
-    tokenizer = Tokenizer(ModelRepository(tiny_repository))
-    tokenizer.preload()
-    inference = Inference(ModelRepository(tiny_repository), home=home, intra_op_threads=1)
-    await inference.start()
-    postprocess = Postprocessor(ModelRepository(tiny_repository))
-    stages = {
-        "tokenizer": await start_server("127.0.0.1:0", [tokenizer_registrar(tokenizer)]),
-        "inference": await start_server("127.0.0.1:0", [inference_registrar(inference)]),
-        "postprocess": await start_server("127.0.0.1:0", [postprocess_registrar(postprocess)]),
-    }
-    pipeline = Pipeline(
-        TokenizerClient(stages["tokenizer"].address, 64 * MiB),
-        InferenceClient(stages["inference"].address, 64 * MiB),
-        PostprocessClient(stages["postprocess"].address, 64 * MiB),
-        max_inputs=100,
-    )
-    gateway = await start_server("127.0.0.1:0", [gateway_registrar(pipeline), oip_registrar(pipeline)])
-    async with grpc.aio.insecure_channel(gateway.address) as channel:
-        yield Stack(gateway_pb2_grpc.GatewayServiceStub(channel), pipeline, gateway, stages, tiny_repository)
-    await gateway.stop(0)
-    await pipeline.close()
-    for server in stages.values():
-        await server.stop(0)
-    await inference.close()
+    async with serve_stack(served_repository, home, pipeline_options={"max_inputs": 100}) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> DevCerts:
+    """A development CA with server and client certificates, as `tandem devcerts` makes them."""
+    from tandem.cli import devcerts
+
+    return devcerts.generate(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="session")
+def other_certs(tmp_path_factory: pytest.TempPathFactory) -> DevCerts:
+    """A second CA with its own server and client certificates: valid certificates the deployment must not trust."""
+    from tandem.cli import devcerts
+
+    return devcerts.generate(tmp_path_factory.mktemp("other-certs"), ca_name="Someone else's CA")

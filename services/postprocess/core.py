@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.common import errors
+from services.common.errors import Reason
 from services.common.pooling import check_pooling, pool_ragged
 from services.common.repository import ModelRepository, ModelVersion, Task
 
@@ -283,7 +284,7 @@ class Postprocessor:
             raise errors.invalid_argument(
                 f"model {resolved.name}:{resolved.version} is for {resolved.task.value}, not {task.value}",
                 "model",
-                reason=errors.WRONG_TASK,
+                reason=Reason.WRONG_TASK,
                 model=resolved.name,
                 task=resolved.task.value,
             )

@@ -14,6 +14,7 @@ import tokenizers
 from transformers import AutoTokenizer
 
 from services.common import errors
+from services.common.errors import Reason
 from services.common.repository import ModelRepository, ModelVersion, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class LoadedTokenizer:
                     f"input {i} has {int(lengths[i])} tokens, more than the model's limit of {self.model.max_length};"
                     " shorten it or set truncate",
                     f"inputs[{i}]",
-                    reason=errors.INPUT_TOO_LONG,
+                    reason=Reason.INPUT_TOO_LONG,
                 )
         cu = np.zeros(len(encodings) + 1, dtype=np.int32)
         np.cumsum(lengths, out=cu[1:])
@@ -138,7 +139,7 @@ class Tokenizer:
                 except (OSError, ValueError) as exc:
                     raise errors.failed_precondition(
                         f"model {model.name}:{model.version} has no usable tokenizer: {exc}",
-                        reason="TOKENIZER_BROKEN",
+                        reason=Reason.TOKENIZER_BROKEN,
                         model=model.name,
                     ) from exc
                 self._loaded[key] = loaded
@@ -161,7 +162,7 @@ class Tokenizer:
             raise errors.invalid_argument(
                 f"{len(texts)} inputs exceed the limit of {self.max_inputs} per request",
                 "inputs",
-                reason=errors.TOO_MANY_INPUTS,
+                reason=Reason.TOO_MANY_INPUTS,
             )
         if pairs and len(pairs) != len(texts):
             raise errors.invalid_argument(

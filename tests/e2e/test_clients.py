@@ -1,0 +1,175 @@
+"""The Node.js and C++ clients (clients/) built from protos/ and run against a live `tandem serve`: they must agree
+with the Python client on vectors, keep stream order, and decode the same google.rpc error details."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tandem.sdk import TandemClient
+from tests import ROOT
+from tests.e2e.deployment import tandem_serve
+
+pytestmark = pytest.mark.e2e
+
+NODE_DIR = ROOT / "clients" / "node"
+CPP_DIR = ROOT / "clients" / "cpp"
+# Non-ASCII and JSON-special characters too, since each text crosses a command line and a JSON printer.
+TEXTS = [
+    "A man is playing a guitar.",
+    "Someone plays an acoustic guitar on stage.",
+    'naïve café: "quoted" \\ back\tslash',
+    "Ein Mann spielt Gitarre.",
+]
+
+
+def missing(*tools: str) -> list[str]:
+    return [tool for tool in tools if shutil.which(tool) is None]
+
+
+def run(command: list[str], cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def checked(command: list[str], cwd: Path | None = None) -> str:
+    done = run(command, cwd)
+    assert done.returncode == 0, f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def node_cli() -> list[str]:
+    if lacking := missing("node", "npm"):
+        pytest.skip(f"Node.js toolchain missing ({', '.join(lacking)}): apt-get install -y nodejs npm")
+    checked(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR)
+    return ["node", str(NODE_DIR / "cli.js")]
+
+
+@pytest.fixture(scope="module")
+def cpp_cli(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    lacking = missing("cmake", "c++", "protoc", "grpc_cpp_plugin", "pkg-config")
+    if not lacking and run(["pkg-config", "--exists", "grpc++", "protobuf"]).returncode != 0:
+        lacking = ["grpc++/protobuf development files"]
+    if lacking:
+        pytest.skip(
+            f"C++ gRPC toolchain missing ({', '.join(lacking)}): apt-get install -y cmake g++ pkg-config "
+            "libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc"
+        )
+    build = tmp_path_factory.mktemp("cpp-build")
+    checked(["cmake", "-S", str(CPP_DIR), "-B", str(build)])
+    checked(["cmake", "--build", str(build), "--parallel"])
+    return [str(build / "tandem_client")]
+
+
+@pytest.fixture(params=["node", "cpp"])
+def cli(request: pytest.FixtureRequest) -> list[str]:
+    command: list[str] = request.getfixturevalue(f"{request.param}_cli")
+    return command
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`tandem serve` with the default model (all-MiniLM-L6-v2)."""
+    with tandem_serve(tmp_path_factory.mktemp("home")) as (address, _):
+        yield address
+
+
+@pytest.fixture(scope="module")
+def classifier_gateway(served_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`tandem serve` with only tiny-sentiment, so it loads in seconds."""
+    repository = tmp_path_factory.mktemp("classifier-repository")
+    shutil.copytree(served_repository / "tiny-sentiment", repository / "tiny-sentiment")
+    with tandem_serve(tmp_path_factory.mktemp("home"), repository=repository) as (address, _):
+        yield address
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def vectors(response: dict[str, Any]) -> np.ndarray[Any, np.dtype[np.float64]]:
+    return np.array([e["values"] for e in response["embeddings"]])
+
+
+def test_embed_matches_the_python_client(cli: list[str], gateway: str) -> None:
+    reply = json.loads(checked([*cli, "--target", gateway, "embed", *TEXTS]))
+    with TandemClient(gateway) as client:
+        expected = client.embed(TEXTS)
+    assert expected.shape == (len(TEXTS), 384)
+    np.testing.assert_allclose(vectors(reply), expected, atol=1e-5)
+    assert (reply["model"], reply["model_version"]) == ("all-MiniLM-L6-v2", "1")
+
+
+def test_stream_responses_come_in_request_order(cli: list[str], gateway: str) -> None:
+    responses = json_lines(checked([*cli, "--target", gateway, "stream", *TEXTS]))
+    assert [r["id"] for r in responses] == [f"r{i}" for i in range(len(TEXTS))]
+    assert all("error" not in r for r in responses)
+    with TandemClient(gateway) as client:
+        expected = client.embed(TEXTS)
+    np.testing.assert_allclose(np.concatenate([vectors(r["response"]) for r in responses]), expected, atol=1e-5)
+
+
+def test_errors_are_decoded_with_their_details(cli: list[str], gateway: str) -> None:
+    cases = {c["case"]: c for c in json_lines(checked([*cli, "--target", gateway, "errors"]))}
+    assert set(cases) == {"empty inputs", "unknown model", "stream request with empty inputs"}
+
+    empty = cases["empty inputs"]
+    assert (empty["code"], empty["code_name"], empty["reason"], empty["domain"]) == (
+        3,
+        "INVALID_ARGUMENT",
+        "INVALID_INPUT",
+        "tandem.dev",
+    )
+    assert [v["field"] for v in empty["field_violations"]] == ["inputs"]
+    assert "at least one" in empty["message"] and empty["field_violations"][0]["description"]
+    assert empty["retry_delay_s"] is None
+
+    unknown = cases["unknown model"]
+    assert (unknown["code"], unknown["code_name"], unknown["reason"], unknown["domain"]) == (
+        5,
+        "NOT_FOUND",
+        "MODEL_NOT_FOUND",
+        "tandem.dev",
+    )
+    assert unknown["field_violations"] == [] and "'no-such-model' not found" in unknown["message"]
+
+    streamed = cases["stream request with empty inputs"]
+    assert (streamed["id"], streamed["code"], streamed["code_name"], streamed["reason"]) == (
+        "bad",
+        3,
+        "INVALID_ARGUMENT",
+        "INVALID_INPUT",
+    )
+    assert [v["field"] for v in streamed["field_violations"]] == ["inputs"]
+
+
+def test_a_failed_call_exits_non_zero_with_the_decoded_error(cli: list[str], gateway: str) -> None:
+    done = run([*cli, "--target", gateway, "classify", "great film"])
+    assert done.returncode == 1 and done.stdout == ""
+    error = json.loads(done.stderr.strip().splitlines()[-1])
+    assert (error["code_name"], error["reason"]) == ("INVALID_ARGUMENT", "WRONG_TASK")
+    assert [v["field"] for v in error["field_violations"]] == ["model"]
+
+
+def test_classify_matches_the_python_client(cli: list[str], classifier_gateway: str) -> None:
+    texts = ["what a great wonderful day", "this was a terrible boring movie"]
+    reply = json.loads(checked([*cli, "--target", classifier_gateway, "--model", "tiny-sentiment", "classify", *texts]))
+    with TandemClient(classifier_gateway) as client:
+        expected = client.classify(texts, model="tiny-sentiment")
+    served = [[(s["label"], s["score"]) for s in r["labels"]] for r in reply["results"]]
+    assert [[label for label, _ in row] for row in served] == [[x.label for x in row] for row in expected]
+    assert (served[0][0][0], served[1][0][0]) == ("positive", "negative")
+    np.testing.assert_allclose(
+        [[score for _, score in row] for row in served], [[x.score for x in row] for row in expected], atol=1e-6
+    )
+    top = json.loads(
+        checked([*cli, "--target", classifier_gateway, "--model", "tiny-sentiment", "--top-k", "1", "classify", *texts])
+    )
+    assert [len(r["labels"]) for r in top["results"]] == [1, 1]

@@ -1,0 +1,239 @@
+"""The gateway's request coalescer: merged runs, exact per-caller slices, errors and cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import grpc
+import pytest
+
+from gateway.coalescer import MAX_RETRY_S, MIN_RETRY_S, Coalescer
+from services.common.errors import Reason
+
+
+class Recorder:
+    """A pipeline stand-in that echoes its inputs, upper-cased, and records each run."""
+
+    def __init__(self, delay_s: float = 0.01, fail_on: str | None = None) -> None:
+        self.runs: list[list[str]] = []
+        self.delay_s = delay_s
+        self.fail_on = fail_on
+        self.started = asyncio.Event()
+
+    async def run(self, key: str, inputs: list[str], deadline: float) -> list[str]:
+        self.runs.append(list(inputs))
+        self.started.set()
+        await asyncio.sleep(self.delay_s)
+        if self.fail_on is not None and self.fail_on in inputs:
+            raise ValueError(f"bad input {self.fail_on}")
+        return [f"{key}:{text.upper()}" for text in inputs]
+
+
+def split(result: list[str], counts: list[int]) -> list[list[str]]:
+    out, start = [], 0
+    for n in counts:
+        out.append(result[start : start + n])
+        start += n
+    return out
+
+
+async def test_every_caller_gets_exactly_its_own_rows() -> None:
+    recorder = Recorder()
+    coalescer: Coalescer[str, list[str]] = Coalescer(recorder.run, split, max_inputs=64)
+    rng = random.Random(1)
+    requests = [[f"r{i}-{j}" for j in range(rng.randint(1, 7))] for i in range(200)]
+    keys = [rng.choice(["a", "b"]) for _ in requests]
+    results = await asyncio.gather(*(coalescer.submit(k, r, 1e9) for k, r in zip(keys, requests, strict=True)))
+    for key, request, result in zip(keys, requests, results, strict=True):
+        assert result == [f"{key}:{t.upper()}" for t in request]
+    assert coalescer.runs < len(requests) / 4  # merged, not one run per caller
+    assert all(sum(1 for _ in run) <= 64 for run in recorder.runs)
+
+
+async def test_an_idle_key_starts_at_once_with_just_that_request() -> None:
+    recorder = Recorder()
+    coalescer: Coalescer[str, list[str]] = Coalescer(recorder.run, split)
+    assert await coalescer.submit("k", ["only"], 1e9) == ["k:ONLY"]
+    assert recorder.runs == [["only"]]
+
+
+async def test_a_failed_run_fails_its_callers_only() -> None:
+    recorder = Recorder(fail_on="poison")
+    coalescer: Coalescer[str, list[str]] = Coalescer(recorder.run, split, max_inflight=1)
+    first = asyncio.create_task(coalescer.submit("k", ["fine"], 1e9))
+    await recorder.started.wait()
+    merged = [asyncio.create_task(coalescer.submit("k", [t], 1e9)) for t in ("poison", "x")]
+    done = await asyncio.gather(first, *merged, return_exceptions=True)
+    assert done[0] == ["k:FINE"]
+    assert all(isinstance(d, ValueError) and "poison" in str(d) for d in done[1:])
+    assert await coalescer.submit("k", ["after"], 1e9) == ["k:AFTER"]
+
+
+async def test_a_cancelled_caller_is_dropped_before_its_run() -> None:
+    recorder = Recorder(delay_s=0.05)
+    coalescer: Coalescer[str, list[str]] = Coalescer(recorder.run, split, max_inflight=1)
+    first = asyncio.create_task(coalescer.submit("k", ["first"], 1e9))
+    await recorder.started.wait()
+    doomed = asyncio.create_task(coalescer.submit("k", ["doomed"], 1e9))
+    kept = asyncio.create_task(coalescer.submit("k", ["kept"], 1e9))
+    await asyncio.sleep(0)
+    doomed.cancel()
+    assert await first == ["k:FIRST"]
+    assert await kept == ["k:KEPT"]
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    assert recorder.runs == [["first"], ["kept"]]
+
+
+async def test_a_merged_run_too_large_for_the_stage_is_split_not_failed() -> None:
+    """A stage refuses more than 3 inputs per request: merged callers are re-run in smaller merges, none fails;
+    a single caller that alone is too large still gets the stage's INVALID_ARGUMENT."""
+    from services.common import errors
+
+    sizes: list[int] = []
+
+    async def run(key: str, inputs: list[str], deadline: float) -> list[str]:
+        sizes.append(len(inputs))
+        await asyncio.sleep(0.01)
+        if len(inputs) > 3:
+            raise errors.invalid_argument(
+                f"{len(inputs)} sequences exceed the limit of 3 per request", "batch", reason=Reason.TOO_MANY_INPUTS
+            )
+        return [text.upper() for text in inputs]
+
+    coalescer: Coalescer[str, list[str]] = Coalescer(run, split, max_inputs=64, max_inflight=1)
+    requests = [[f"t{i}"] for i in range(12)]
+    results = await asyncio.gather(*(coalescer.submit("k", r, 1e9) for r in requests))
+    assert results == [[f"T{i}"] for i in range(12)]
+    assert max(sizes) > 3  # the first merge was too large ...
+    assert sizes[-1] <= 3  # ... and later merges fit
+    with pytest.raises(errors.TandemError) as caught:
+        await coalescer.submit("k", ["a", "b", "c", "d"], 1e9)
+    assert (caught.value.code, errors.reason_of(caught.value)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "TOO_MANY_INPUTS",
+    )
+
+
+async def test_past_max_queued_a_request_is_refused_at_once() -> None:
+    """With one text in a run in flight and 3 waiting, a fifth is refused with RESOURCE_EXHAUSTED and RetryInfo
+    while the run is still going; the admitted ones are all served."""
+    from services.common import errors
+
+    recorder = Recorder(delay_s=0.2)
+    coalescer: Coalescer[str, list[str]] = Coalescer(recorder.run, split, max_inflight=1, max_queued=4)
+    first = asyncio.ensure_future(coalescer.submit("k", ["running"], 1e9))
+    await recorder.started.wait()
+    waiting = [asyncio.ensure_future(coalescer.submit("k", [f"w{i}"], 1e9)) for i in range(3)]
+    await asyncio.sleep(0)
+    with pytest.raises(errors.TandemError) as caught:
+        await coalescer.submit("k", ["one too many"], 1e9)
+    assert not first.done()  # refused without waiting for the run in flight
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert errors.reason_of(caught.value) == "QUEUE_FULL" and caught.value.retry_after_s is not None
+    assert "too many texts in progress for this model at the gateway: 4, limit 4" in str(caught.value)
+    assert await first == ["k:RUNNING"]
+    assert await asyncio.gather(*waiting) == [[f"k:W{i}"] for i in range(3)]
+    # Having seen answers take about 0.2 s or more, the next refusal asks callers to wait longer than the minimum.
+    for _ in range(4):
+        admitted = [asyncio.ensure_future(coalescer.submit("k", [f"x{i}"], 1e9)) for i in range(4)]
+        await asyncio.sleep(0)
+        with pytest.raises(errors.TandemError) as again:
+            await coalescer.submit("k", ["refused"], 1e9)
+        await asyncio.gather(*admitted)
+    assert again.value.retry_after_s is not None
+    assert MIN_RETRY_S < again.value.retry_after_s <= MAX_RETRY_S
+    assert await coalescer.submit("k", ["later"], 1e9) == ["k:LATER"]  # the count went back down
+
+
+async def test_refused_callers_are_told_to_come_back_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each caller refused while others are already told to wait is asked to wait longer, by its place: a crowd of
+    refused callers comes back spread out instead of all at once. Once their suggested times pass, the delay falls
+    back to the base one; the refused inputs (2 for one caller) count for their size. Past MAX_RETRY_S the delays
+    are spread below it instead of all being the same."""
+    from gateway import coalescer as module
+    from services.common import errors
+
+    class Clock:  # the coalescer's clock only; the event loop keeps the real one
+        now = 1000.0
+
+        def monotonic(self) -> float:
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(module, "time", clock)
+    release = asyncio.Event()
+
+    async def held(key: str, inputs: list[str], deadline: float) -> list[str]:
+        await release.wait()  # the admitted texts stay in progress until the test is done refusing
+        return [f"{key}:{text.upper()}" for text in inputs]
+
+    coalescer: Coalescer[str, list[str]] = Coalescer(held, split, max_inflight=1, max_queued=4)
+    admitted = [asyncio.ensure_future(coalescer.submit("k", [f"a{i}"], 1e9)) for i in range(4)]
+    await asyncio.sleep(0)
+
+    async def refused(inputs: list[str]) -> float:
+        with pytest.raises(errors.TandemError) as caught:
+            await coalescer.submit("k", inputs, 1e9)
+        assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert errors.reason_of(caught.value) == "QUEUE_FULL"
+        assert caught.value.retry_after_s is not None
+        return caught.value.retry_after_s
+
+    first = await refused(["r0"])
+    second = await refused(["r1", "r2"])
+    third = await refused(["r3"])
+    # No answer seen yet, so the base delay is the minimum; then 1 and 3 inputs ahead of a limit of 4.
+    assert first == pytest.approx(MIN_RETRY_S)
+    assert second == pytest.approx(MIN_RETRY_S * (1 + 1 / 4))
+    assert third == pytest.approx(MIN_RETRY_S * (1 + 3 / 4))
+    clock.now += third  # every suggested time has passed: nobody is waiting any more
+    assert await refused(["r4"]) == pytest.approx(MIN_RETRY_S)
+    clock.now += MIN_RETRY_S
+    # A crowd: the stretch grows to the cap (1 + 155 / 4 times the minimum is 1.99 s), then delays spread below it.
+    crowd = [await refused([f"c{i}"]) for i in range(200)]
+    assert crowd[:156] == [pytest.approx(MIN_RETRY_S * (1 + i / 4)) for i in range(156)]
+    assert all(MIN_RETRY_S <= d <= MAX_RETRY_S for d in crowd)
+    capped = crowd[160:]
+    assert len(set(capped)) > 1
+    release.set()
+    assert await asyncio.gather(*admitted) == [[f"k:A{i}"] for i in range(4)]
+
+
+async def test_a_caller_that_gives_up_frees_its_place_at_once() -> None:
+    recorder = Recorder(delay_s=0.2)
+    coalescer: Coalescer[str, list[str]] = Coalescer(recorder.run, split, max_inflight=1, max_queued=2)
+    first = asyncio.ensure_future(coalescer.submit("k", ["running"], 1e9))
+    await recorder.started.wait()
+    gave_up = asyncio.ensure_future(coalescer.submit("k", ["impatient"], 1e9))
+    await asyncio.sleep(0)
+    gave_up.cancel()
+    await asyncio.sleep(0)
+    # The running text and the cancelled one held both places; the cancelled one's is free again.
+    assert await coalescer.submit("k", ["next"], 1e9) == ["k:NEXT"]
+    assert await first == ["k:RUNNING"]
+    assert all("impatient" not in run for run in recorder.runs)
+
+
+async def test_a_learned_merge_limit_is_forgotten_after_a_while() -> None:
+    """A stage whose limit grew (a new version with a larger queue) gets large merged runs again."""
+    from services.common import errors
+
+    limit = 3
+    sizes: list[int] = []
+
+    async def run(key: str, inputs: list[str], deadline: float) -> list[str]:
+        sizes.append(len(inputs))
+        await asyncio.sleep(0.01)
+        if len(inputs) > limit:
+            raise errors.invalid_argument("too many", "batch", reason=Reason.TOO_MANY_INPUTS)
+        return [text.upper() for text in inputs]
+
+    coalescer: Coalescer[str, list[str]] = Coalescer(run, split, max_inputs=64, max_inflight=1, cap_ttl_s=0.2)
+    await asyncio.gather(*(coalescer.submit("k", [f"t{i}"], 1e9) for i in range(12)))
+    assert max(sizes) > 3 and sizes[-1] <= 3  # learned (a too-large run is re-run smaller, never answered)
+    limit, sizes[:] = 64, []
+    await asyncio.sleep(0.3)  # past the learned limit's lifetime
+    await asyncio.gather(*(coalescer.submit("k", [f"u{i}"], 1e9) for i in range(12)))
+    assert max(sizes) > 3  # merges are large again

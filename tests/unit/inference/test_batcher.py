@@ -1,0 +1,476 @@
+"""The inference stage's Batcher on a fake numpy model: row routing, call limits, admission, deadlines, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+import pytest
+
+from services.common import errors
+from services.common.errors import Reason
+from services.common.pooling import pool_ragged
+from services.common.repository import ModelConfig, Task
+from services.inference.backends.base import Backend, FloatArray, IntArray
+from services.inference.batching.batcher import Batcher
+
+
+class EchoBackend(Backend):
+    """A model whose outputs reveal its inputs, so any misrouted row shows.
+
+    Token-level: row (id, position, type). Sequence-level: (sum of ids, length, first id).
+    A closed gate holds every call until the test opens it.
+    """
+
+    name = "echo"
+    uses_token_type_ids = True
+
+    def __init__(self, token_level: bool, runs_alone: bool = False) -> None:
+        self.token_level = token_level
+        self.runs_alone = runs_alone
+        # Shapes of the calls that came through run_alone (a subset of calls).
+        self.alone_calls: list[tuple[int, int]] = []
+        self.calls: list[tuple[int, int]] = []
+        self.seen: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Event()
+        # Calls inside run() right now, and the most there ever were at once (instances > 1 run side by side).
+        self._lock = threading.Lock()
+        self.active = 0
+        self.most_active = 0
+
+    def run_alone(self, input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray | None) -> FloatArray:
+        self.alone_calls.append(input_ids.shape)
+        return self.run(input_ids, attention_mask, token_type_ids)
+
+    def run(self, input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray | None) -> FloatArray:
+        with self._lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        try:
+            return self._run(input_ids, attention_mask, token_type_ids)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def _run(self, input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray | None) -> FloatArray:
+        self.started.set()
+        assert self.gate.wait(30)
+        self.calls.append(input_ids.shape)
+        self.seen.extend(row[mask.astype(bool)].tolist() for row, mask in zip(input_ids, attention_mask, strict=True))
+        assert token_type_ids is not None
+        if self.token_level:
+            positions = np.broadcast_to(np.arange(input_ids.shape[1]), input_ids.shape)
+            return np.stack([input_ids, positions, token_type_ids], axis=-1).astype(np.float32)
+        masked = input_ids * attention_mask
+        return np.stack([masked.sum(1), attention_mask.sum(1), input_ids[:, 0]], axis=-1).astype(np.float32)
+
+
+def expected(seqs: list[list[int]], token_level: bool) -> FloatArray:
+    if token_level:
+        rows = [(t, p, p % 2) for s in seqs for p, t in enumerate(s)]
+        return np.array(rows, dtype=np.float32).reshape(-1, 3)
+    return np.array([(sum(s), len(s), s[0]) for s in seqs], dtype=np.float32)
+
+
+def ragged(seqs: list[list[int]]) -> tuple[IntArray, IntArray, np.ndarray]:
+    ids = np.array([t for s in seqs for t in s], dtype=np.int64)
+    types = np.array([p % 2 for s in seqs for p in range(len(s))], dtype=np.int64)
+    cu = np.zeros(len(seqs) + 1, dtype=np.int32)
+    np.cumsum([len(s) for s in seqs], out=cu[1:])
+    return ids, types, cu
+
+
+def make(
+    token_level: bool = True, runs_alone: bool = False, pooling: str | None = None, **limits: float
+) -> tuple[Batcher, EchoBackend]:
+    backend = EchoBackend(token_level, runs_alone)
+    task = Task.EMBEDDING if token_level else Task.CLASSIFICATION
+    config = ModelConfig(task=task, **limits)
+    return Batcher(backend, config, "echo", pooling=pooling), backend
+
+
+async def submit(
+    batcher: Batcher, seqs: list[list[int]], deadline: float | None = None, pool: bool = False
+) -> FloatArray:
+    ids, types, cu = ragged(seqs)
+    return await batcher.submit(ids, types, cu, deadline, pool=pool)
+
+
+def pooled(seqs: list[list[int]], pooling: str) -> FloatArray:
+    """What pooling each sequence's echoed token rows gives, by the postprocess stage's (ragged) pooling."""
+    _, _, cu = ragged(seqs)
+    return pool_ragged(expected(seqs, True), cu, pooling)
+
+
+async def until(condition: Callable[[], object], what: str) -> None:
+    """Polls `condition()` from the event loop; no timing is asserted, the bound only stops a hang."""
+    for _ in range(2000):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize("token_level", [True, False], ids=["token-level", "sequence-level"])
+async def test_every_caller_gets_exactly_its_rows(token_level: bool) -> None:
+    batcher, backend = make(token_level, max_batch_size=8, max_batch_tokens=96)
+    rng = np.random.default_rng(7)
+    requests = [
+        [rng.integers(1, 1000, size=int(rng.integers(1, 20))).tolist() for _ in range(int(rng.integers(1, 6)))]
+        for _ in range(80)
+    ]
+    backend.gate.clear()
+    first = asyncio.ensure_future(submit(batcher, requests[0]))
+    await until(backend.started.is_set, "the first call")
+    rest = [asyncio.ensure_future(submit(batcher, r)) for r in requests[1:]]
+    await until(lambda: batcher.pending == sum(len(r) for r in requests), "all requests queued")
+    backend.gate.set()
+    results = await asyncio.gather(first, *rest)
+    for seqs, got in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(got, expected(seqs, token_level))
+    # Limits hold for every call, and the 79 waiting callers shared calls.
+    assert all((rows <= 8 and rows * width <= 96) or rows == 1 for rows, width in backend.calls)
+    assert len(backend.calls) < len(requests) - 1
+    assert batcher.pending == 0
+    await batcher.close()
+
+
+async def test_sequences_are_sorted_by_length_to_limit_padding() -> None:
+    batcher, backend = make(max_batch_size=2, max_batch_tokens=1000)
+    seqs = [[1] * 30, [2] * 2, [3] * 29, [4] * 3]
+    np.testing.assert_array_equal(await submit(batcher, seqs), expected(seqs, True))
+    assert sorted(backend.calls) == [(2, 3), (2, 30)]
+    await batcher.close()
+
+
+async def test_a_round_is_cut_where_padding_costs_more_than_a_call() -> None:
+    seqs = [[1] * 3, [2] * 10, [3] * 3, [4] * 10, [5] * 3]
+    # Padding three 3-token rows to 10 costs 21 tokens: more than a 2-token call, less than a 100-token one.
+    for cost, calls in ((2.0, [(2, 10), (3, 3)]), (100.0, [(5, 10)])):
+        batcher, backend = make(max_batch_size=8, batch_call_cost_tokens=cost)
+        np.testing.assert_array_equal(await submit(batcher, seqs), expected(seqs, True))
+        assert sorted(backend.calls) == calls
+        await batcher.close()
+
+
+@pytest.mark.parametrize("token_level", [True, False], ids=["token-level", "sequence-level"])
+async def test_instances_run_calls_side_by_side_and_route_every_row(token_level: bool) -> None:
+    batcher, backend = make(token_level, max_batch_size=4, max_batch_tokens=64, instances=2)
+    rng = np.random.default_rng(11)
+    requests = [
+        [rng.integers(1, 1000, size=int(rng.integers(1, 16))).tolist() for _ in range(int(rng.integers(1, 7)))]
+        for _ in range(60)
+    ]
+    backend.gate.clear()
+    calls = [asyncio.ensure_future(submit(batcher, r)) for r in requests]
+    await until(lambda: backend.active == 2, "two model calls running at once")
+    backend.gate.set()
+    results = await asyncio.gather(*calls)
+    for seqs, got in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(got, expected(seqs, token_level))
+    assert backend.most_active == 2
+    assert all(rows <= 4 and rows * width <= 64 for rows, width in backend.calls)
+    assert batcher.pending == 0
+    await batcher.close()
+
+
+async def test_the_calls_of_one_request_spread_over_the_instances() -> None:
+    batcher, backend = make(instances=2, batch_call_cost_tokens=0)
+    seqs = [[n] * n for n in range(1, 7)]  # six lengths, no padding worth a call: six calls
+    await submit(batcher, [[9]])  # both instances started, and now idle
+    backend.calls.clear()
+    backend.gate.clear()
+    call = asyncio.ensure_future(submit(batcher, seqs))
+    await until(lambda: backend.active == 2, "both instances running calls of the one request")
+    backend.gate.set()
+    np.testing.assert_array_equal(await call, expected(seqs, True))
+    assert sorted(backend.calls) == [(1, n) for n in range(1, 7)]
+    await batcher.close()
+
+
+async def test_a_call_with_the_model_to_itself_runs_alone_and_others_run_beside_it() -> None:
+    batcher, backend = make(runs_alone=True, instances=2, batch_call_cost_tokens=0)
+    lone = [[4, 5, 6]]
+    np.testing.assert_array_equal(await submit(batcher, lone), expected(lone, True))
+    assert backend.alone_calls == [(1, 3)]
+    # A call that starts while the lone one runs does not wait for it, and runs on its instance's share.
+    backend.calls.clear()
+    backend.alone_calls.clear()
+    backend.gate.clear()
+    first = asyncio.ensure_future(submit(batcher, [[1, 2]]))
+    await until(lambda: backend.active == 1, "the lone call running")
+    second = asyncio.ensure_future(submit(batcher, [[3, 3, 3, 3]]))
+    await until(lambda: backend.active == 2, "a second call beside the lone one")
+    backend.gate.set()
+    np.testing.assert_array_equal(await first, expected([[1, 2]], True))
+    np.testing.assert_array_equal(await second, expected([[3, 3, 3, 3]], True))
+    assert backend.alone_calls == [(1, 2)] and sorted(backend.calls) == [(1, 2), (1, 4)]
+    # The calls of a round taken while more of it waits are not alone: the other instance takes the next at once.
+    backend.calls.clear()
+    backend.alone_calls.clear()
+    backend.gate.clear()
+    seqs = [[n] * n for n in range(1, 5)]
+    call = asyncio.ensure_future(submit(batcher, seqs))
+    await until(lambda: backend.active == 2, "two calls of the round running")
+    assert backend.alone_calls == []
+    backend.gate.set()
+    np.testing.assert_array_equal(await call, expected(seqs, True))
+    assert len(backend.calls) == 4
+    await batcher.close()
+
+
+async def test_a_backend_without_a_lone_path_runs_every_call_the_same_way() -> None:
+    batcher, backend = make(runs_alone=False, instances=2)
+    np.testing.assert_array_equal(await submit(batcher, [[1, 2]]), expected([[1, 2]], True))
+    assert backend.calls == [(1, 2)] and backend.alone_calls == []
+    await batcher.close()
+
+
+async def test_close_fails_the_calls_running_on_every_instance() -> None:
+    batcher, backend = make(max_batch_size=1, instances=2)
+    backend.gate.clear()
+    running = [asyncio.ensure_future(submit(batcher, [[n, n]])) for n in (1, 2, 3)]
+    await until(lambda: backend.active == 2, "both instances busy")
+    closing = asyncio.ensure_future(batcher.close())
+    await asyncio.sleep(0)
+    backend.gate.set()
+    await closing
+    for future in running:
+        with pytest.raises(errors.TandemError) as caught:
+            await future
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in caught.value.message
+
+
+async def test_a_sequence_over_the_token_budget_runs_alone() -> None:
+    batcher, backend = make(max_batch_size=8, max_batch_tokens=10)
+    seqs = [[5] * 3, [6] * 12, [7] * 3, [8] * 4]
+    np.testing.assert_array_equal(await submit(batcher, seqs), expected(seqs, True))
+    assert backend.calls == [(2, 3), (1, 4), (1, 12)]
+    await batcher.close()
+
+
+async def test_a_full_queue_fails_fast_with_retry_info() -> None:
+    batcher, backend = make(max_queue_size=4)
+    backend.gate.clear()
+    running = asyncio.ensure_future(submit(batcher, [[1, 2], [3]]))
+    await until(backend.started.is_set, "the first call")
+    waiting = asyncio.ensure_future(submit(batcher, [[4], [5]]))
+    await until(lambda: batcher.pending == 4, "the second request queued")
+    with pytest.raises(errors.TandemError) as caught:
+        await submit(batcher, [[6]])
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert caught.value.reason == Reason.QUEUE_FULL
+    assert caught.value.retry_after_s is not None
+    backend.gate.set()
+    await asyncio.gather(running, waiting)
+    assert [6] not in backend.seen
+    await batcher.close()
+
+
+async def test_an_expired_request_never_reaches_the_model() -> None:
+    batcher, backend = make()
+    with pytest.raises(errors.TandemError) as caught:
+        await submit(batcher, [[9, 9]], deadline=time.monotonic() - 1)
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert backend.calls == []
+
+    backend.gate.clear()
+    running = asyncio.ensure_future(submit(batcher, [[1, 2, 3]]))
+    await until(backend.started.is_set, "the first call")
+    deadline = time.monotonic() + 0.05
+    late = asyncio.ensure_future(submit(batcher, [[77, 77, 77, 77]], deadline=deadline))
+    await until(lambda: time.monotonic() > deadline, "the deadline to pass")
+    backend.gate.set()
+    await running
+    with pytest.raises(errors.TandemError) as caught:
+        await late
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert [77, 77, 77, 77] not in backend.seen
+    await batcher.close()
+
+
+async def test_a_cancelled_caller_is_skipped() -> None:
+    batcher, backend = make()
+    backend.gate.clear()
+    running = asyncio.ensure_future(submit(batcher, [[1, 2, 3]]))
+    await until(backend.started.is_set, "the first call")
+    cancelled = asyncio.ensure_future(submit(batcher, [[55, 55]]))
+    kept = asyncio.ensure_future(submit(batcher, [[66, 66]]))
+    await until(lambda: batcher.pending == 3, "both requests queued")
+    cancelled.cancel()
+    await until(lambda: batcher.pending == 2, "the cancellation to free its slot")
+    backend.gate.set()
+    await running
+    np.testing.assert_array_equal(await kept, expected([[66, 66]], True))
+    assert [55, 55] not in backend.seen
+    await batcher.close()
+
+
+async def test_a_failing_model_fails_its_callers_with_internal() -> None:
+    batcher, backend = make()
+
+    def broken(input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray | None) -> FloatArray:
+        raise RuntimeError("boom")
+
+    backend.run = broken  # type: ignore[method-assign]
+    with pytest.raises(errors.TandemError) as caught:
+        await submit(batcher, [[1, 2]])
+    assert caught.value.code == grpc.StatusCode.INTERNAL
+    assert "boom" not in caught.value.message
+    await batcher.close()
+
+
+async def test_close_fails_queued_requests() -> None:
+    batcher, backend = make()
+    backend.gate.clear()
+    running = asyncio.ensure_future(submit(batcher, [[1, 2, 3]]))
+    await until(backend.started.is_set, "the first call")
+    queued = asyncio.ensure_future(submit(batcher, [[4, 5]]))
+    await until(lambda: batcher.pending == 2, "the second request queued")
+    closing = asyncio.ensure_future(batcher.close())
+    await asyncio.sleep(0)
+    backend.gate.set()
+    await closing
+    for future in (running, queued):
+        with pytest.raises(errors.TandemError) as caught:
+            await future
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(errors.TandemError):
+        await submit(batcher, [[1]])
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread niceness is a Linux facility")
+async def test_model_calls_run_on_niced_threads_and_the_event_loop_does_not() -> None:
+    backend = EchoBackend(token_level=True)
+    niceness: list[int] = []
+    plain_run = backend.run
+
+    def run(input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray | None) -> FloatArray:
+        niceness.append(os.getpriority(os.PRIO_PROCESS, 0))  # 0: the calling thread, on Linux
+        return plain_run(input_ids, attention_mask, token_type_ids)
+
+    backend.run = run  # type: ignore[method-assign]
+    batcher = Batcher(backend, ModelConfig(task=Task.EMBEDDING), "echo", nice=5)
+    loop_niceness = os.getpriority(os.PRIO_PROCESS, 0)
+    np.testing.assert_array_equal(await submit(batcher, [[1, 2, 3]]), expected([[1, 2, 3]], True))
+    assert niceness == [min(loop_niceness + 5, 19)]
+    assert os.getpriority(os.PRIO_PROCESS, 0) == loop_niceness
+    await batcher.close()
+
+
+@pytest.mark.parametrize("token_level", [True, False], ids=["token-level", "sequence-level"])
+async def test_calls_of_one_request_finishing_together_on_several_instances_keep_every_row(token_level: bool) -> None:
+    """One request of four lengths is four calls (no padding accepted), on four instances, returning at the same
+    moment: every row must land in the caller's output, whichever call finishes first."""
+    import sys
+
+    batcher, backend = make(token_level, instances=4, batch_call_cost_tokens=0)
+    finish = threading.Barrier(4, timeout=10)
+    plain_run = backend.run
+
+    def run(input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray | None) -> FloatArray:
+        out = plain_run(input_ids, attention_mask, token_type_ids)
+        finish.wait()  # the four calls return together
+        return out
+
+    backend.run = run  # type: ignore[method-assign]
+    rng = np.random.default_rng(5)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads interleave as often as they can
+    try:
+        for _ in range(50):
+            seqs = [[int(t)] * int(n) for t, n in zip(rng.integers(1, 999, 4), rng.permutation(8)[:4] + 1, strict=True)]
+            np.testing.assert_array_equal(await submit(batcher, seqs), expected(seqs, token_level))
+    finally:
+        sys.setswitchinterval(switch)
+    await batcher.close()
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
+async def test_pooled_and_token_level_callers_sharing_calls_each_get_their_own_rows(pooling: str) -> None:
+    """Embed callers ask for pooled rows, KServe callers of the same model for token rows; calls mix both."""
+    batcher, backend = make(pooling=pooling, max_batch_size=4, max_batch_tokens=64, instances=2)
+    rng = np.random.default_rng(13)
+    requests = [
+        [rng.integers(1, 1000, size=int(rng.integers(1, 16))).tolist() for _ in range(int(rng.integers(1, 7)))]
+        for _ in range(60)
+    ]
+    wants_pool = [i % 3 != 0 for i in range(len(requests))]
+    backend.gate.clear()
+    calls = [asyncio.ensure_future(submit(batcher, r, pool=p)) for r, p in zip(requests, wants_pool, strict=True)]
+    await until(lambda: backend.active == 2, "two model calls running at once")
+    backend.gate.set()
+    results = await asyncio.gather(*calls)
+    for seqs, pool, got in zip(requests, wants_pool, results, strict=True):
+        if pool:
+            assert got.shape == (len(seqs), 3)
+            np.testing.assert_allclose(got, pooled(seqs, pooling), rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(got, expected(seqs, True))
+    assert batcher.pending == 0
+    await batcher.close()
+    # One call carrying both kinds: a pooled caller's two sequences and a token-level caller's one, all 2 long.
+    batcher, backend = make(pooling=pooling, max_batch_size=8)
+    backend.gate.clear()
+    first = asyncio.ensure_future(submit(batcher, [[1]]))
+    await until(backend.started.is_set, "the first call")
+    both = [
+        asyncio.ensure_future(submit(batcher, [[2, 3], [4, 5]], pool=True)),
+        asyncio.ensure_future(submit(batcher, [[6, 7]])),
+    ]
+    await until(lambda: batcher.pending == 4, "both callers queued")
+    backend.gate.set()
+    await first
+    got_pooled, got_tokens = await asyncio.gather(*both)
+    assert backend.calls == [(1, 1), (3, 2)]
+    np.testing.assert_allclose(got_pooled, pooled([[2, 3], [4, 5]], pooling), rtol=1e-6)
+    np.testing.assert_array_equal(got_tokens, expected([[6, 7]], True))
+    await batcher.close()
+
+
+async def test_pool_is_ignored_without_a_pooling() -> None:
+    """Sequence-level models, and token classification (no pooling), answer as always when pool is asked."""
+    for batcher, token_level in ((make(False, pooling=None)[0], False), (make(True, pooling=None)[0], True)):
+        assert not batcher.pools(True)
+        seqs = [[5, 6, 7], [8]]
+        np.testing.assert_array_equal(await submit(batcher, seqs, pool=True), expected(seqs, token_level))
+        await batcher.close()
+    # A pooling given for a classifier is not used either: its rows are not token rows.
+    batcher, _ = make(False, pooling="mean")
+    assert batcher.pooling is None and not batcher.pools(True)
+    await batcher.close()
+
+
+def test_the_call_cost_is_fitted_from_one_row_and_many_rows_calls_taken_in_turn() -> None:
+    """A model whose call takes 2 ms plus 0.1 ms per padded token costs 20 tokens per call. 30 ms into the
+    measurement the machine gets 1.5 times slower: taken in turn, both sizes see the slowdown alike and the fit stays
+    near 20 (one size after the other, the slowdown falls on the many-rows calls only and the fit comes out near 6)."""
+    from types import SimpleNamespace
+
+    from services.inference.batching import planner
+
+    class Clock:  # the measurement's clock only
+        now = 0.0
+
+        def perf_counter(self) -> float:
+            return self.now
+
+    clock = Clock()
+
+    class Model:
+        def run(self, input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray | None) -> FloatArray:
+            slow = 1.5 if clock.now > 0.03 else 1.0  # a busier machine from 30 ms on
+            clock.now += slow * (0.002 + 0.0001 * input_ids.size)
+            return np.zeros((*input_ids.shape, 4), dtype=np.float32)
+
+    model = SimpleNamespace(max_length=128, config=SimpleNamespace(max_batch_tokens=16384))
+    cost = planner.measure_call_cost(Model(), model, clock=clock.perf_counter)  # type: ignore[arg-type]
+    assert 15 < cost < 25
