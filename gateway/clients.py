@@ -201,6 +201,36 @@ class StageClient(Generic[Stub]):
             for attempt in attempts:
                 attempt.cancel()
 
+    async def open_stream(self, rpc: Callable[..., Any], request: Any, deadline: float) -> tuple[Any, Any]:
+        """Starts a server-streaming call and reads its first message: (the call, the first message, or None when the
+        stream ended at once). Retried like unary calls (next replica after UNAVAILABLE) only up to the first message,
+        since nothing was produced before it; a stream that breaks later fails with the stage's status."""
+        for retry in range(MAX_TRIES):
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                raise errors.deadline_exceeded(
+                    f"deadline exceeded before calling the {self.stage} stage", stage=self.stage
+                )
+            call = rpc(request, timeout=timeout, metadata=((REQUEST_ID_KEY, request_id.get()),))
+            try:
+                first = await call.read()
+                return call, None if first is grpc.aio.EOF else first
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) or retry == MAX_TRIES - 1:
+                    raise stage_error(self.stage, exc) from None
+                await asyncio.sleep(random.uniform(0, min(MAX_BACKOFF_S, BACKOFF_S * 2**retry)))
+            except BaseException:
+                call.cancel()
+                raise
+        raise AssertionError("unreachable")
+
+    def open_duplex(self, rpc: Callable[..., Any], deadline: float) -> Any:
+        """Starts a bidirectional stream with the caller's remaining time as its timeout."""
+        timeout = deadline - time.monotonic()
+        if timeout <= 0:
+            raise errors.deadline_exceeded(f"deadline exceeded before calling the {self.stage} stage", stage=self.stage)
+        return rpc(timeout=timeout, metadata=((REQUEST_ID_KEY, request_id.get()),))
+
     async def serving(self, timeout_s: float) -> bool:
         try:
             reply = await self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
@@ -225,6 +255,11 @@ class TokenizerClient(StageClient["tokenizer_pb2_grpc.TokenizerServiceAsyncStub"
     ) -> tokenizer_pb2.DetokenizeResponse:
         return await self.call(self._stub.Detokenize, request, deadline)
 
+    async def encode_prompt(
+        self, request: tokenizer_pb2.EncodePromptRequest, deadline: float
+    ) -> tokenizer_pb2.EncodePromptResponse:
+        return await self.call(self._stub.EncodePrompt, request, deadline, "tokenize")
+
 
 class InferenceClient(StageClient["inference_pb2_grpc.InferenceServiceAsyncStub"]):
     forwarded_timings = ("queue", "compute")
@@ -239,6 +274,12 @@ class InferenceClient(StageClient["inference_pb2_grpc.InferenceServiceAsyncStub"
 
     async def get_model(self, model: str, deadline: float) -> inference_pb2.GetModelResponse:
         return await self.call(self._stub.GetModel, inference_pb2.GetModelRequest(model=model), deadline)
+
+    async def generate(
+        self, request: inference_pb2.GenerateRequest, deadline: float
+    ) -> tuple[Any, inference_pb2.GenerateResponse | None]:
+        """The Generate stream and its first message (the prompt is prefilled and admitted by then)."""
+        return await self.open_stream(self._stub.Generate, request, deadline)
 
 
 class PostprocessClient(StageClient["postprocess_pb2_grpc.PostprocessServiceAsyncStub"]):
@@ -260,3 +301,7 @@ class PostprocessClient(StageClient["postprocess_pb2_grpc.PostprocessServiceAsyn
 
     async def rerank(self, request: postprocess_pb2.RerankRequest, deadline: float) -> postprocess_pb2.RerankResponse:
         return await self.call(self._stub.Rerank, request, deadline, "postprocess")
+
+    def detokenize(self, deadline: float) -> Any:
+        """A Detokenize stream: write DetokenizeRequests, read one DetokenizeResponse per request."""
+        return self.open_duplex(self._stub.Detokenize, deadline)

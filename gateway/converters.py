@@ -6,8 +6,10 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.core import Classifications, Embeddings, Encodings, Ranking, Served, TokenClassifications
+from gateway.generation import ChatMessage, GeneratedText
 from services.common import errors
 from tandem.gateway.v1 import gateway_pb2
+from tandem.generation.v1 import generation_pb2
 
 
 def _usage(served: Served) -> gateway_pb2.Usage:
@@ -122,3 +124,26 @@ def stream_error(err: errors.TandemError) -> gateway_pb2.StreamError:
             detail.Unpack(bad)
             fields = [v.field for v in bad.field_violations]
     return gateway_pb2.StreamError(code=status.code, message=status.message, reason=reason, fields=fields)
+
+
+def chat_messages(request: gateway_pb2.GenerateRequest) -> list[ChatMessage]:
+    return [ChatMessage(m.role, m.content) for m in request.messages]
+
+
+def generate_response(message: GeneratedText) -> gateway_pb2.GenerateResponse:
+    response = gateway_pb2.GenerateResponse(
+        text=message.text, token_ids=message.token_ids, logprobs=message.logprobs, model=message.model
+    )
+    if message.finish_reason != generation_pb2.FINISH_REASON_UNSPECIFIED:
+        response.finish_reason = message.finish_reason
+        response.stop_sequence = message.stop_sequence
+        response.stop_token_id = message.stop_token_id
+        response.model_version = message.version
+        response.usage.CopyFrom(
+            gateway_pb2.Usage(
+                prompt_tokens=message.prompt_tokens,
+                generated_tokens=message.generated_tokens,
+                total_tokens=message.prompt_tokens + message.generated_tokens,
+            )
+        )
+    return response

@@ -126,6 +126,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         model = await self.pipeline.get_model(request.model, self.pipeline.deadline(context.time_remaining()))
         return gateway_pb2.GetModelResponse(model=model)
 
+    async def Generate(  # noqa: N802
+        self, request: gateway_pb2.GenerateRequest, context: Context
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        stream = self.pipeline.generate(
+            request.model,
+            request.prompt,
+            converters.chat_messages(request),
+            request.params,
+            self.pipeline.deadline(context.time_remaining()),
+        )
+        async for message in stream:
+            yield converters.generate_response(message)
+
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 

@@ -12,7 +12,7 @@ import functools
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -194,6 +194,32 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             return grpc.stream_stream_rpc_method_handler(
                 stream_stream, handler.request_deserializer, handler.response_serializer
             )
+        if handler.unary_stream is not None:
+            inner_us: Any = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                record = timing.begin()
+                started = time.perf_counter()
+                m.in_flight.inc()
+                cancelled = False
+                try:
+                    async for response in inner_us(request, context):
+                        yield response
+                    # Timings known only at the end of the stream (time to first token, tokens/s) go in its trailer.
+                    record.timings["total"] = time.perf_counter() - started
+                    trailer = [(timing.TIMING_KEY, timing.format_timings(record.timings))]
+                    if "generated_tokens" in record.fields:
+                        trailer.append((timing.GENERATION_KEY, timing.format_generation(record.fields)))
+                    context.set_trailing_metadata(tuple(trailer))
+                except (asyncio.CancelledError, GeneratorExit):
+                    cancelled = True
+                    raise
+                finally:
+                    self._finish(method, m, context, started, record, cancelled)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, handler.request_deserializer, handler.response_serializer
+            )
         return handler
 
 
@@ -284,11 +310,29 @@ class ModelGauges(Protocol):
 
     def gauges(self) -> list[tuple[str, str, str, int]]: ...
 
+    def generation_gauges(self) -> Sequence[tuple[str, str, EngineGauges]]: ...
+
+
+class EngineGauges(Protocol):
+    """A text-generation version's engine at scrape time."""
+
+    @property
+    def running(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
+    @property
+    def kv_reserved_tokens(self) -> int: ...
+    @property
+    def kv_used_tokens(self) -> int: ...
+    @property
+    def kv_capacity_tokens(self) -> int: ...
+
 
 class BatchRecorder:
     """The batcher of one model reports here: how long requests queued, and each model call."""
 
     def __init__(self, metrics: InferenceMetrics, model: str) -> None:
+        self._metrics, self._model = metrics, model
         self._queue = metrics.queue_seconds.labels(model)
         self._compute = metrics.compute_seconds.labels(model)
         self._size = metrics.batch_size.labels(model)
@@ -301,6 +345,16 @@ class BatchRecorder:
         self._size.observe(rows)
         self._tokens.observe(padded_tokens)
         self._compute.observe(seconds)
+
+    # Text generation (the engine reports from the event loop as tokens reach it)
+    def first_token(self, seconds: float) -> None:
+        self._metrics.time_to_first_token.labels(self._model).observe(seconds)
+
+    def token_gap(self, seconds: float) -> None:
+        self._metrics.inter_token.labels(self._model).observe(seconds)
+
+    def generated(self, tokens: int) -> None:
+        self._metrics.generated_tokens.labels(self._model).inc(tokens)
 
 
 class InferenceMetrics:
@@ -339,6 +393,22 @@ class InferenceMetrics:
             registry=registry,
         )
 
+        self.time_to_first_token = Histogram(
+            "tandem_generation_time_to_first_token_seconds",
+            "From a sequence's admission to its first generated token (prefill and waiting for a place)",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inter_token = Histogram(
+            "tandem_generation_inter_token_seconds",
+            "Time between consecutive generated tokens of a sequence",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.generated_tokens = Counter("tandem_generation_tokens", "Tokens generated", ["model"], registry=registry)
+
     def recorder(self, model: str) -> BatchRecorder:
         return BatchRecorder(self, model)
 
@@ -369,6 +439,40 @@ class _InferenceCollector(Collector):
             depth.add_metric([model], count)
         yield depth
         yield states
+        yield from self._generation()
+
+    def _generation(self) -> Iterator[Metric]:
+        families = {
+            "running": GaugeMetricFamily(
+                "tandem_generation_running_sequences", "Sequences in the running batch", labels=["model", "version"]
+            ),
+            "waiting": GaugeMetricFamily(
+                "tandem_generation_waiting_sequences",
+                "Admitted sequences waiting for a place in the running batch",
+                labels=["model", "version"],
+            ),
+            "kv_reserved_tokens": GaugeMetricFamily(
+                "tandem_generation_kv_cache_reserved_tokens",
+                "KV cache tokens reserved by admitted sequences (prompt + max_new_tokens each, in whole pages)",
+                labels=["model", "version"],
+            ),
+            "kv_used_tokens": GaugeMetricFamily(
+                "tandem_generation_kv_cache_used_tokens",
+                "KV cache tokens holding keys and values now",
+                labels=["model", "version"],
+            ),
+            "kv_capacity_tokens": GaugeMetricFamily(
+                "tandem_generation_kv_cache_capacity_tokens", "KV cache size in tokens", labels=["model", "version"]
+            ),
+        }
+        try:
+            rows = self.core.generation_gauges()
+        except RuntimeError:  # the model table changed under the scrape: skip this once
+            rows = []
+        for model, version, stats in rows:
+            for attribute, family in families.items():
+                family.add_metric([model, version], float(getattr(stats, attribute)))
+        yield from families.values()
         yield from _gpu_memory()
 
     def _gauges(self) -> list[tuple[str, str, str, int]]:

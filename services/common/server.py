@@ -146,6 +146,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return grpc.stream_stream_rpc_method_handler(
                 stream_stream, _tolerant(handler.request_deserializer), handler.response_serializer
             )
+        if handler.unary_stream is not None:
+            inner_us: Any = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                async with _error_table(context, rid, method, echo):
+                    async for response in inner_us(_parsed(request), context):
+                        yield response
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, _tolerant(handler.request_deserializer), handler.response_serializer
+            )
         return handler
 
 

@@ -15,6 +15,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 TIMING_KEY = "x-tandem-timing"
+# Generation streams also end with `x-tandem-generation: tokens=42, tokens_per_s=118.3` (the rate from the first
+# token to the last; the time to first token is `first_token` in x-tandem-timing).
+GENERATION_KEY = "x-tandem-generation"
 
 
 @dataclass
@@ -69,7 +72,7 @@ def stage(name: str) -> Iterator[None]:
 
 
 # Pipeline order; other stages follow in the order they were recorded, and the total comes last.
-ORDER = ("tokenize", "infer", "queue", "compute", "postprocess")
+ORDER = ("tokenize", "first_token", "infer", "queue", "compute", "postprocess")
 _RANK = {**{name: i for i, name in enumerate(ORDER)}, "total": len(ORDER) + 1}
 
 
@@ -95,3 +98,11 @@ def parse_timings(text: str) -> dict[str, float]:
         except ValueError:
             continue
     return out
+
+
+def format_generation(fields: Mapping[str, object]) -> str:
+    """`tokens=42, tokens_per_s=118.3` from a generation call's facts (tokens_per_s only when 2+ tokens came)."""
+    parts = [f"tokens={fields.get('generated_tokens', 0)}"]
+    if "tokens_per_s" in fields:
+        parts.append(f"tokens_per_s={fields['tokens_per_s']}")
+    return ", ".join(parts)

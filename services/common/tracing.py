@@ -158,7 +158,7 @@ class ServerTracing(grpc.aio.ServerInterceptor):
 
     Ours rather than opentelemetry-instrumentation-grpc's: it sits outside the error table, so it reads the code
     the table aborted with from the context, and it records what the table sets (the request id) and what the
-    request names (model, inputs). Unary and stream-stream calls, the two kinds Tandem serves.
+    request names (model, inputs). Unary, server-streaming (generation) and stream-stream calls.
     """
 
     def __init__(self, service: str) -> None:
@@ -242,6 +242,28 @@ class ServerTracing(grpc.aio.ServerInterceptor):
 
             return grpc.stream_stream_rpc_method_handler(
                 stream_stream, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            inner_us: Any = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                span, token = start(request)
+                failure: BaseException | None = None
+                try:
+                    with trace.use_span(span, record_exception=False, set_status_on_exception=False):
+                        responses: AsyncIterator[Any] = inner_us(request, context)
+                        async for response in responses:
+                            yield response
+                except BaseException as exc:
+                    failure = exc
+                    raise
+                finally:
+                    _finish(span, context, failure)
+                    with contextlib.suppress(ValueError):
+                        _service.reset(token)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, handler.request_deserializer, handler.response_serializer
             )
         return handler
 

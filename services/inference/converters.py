@@ -9,8 +9,11 @@ from services.common import errors, tensors
 from services.common.repository import AccuracyReport, ModelVersion, Task, VersionPolicy
 from services.inference.backends.base import IntArray
 from services.inference.core import ModelDescription, TokenInputs
+from services.inference.generation.engine import FinishReason, GeneratedTokens
+from services.inference.generation.params import RequestedParams
 from services.inference.loading import ModelState
 from services.inference.management import ModelStatus, VersionStatus
+from tandem.generation.v1 import generation_pb2
 from tandem.inference.v1 import inference_pb2
 from tandem.management.v1 import management_pb2
 from tandem.model.v1 import model_pb2
@@ -21,6 +24,12 @@ _TASKS: dict[Task, model_pb2.Task.ValueType] = {
     Task.CLASSIFICATION: model_pb2.TASK_CLASSIFICATION,
     Task.TOKEN_CLASSIFICATION: model_pb2.TASK_TOKEN_CLASSIFICATION,
     Task.RERANK: model_pb2.TASK_RERANK,
+    Task.TEXT_GENERATION: model_pb2.TASK_TEXT_GENERATION,
+}
+_FINISH: dict[FinishReason, generation_pb2.FinishReason.ValueType] = {
+    FinishReason.STOP: generation_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
+    FinishReason.STOP_SEQUENCE: generation_pb2.FINISH_REASON_STOP_SEQUENCE,
 }
 _ID_TYPES = (tensor_pb2.DATA_TYPE_INT64, tensor_pb2.DATA_TYPE_INT32)
 
@@ -73,7 +82,48 @@ def model_info(description: ModelDescription) -> model_pb2.ModelInfo:
         ready=description.ready,
         backend=description.backend,
         multi_label=description.multi_label,
+        context_length=description.context_length,
+        chat_template=description.chat_template,
     )
+
+
+def requested_params(params: generation_pb2.GenerationParams) -> RequestedParams:
+    """GenerationParams as the core checks them: unset optional fields become None."""
+    return RequestedParams(
+        max_new_tokens=params.max_new_tokens if params.HasField("max_new_tokens") else None,
+        min_new_tokens=params.min_new_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p if params.HasField("top_p") else None,
+        top_k=params.top_k,
+        repetition_penalty=params.repetition_penalty if params.HasField("repetition_penalty") else None,
+        seed=params.seed if params.HasField("seed") else None,
+        stop_token_ids=tuple(params.stop_token_ids),
+        ignore_eos=params.ignore_eos,
+        logprobs=params.logprobs,
+    )
+
+
+def generate_response(
+    model: ModelVersion, prompt_tokens: int, chunk: GeneratedTokens
+) -> inference_pb2.GenerateResponse:
+    message = inference_pb2.GenerateResponse(
+        token_ids=chunk.token_ids,
+        prompt_tokens=prompt_tokens,
+        generated_tokens=chunk.generated,
+        model=model.name,
+        version=model.version,
+    )
+    for step in chunk.logprobs:
+        message.logprobs.add(
+            token_id=step.token_id,
+            logprob=step.logprob,
+            top=[generation_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in step.top],
+        )
+    if chunk.finish is not None:
+        message.finish_reason = _FINISH[chunk.finish]
+    if chunk.stop_token_id is not None:
+        message.stop_token_id = chunk.stop_token_id
+    return message
 
 
 def list_models_response(descriptions: list[ModelDescription]) -> inference_pb2.ListModelsResponse:

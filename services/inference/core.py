@@ -4,7 +4,7 @@ with others, run, and answered; also what ListModels and GetModel tell about eac
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +16,12 @@ from services.common.errors import Reason
 from services.common.repository import ModelRepository, ModelVersion, Task
 from services.common.settings import usable_cpus
 from services.inference.backends.base import BackendOptions, FloatArray, IntArray
-from services.inference.batching.batcher import BatchObserver
+from services.inference.generation.engine import EngineStats, GeneratedTokens
+from services.inference.generation.params import RequestedParams, resolve
 from services.inference.loading import (
     BackendFactory,
     LoadedModel,
+    ModelObserver,
     ModelState,
     backend_label,
     create_backend,
@@ -52,6 +54,9 @@ class ModelDescription:
     ready: bool
     backend: str
     multi_label: bool
+    # Text-generation models: prompt and generated tokens together, and whether messages can be rendered.
+    context_length: int = 0
+    chat_template: bool = False
     # Why the model is not ready (loading, or the failure); empty when it is.
     reason: str = ""
 
@@ -76,7 +81,7 @@ class Inference:
         watch_s: float | None = 1.0,
         unload_idle_s: float = 3.0,
         unload_timeout_s: float = 60.0,
-        observers: Callable[[str], BatchObserver] | None = None,
+        observers: Callable[[str], ModelObserver] | None = None,
     ) -> None:
         self.repository = repository
         self.options = BackendOptions(
@@ -111,6 +116,10 @@ class Inference:
         """(model, version, state, sequences pending) of every version in the table, for the metrics scrape."""
         return self.registry.gauges()
 
+    def generation_gauges(self) -> list[tuple[str, str, EngineStats]]:
+        """(model, version, engine stats) of every text-generation version in memory, for the metrics scrape."""
+        return self.registry.generation_gauges()
+
     def loaded(self, model_ref: str) -> LoadedModel:
         """The slot that serves a reference (tests and diagnostics)."""
         return self.registry.loaded(model_ref)
@@ -134,6 +143,27 @@ class Inference:
     ) -> tuple[ModelVersion, FloatArray, bool]:
         """Runs a ragged batch through the model's batcher: [total_tokens, width] or [n, width] float32, and
         whether the rows are pooled ones (pool asked of an embedding model: [n, width])."""
+        model, slot = self._serving_slot(model_ref, tokenizer_fingerprint)
+        if model.task is Task.TEXT_GENERATION:
+            raise errors.invalid_argument(
+                f"{model.name} is a text-generation model; call Generate", "model", reason=Reason.WRONG_TASK
+            )
+        self._validate(model, input_ids, token_type_ids, cu_seqlens)
+        if not slot.serving or slot.batcher is None:
+            raise self._not_serving(model, slot)
+        if not slot.batcher.backend.uses_token_type_ids:
+            token_type_ids = None
+        slot.in_flight += 1
+        slot.last_used = time.monotonic()
+        try:
+            pooled = slot.batcher.pools(pool)
+            output = await slot.batcher.submit(input_ids, token_type_ids, cu_seqlens, deadline, pool=pooled)
+        finally:
+            slot.in_flight -= 1
+        return model, output, pooled
+
+    def _serving_slot(self, model_ref: str, tokenizer_fingerprint: str) -> tuple[ModelVersion, LoadedModel]:
+        """The version a reference routes to and its slot; refuses ids made by another tokenizer."""
         model, slot = self.registry.select(model_ref)
         if slot is None:
             raise self.registry.not_loaded(model)
@@ -147,21 +177,71 @@ class Inference:
                 expected=slot.fingerprint,
                 got=tokenizer_fingerprint,
             )
-        self._validate(model, input_ids, token_type_ids, cu_seqlens)
-        if not slot.serving or slot.batcher is None:
-            detail = f": {slot.reason}" if slot.reason else ""
-            state = "unloading" if slot.refusing else slot.state
-            raise errors.unavailable(f"model {model.ref} is {state}{detail}", model=model.name, version=model.version)
-        if not slot.batcher.backend.uses_token_type_ids:
-            token_type_ids = None
+        return model, slot
+
+    @staticmethod
+    def _not_serving(model: ModelVersion, slot: LoadedModel) -> errors.TandemError:
+        detail = f": {slot.reason}" if slot.reason else ""
+        state = "unloading" if slot.refusing else slot.state
+        return errors.unavailable(f"model {model.ref} is {state}{detail}", model=model.name, version=model.version)
+
+    async def generate(
+        self,
+        model_ref: str,
+        prompt_ids: Sequence[int],
+        requested: RequestedParams,
+        deadline: float | None,
+        tokenizer_fingerprint: str = "",
+    ) -> tuple[ModelVersion, AsyncGenerator[GeneratedTokens, None]]:
+        """Checks a generation request and admits its sequence; the tokens then stream from the iterator. Errors
+        found before the first token (bad parameters, no KV capacity) are raised here, not from the iterator."""
+        model, slot = self._serving_slot(model_ref, tokenizer_fingerprint)
+        if model.task is not Task.TEXT_GENERATION:
+            raise errors.invalid_argument(
+                f"{model.name} is {'an' if model.task.value[0] in 'aeiou' else 'a'} {model.task.value} model, not a"
+                " text-generation model",
+                "model",
+                reason=Reason.WRONG_TASK,
+            )
+        if not prompt_ids:
+            raise errors.invalid_argument("the prompt holds no tokens", "prompt_ids")
+        engine = slot.engine
+        if not slot.serving or engine is None:
+            raise self._not_serving(model, slot)
+        low, high = min(prompt_ids), max(prompt_ids)
+        if low < 0 or high >= engine.vocab:
+            bad = low if low < 0 else high
+            raise errors.invalid_argument(
+                f"token id {bad} is outside the vocabulary of {model.name} (0..{engine.vocab - 1})", "prompt_ids"
+            )
+        settings = engine.settings
+        params = resolve(requested, len(prompt_ids), model.max_length, settings.default_max_new_tokens, engine.vocab)
         slot.in_flight += 1
         slot.last_used = time.monotonic()
         try:
-            pooled = slot.batcher.pools(pool)
-            output = await slot.batcher.submit(input_ids, token_type_ids, cu_seqlens, deadline, pool=pooled)
+            stream = engine.generate(prompt_ids, params, deadline)
+            # The first step admits the sequence (or raises RESOURCE_EXHAUSTED) before the caller sees a stream.
+            first = await anext(stream)
+        except BaseException:
+            slot.in_flight -= 1
+            await stream.aclose()
+            raise
+        return model, self._counted(slot, first, stream)
+
+    @staticmethod
+    async def _counted(
+        slot: LoadedModel, first: GeneratedTokens, stream: AsyncGenerator[GeneratedTokens, None]
+    ) -> AsyncGenerator[GeneratedTokens, None]:
+        """The stream, holding the version in memory (in_flight) until it ends or its reader goes away."""
+        try:
+            yield first
+            if first.finish is None:
+                async for chunk in stream:
+                    slot.last_used = time.monotonic()
+                    yield chunk
         finally:
             slot.in_flight -= 1
-        return model, output, pooled
+            await stream.aclose()
 
     def _validate(
         self,
@@ -251,12 +331,15 @@ class Inference:
             task=model.task,
             versions=versions,
             version=model.version,
-            max_input_length=model.max_length,
+            # A prompt must leave room for one generated token.
+            max_input_length=model.max_length - 1 if model.task is Task.TEXT_GENERATION else model.max_length,
             embedding_dimension=model.hidden_size if model.task is Task.EMBEDDING else 0,
-            labels=model.labels if model.task is not Task.EMBEDDING else (),
+            labels=model.labels if model.task not in (Task.EMBEDDING, Task.TEXT_GENERATION) else (),
             ready=ready,
             backend=slot.backend.name if slot is not None and slot.backend else backend_label(model.config),
             multi_label=model.multi_label,
+            context_length=model.max_length if model.task is Task.TEXT_GENERATION else 0,
+            chat_template=model.chat_template,
             reason=reason,
         )
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 import numpy as np
 
@@ -19,6 +20,12 @@ from services.inference.backends.torch import TorchBackend
 from services.inference.batching.batcher import Batcher, BatchObserver
 from services.inference.batching.planner import measure_call_cost
 from services.inference.export.onnx import ensure_onnx
+from services.inference.generation.engine import GenerationEngine, GenerationObserver
+
+
+class ModelObserver(BatchObserver, GenerationObserver, Protocol):
+    """Where a loaded version reports: its batcher's calls, or its generation engine's tokens."""
+
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,8 @@ class LoadedModel:
     reason: str = ""
     backend: Backend | None = None
     batcher: Batcher | None = None
+    # Text-generation versions run in a generation engine instead of a backend and batcher.
+    engine: GenerationEngine | None = None
     task: asyncio.Task[None] | None = None
     # tokenizer_fingerprint() of the version folder as loaded: ids from any other tokenizer are refused.
     fingerprint: str = ""
@@ -56,7 +65,18 @@ class LoadedModel:
 
     @property
     def serving(self) -> bool:
-        return self.state in (ModelState.READY, ModelState.UNLOADING) and not self.refusing and self.batcher is not None
+        return (
+            self.state in (ModelState.READY, ModelState.UNLOADING)
+            and not self.refusing
+            and (self.batcher is not None or self.engine is not None)
+        )
+
+    @property
+    def pending(self) -> int:
+        """Sequences admitted and not yet answered."""
+        if self.engine is not None:
+            return self.engine.in_flight
+        return self.batcher.pending if self.batcher is not None else 0
 
 
 def create_backend(model: ModelVersion, options: BackendOptions) -> Backend:
@@ -130,6 +150,31 @@ def load_version(
         call_cost,
     )
     return backend, fingerprint, call_cost
+
+
+def load_generation(
+    model: ModelVersion, options: BackendOptions, observer: GenerationObserver | None = None
+) -> tuple[GenerationEngine, str]:
+    """Worker thread: (the text-generation version's warmed-up engine, its tokenizer fingerprint)."""
+    started = time.perf_counter()
+    fingerprint = checked_fingerprint(model)
+    engine = GenerationEngine(model, options.device or model.config.device, options.intra_op_threads, observer)
+    try:
+        engine.warm_up()
+    except Exception:
+        engine.close()
+        raise
+    settings = engine.settings
+    log.info(
+        "model %s ready for generation on %s in %.1fs (KV cache %d tokens in pages of %d, up to %d sequences a step)",
+        model.ref,
+        engine.device,
+        time.perf_counter() - started,
+        engine.total_blocks * engine.page_size,
+        settings.page_size,
+        settings.max_running,
+    )
+    return engine, fingerprint
 
 
 def vocab_size(model: ModelVersion, default: int) -> int:

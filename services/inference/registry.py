@@ -20,15 +20,18 @@ from services.common.repository import (
     Listing,
     ModelRepository,
     ModelVersion,
+    Task,
     parse_reference,
 )
 from services.inference.backends.base import BackendOptions, lower_priority
-from services.inference.batching.batcher import BatchObserver
+from services.inference.generation.engine import EngineStats
 from services.inference.loading import (
     BackendFactory,
     LoadedModel,
+    ModelObserver,
     ModelState,
     create_backend,
+    load_generation,
     load_version,
     start_batcher,
 )
@@ -89,7 +92,7 @@ class ModelRegistry:
         watch_s: float | None = 1.0,
         unload_idle_s: float = 3.0,
         unload_timeout_s: float = 60.0,
-        observers: Callable[[str], BatchObserver] | None = None,
+        observers: Callable[[str], ModelObserver] | None = None,
     ) -> None:
         self.repository = repository
         self.options = options
@@ -292,17 +295,23 @@ class ModelRegistry:
 
     async def _load(self, slot: LoadedModel) -> None:
         model = slot.model
+        observer = self.observers(model.name) if self.observers is not None else None
+        loop = asyncio.get_running_loop()
         try:
-            backend, fingerprint, call_cost = await asyncio.get_running_loop().run_in_executor(
-                self._loader, load_version, model, self.options, self.backend_factory
-            )
+            if model.task is Task.TEXT_GENERATION:
+                slot.engine, slot.fingerprint = await loop.run_in_executor(
+                    self._loader, load_generation, model, self.options, observer
+                )
+            else:
+                backend, fingerprint, call_cost = await loop.run_in_executor(
+                    self._loader, load_version, model, self.options, self.backend_factory
+                )
+                slot.backend, slot.fingerprint = backend, fingerprint
+                slot.batcher = start_batcher(model, backend, self.options, call_cost, self.compute_nice, observer)
         except Exception as exc:
             log.exception("model %s failed to load", model.ref)
             slot.state, slot.reason = ModelState.FAILED, f"{type(exc).__name__}: {exc}"
         else:
-            slot.backend, slot.fingerprint = backend, fingerprint
-            observer = self.observers(model.name) if self.observers is not None else None
-            slot.batcher = start_batcher(model, backend, self.options, call_cost, self.compute_nice, observer)
             slot.state = ModelState.READY
         entry = self.entries.get(model.name)
         if entry is not None:
@@ -340,8 +349,10 @@ class ModelRegistry:
             await asyncio.sleep(max(0.005, min(wait, slot.retired_at + self.unload_timeout_s - now)))
         # From here no await until the state says UNLOADED, so no request can slip in.
         slot.state, slot.drain = ModelState.UNLOADED, None
-        batcher, backend = slot.batcher, slot.backend
-        slot.batcher = slot.backend = None
+        batcher, backend, engine = slot.batcher, slot.backend, slot.engine
+        slot.batcher = slot.backend = slot.engine = None
+        if engine is not None:
+            await asyncio.to_thread(engine.close)
         if batcher is not None:
             await batcher.close()
         elif backend is not None:
@@ -402,9 +413,12 @@ class ModelRegistry:
 
     def gauges(self) -> list[tuple[str, str, str, int]]:
         """(model, version, state, sequences pending) of every version in the table, for the metrics scrape."""
+        return [(s.model.name, s.model.version, s.state.value, s.pending) for s in list(self.slots.values())]
+
+    def generation_gauges(self) -> list[tuple[str, str, EngineStats]]:
+        """(model, version, engine stats) of every text-generation version in memory, for the metrics scrape."""
         return [
-            (s.model.name, s.model.version, s.state.value, s.batcher.pending if s.batcher is not None else 0)
-            for s in list(self.slots.values())
+            (s.model.name, s.model.version, s.engine.stats()) for s in list(self.slots.values()) if s.engine is not None
         ]
 
     async def close(self) -> None:
@@ -420,4 +434,6 @@ class ModelRegistry:
         for slot in self.slots.values():
             if slot.batcher is not None:
                 await slot.batcher.close()
+            if slot.engine is not None:
+                await asyncio.to_thread(slot.engine.close)
         await asyncio.to_thread(self._loader.shutdown, wait=True, cancel_futures=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -40,6 +42,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             pool=request.pool,
         )
         return converters.infer_response(model, output, pooled)
+
+    async def Generate(  # noqa: N802
+        self, request: inference_pb2.GenerateRequest, context: Context
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        prompt_ids = list(request.prompt_ids)
+        model, stream = await self.core.generate(
+            request.model,
+            prompt_ids,
+            converters.requested_params(request.params),
+            deadline_of(context),
+            request.tokenizer_fingerprint,
+        )
+        # A cancelled call (the caller went away, or stopped reading after a stop string) closes the stream here,
+        # which cancels the sequence in the engine.
+        async with contextlib.aclosing(stream):
+            async for chunk in stream:
+                yield converters.generate_response(model, len(prompt_ids), chunk)
 
     async def ListModels(  # noqa: N802
         self, request: inference_pb2.ListModelsRequest, context: Context

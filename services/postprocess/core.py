@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
+import tokenizers
 
 from services.common import errors
 from services.common.errors import Reason
 from services.common.pooling import check_pooling, pool_ragged
 from services.common.repository import ModelRepository, ModelVersion, Task
+from services.postprocess.detokenize import IncrementalDetokenizer, TextDelta
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,12 @@ T = TypeVar("T")
 _INLINE_ELEMENTS = 1 << 16
 # Entities are built one Python object each, so token classification also stays inline only for short batches.
 _INLINE_TOKENS = 2048
+
+# Stop strings per generation, and their length: matching scans the held-back text for each one at every step.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+# Prompt ids that seed a detokenizer's window: enough for the first generated token's leading space.
+PROMPT_CONTEXT_IDS = 8
 
 # What torch.nn.functional.normalize clamps the norm to.
 _MIN_NORM = 1e-12
@@ -267,6 +276,9 @@ class Postprocessor:
 
     def __init__(self, repository: ModelRepository) -> None:
         self.repository = repository
+        # Text-generation versions' tokenizers (tokenizer.json), loaded once each.
+        self._tokenizers: dict[tuple[str, str], tokenizers.Tokenizer] = {}
+        self._tokenizers_lock = threading.Lock()
 
     def preload(self) -> None:
         """Reads every model's newest version so that broken models show in the log at start, not at first call."""
@@ -289,6 +301,47 @@ class Postprocessor:
                 task=resolved.task.value,
             )
         return resolved
+
+    def generation_tokenizer(self, model: ModelVersion) -> tokenizers.Tokenizer | None:
+        """The version's tokenizer when it is loaded already."""
+        return self._tokenizers.get((model.name, model.version))
+
+    def load_generation_tokenizer(self, model: ModelVersion) -> tokenizers.Tokenizer:
+        """Worker thread: the version's tokenizer.json, loaded once (FAILED_PRECONDITION when it is unusable)."""
+        key = (model.name, model.version)
+        with self._tokenizers_lock:
+            loaded = self._tokenizers.get(key)
+            if loaded is None:
+                try:
+                    loaded = tokenizers.Tokenizer.from_file(str(model.path / "tokenizer.json"))
+                except Exception as exc:
+                    raise errors.failed_precondition(
+                        f"model {model.ref} has no usable tokenizer.json: {exc}",
+                        reason=Reason.TOKENIZER_BROKEN,
+                        model=model.name,
+                    ) from exc
+                self._tokenizers[key] = loaded
+        return loaded
+
+    async def detokenization(
+        self, model: str, version: str, prompt_ids: Sequence[int], stop: Sequence[str], skip_special: bool
+    ) -> Detokenization:
+        """A detokenizer for one sequence of a text-generation model, after checking the stop strings."""
+        if len(stop) > MAX_STOP_STRINGS:
+            raise errors.invalid_argument(f"{len(stop)} stop strings; at most {MAX_STOP_STRINGS}", "stop")
+        for i, text in enumerate(stop):
+            if not text or len(text) > MAX_STOP_CHARS:
+                raise errors.invalid_argument(
+                    f"stop string {i} must have 1 to {MAX_STOP_CHARS} characters, it has {len(text)}", f"stop[{i}]"
+                )
+        resolved = self._model(model, version, Task.TEXT_GENERATION)
+        tokenizer = self.generation_tokenizer(resolved)
+        if tokenizer is None:
+            tokenizer = await asyncio.to_thread(self.load_generation_tokenizer, resolved)
+        vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+        context = [i for i in prompt_ids[-PROMPT_CONTEXT_IDS:] if 0 <= i < vocab]
+        decoder = IncrementalDetokenizer(tokenizer, prompt_ids=context, stop=stop, skip_special_tokens=skip_special)
+        return Detokenization(decoder, vocab)
 
     @staticmethod
     async def _run(inline: bool, work: Callable[[], T]) -> T:
@@ -399,3 +452,25 @@ class Postprocessor:
             return RerankPostprocessor().rank(logits, top_n)
 
         return await self._run(logits.size <= _INLINE_ELEMENTS, work)
+
+
+@dataclass
+class Detokenization:
+    """One generated sequence's text, delta by delta (the postprocess stage's streaming Detokenize)."""
+
+    decoder: IncrementalDetokenizer
+    vocab: int
+
+    def feed(self, ids: Sequence[int], finish: bool) -> TextDelta:
+        """The text of `ids` that is safe to show; with `finish`, also what was held back (the sequence is over)."""
+        if self.decoder.stopped:
+            raise errors.invalid_argument("a stop string already ended this sequence; send no more ids", "token_ids")
+        for token in ids:
+            if not 0 <= token < self.vocab:
+                raise errors.invalid_argument(
+                    f"token id {token} is outside the vocabulary (0..{self.vocab - 1})", "token_ids"
+                )
+        delta = self.decoder.feed(ids)
+        if finish and delta.stop is None:
+            return TextDelta(delta.text + self.decoder.finish(), None)
+        return delta

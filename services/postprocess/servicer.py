@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -65,6 +66,24 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
             request.model, request.version, converters.floats(request, "logits", "logits"), request.top_n
         )
         return converters.rerank_response(results)
+
+    async def Detokenize(  # noqa: N802
+        self, request_iterator: AsyncIterator[postprocess_pb2.DetokenizeRequest], context: Context
+    ) -> AsyncIterator[postprocess_pb2.DetokenizeResponse]:
+        decoding = None
+        async for request in request_iterator:
+            if decoding is None:
+                decoding = await self.core.detokenization(
+                    request.model,
+                    request.version,
+                    list(request.prompt_ids),
+                    list(request.stop),
+                    not request.keep_special_tokens,
+                )
+            delta = decoding.feed(list(request.token_ids), request.finish)
+            yield postprocess_pb2.DetokenizeResponse(
+                text=delta.text, stop=delta.stop or "", stop_token_count=delta.stop_token_count or 0
+            )
 
 
 SERVICE_NAME = postprocess_pb2.DESCRIPTOR.services_by_name["PostprocessService"].full_name

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.common import tensors
-from services.tokenizer.core import Encoded, TokenizeOptions
+from services.tokenizer.core import ChatMessage, Encoded, Prompt, TokenizeOptions
 from tandem.tensor.v1 import tensor_pb2
 from tandem.tokenizer.v1 import tokenizer_pb2
 
@@ -42,3 +42,17 @@ def tokenize_response(encoded: Encoded) -> tokenizer_pb2.TokenizeResponse:
     if encoded.tokens is not None:
         response.tokens.extend(tokenizer_pb2.TokenStrings(tokens=t) for t in encoded.tokens)
     return response
+
+
+def chat_messages(request: tokenizer_pb2.EncodePromptRequest) -> list[ChatMessage]:
+    return [ChatMessage(m.role, m.content) for m in request.messages]
+
+
+def encode_prompt_response(prompt: Prompt) -> tokenizer_pb2.EncodePromptResponse:
+    return tokenizer_pb2.EncodePromptResponse(
+        ids=prompt.ids,
+        model=prompt.model,
+        version=prompt.version,
+        tokenizer_fingerprint=prompt.tokenizer_fingerprint,
+        context_length=prompt.context_length,
+    )

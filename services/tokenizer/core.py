@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from services.common import errors
 from services.common.errors import Reason
-from services.common.repository import ModelRepository, ModelVersion, tokenizer_fingerprint
+from services.common.repository import ModelRepository, ModelVersion, Task, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,23 @@ class Encoded:
     tokenizer_fingerprint: str = ""
 
 
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A generation prompt's token ids, and whose tokenizer made them."""
+
+    model: str
+    version: str
+    ids: list[int]
+    tokenizer_fingerprint: str
+    context_length: int
+
+
 class LoadedTokenizer:
     """One model version's tokenizer: a truncating and a non-truncating copy, since settings are shared state."""
 
@@ -59,6 +76,9 @@ class LoadedTokenizer:
         if not isinstance(backend, tokenizers.Tokenizer):
             raise ValueError(f"{model.name}:{model.version} has no fast tokenizer (tokenizer.json)")
         serialized = backend.to_str()
+        # The Hugging Face tokenizer renders chat templates (its apply_chat_template, with the template's own jinja
+        # environment and special-token variables); the Rust tokenizers below do the encoding.
+        self.hf = hf
         self.plain = tokenizers.Tokenizer.from_str(serialized)
         self.plain.no_truncation()
         self.plain.no_padding()
@@ -106,6 +126,30 @@ class LoadedTokenizer:
         if options.return_tokens:
             encoded.tokens = [list(e.tokens) for e in encodings]
         return encoded
+
+    def encode_prompt(self, prompt: str, messages: Sequence[ChatMessage]) -> list[int]:
+        """A plain prompt with the model's special tokens, or messages rendered with its chat template and generation
+        prompt (the template writes its own special tokens, so none are added)."""
+        if not messages:
+            return list(self.plain.encode(prompt, add_special_tokens=True).ids)
+        if not self.model.chat_template:
+            raise errors.invalid_argument(
+                f"{self.model.name} has no chat template, so it cannot take messages; send a prompt instead",
+                "messages",
+                reason=Reason.NO_CHAT_TEMPLATE,
+            )
+        for i, message in enumerate(messages):
+            if not message.role:
+                raise errors.invalid_argument(f"message {i} has no role", f"messages[{i}].role")
+        try:
+            text = self.hf.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # the template's own raise_exception (e.g. roles must alternate), or jinja errors
+            raise errors.invalid_argument(
+                f"the chat template of {self.model.name} refused the messages: {exc}", "messages"
+            ) from exc
+        return list(self.plain.encode(str(text), add_special_tokens=False).ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         bad = [i for i in ids if i < 0 or i >= self.vocab_size]
@@ -176,6 +220,36 @@ class Tokenizer:
     def _loaded_for(self, model_ref: str) -> LoadedTokenizer | None:
         model = self.repository.resolve(model_ref)
         return self._loaded.get((model.name, model.version))
+
+    async def encode_prompt(self, model_ref: str, prompt: str, messages: Sequence[ChatMessage]) -> Prompt:
+        """Token ids of a generation prompt, checked against the model's context (a token must be left to generate)."""
+        if bool(prompt) == bool(messages):
+            raise errors.invalid_argument("give a prompt or messages, exactly one of them", "prompt")
+        loaded = self._loaded_for(model_ref)
+        if loaded is None:
+            loaded = await asyncio.to_thread(self._get, model_ref)
+        model = loaded.model
+        if model.task is not Task.TEXT_GENERATION:
+            raise errors.invalid_argument(
+                f"{model.name} is not a text-generation model (task {model.task.value})",
+                "model",
+                reason=Reason.WRONG_TASK,
+            )
+        chars = len(prompt) + sum(len(m.content) for m in messages)
+        if chars <= _INLINE_CHARS:
+            ids = loaded.encode_prompt(prompt, messages)
+        else:
+            ids = await asyncio.to_thread(loaded.encode_prompt, prompt, messages)
+        if len(ids) >= model.max_length:
+            field = "messages" if messages else "prompt"
+            raise errors.invalid_argument(
+                f"the {field} has {len(ids)} tokens; {model.name} holds {model.max_length} in all, so at most"
+                f" {model.max_length - 1} fit before the first generated token",
+                field,
+                reason=Reason.INPUT_TOO_LONG,
+                tokens=str(len(ids)),
+            )
+        return Prompt(model.name, model.version, ids, loaded.fingerprint, model.max_length)
 
     async def detokenize(self, model_ref: str, ids: Sequence[int], skip_special_tokens: bool) -> tuple[str, str]:
         loaded = await asyncio.to_thread(self._get, model_ref)

@@ -33,6 +33,13 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         text, model = await self.core.detokenize(request.model, request.ids, request.skip_special_tokens)
         return tokenizer_pb2.DetokenizeResponse(text=text, model=model)
 
+    async def EncodePrompt(  # noqa: N802
+        self, request: tokenizer_pb2.EncodePromptRequest, context: Context
+    ) -> tokenizer_pb2.EncodePromptResponse:
+        prompt = await self.core.encode_prompt(request.model, request.prompt, converters.chat_messages(request))
+        timing.note(served_model=prompt.model, tokens=len(prompt.ids))
+        return converters.encode_prompt_response(prompt)
+
 
 SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"].full_name
 

@@ -22,6 +22,7 @@ class Task(StrEnum):
     CLASSIFICATION = "classification"
     TOKEN_CLASSIFICATION = "token-classification"
     RERANK = "rerank"
+    TEXT_GENERATION = "text-generation"
 
 
 class VersionPolicy(BaseModel):
@@ -62,6 +63,35 @@ class VersionPolicy(BaseModel):
         return f"the latest {self.latest}"
 
 
+class GenerationSettings(BaseModel):
+    """The `generation` block of tandem.json (text-generation models): the continuous-batching engine's sizes and the
+    default answer length. The KV cache is allocated once, when the version loads: kv_cache_tokens x layers x KV
+    heads x head size x 2 (keys and values) x 4 bytes (float32) on CPU, e.g. 46 KB per token for SmolLM2-135M."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    default_max_new_tokens: int = Field(
+        256, ge=1, description="max_new_tokens of a request that sets none (cut to what the context leaves)"
+    )
+    kv_cache_tokens: int = Field(
+        8192,
+        ge=16,
+        description="tokens the paged KV cache holds over all running sequences; a request reserves prompt + "
+        "max_new_tokens of them, and one that does not fit now gets RESOURCE_EXHAUSTED with RetryInfo",
+    )
+    page_size: int = Field(32, ge=4, description="tokens per KV cache block")
+    max_running: int = Field(32, ge=1, le=1024, description="sequences decoded together in one step")
+    max_step_tokens: int = Field(
+        512,
+        ge=16,
+        description="tokens one step may compute: decoding sequences take one each, prompts are prefilled in "
+        "chunks of what is left, which bounds what a new prompt adds to the others' inter-token latency",
+    )
+    max_waiting: int = Field(
+        256, ge=0, description="admitted sequences waiting for a place in the running batch before RESOURCE_EXHAUSTED"
+    )
+
+
 class ModelConfig(BaseModel):
     """Contents of <model>/tandem.json."""
 
@@ -98,6 +128,20 @@ class ModelConfig(BaseModel):
         "time 2-3.5 ms faster on 2 cores). Costs a second copy of the weights in memory. Default: on",
     )
     version_policy: VersionPolicy = Field(default_factory=lambda: VersionPolicy(), description="which versions load")
+    generation: GenerationSettings | None = Field(
+        None, description="text-generation models: engine sizes and defaults (defaults when absent)"
+    )
+
+    @model_validator(mode="after")
+    def _generation_fits_task(self) -> ModelConfig:
+        if self.task is Task.TEXT_GENERATION:
+            if self.backend != "torch":
+                raise ValueError('text-generation models are served by the torch backend: set "backend": "torch"')
+            if self.generation is None:
+                self.generation = GenerationSettings()
+        elif self.generation is not None:
+            raise ValueError(f"a generation block is for text-generation models, not {self.task.value}")
+        return self
 
 
 class AccuracyReport(BaseModel):
@@ -152,6 +196,8 @@ class ModelVersion:
     hidden_size: int
     pooling: str
     metadata: VersionMetadata | None = None
+    # Text-generation models: whether the tokenizer has a chat template (Generate then takes messages).
+    chat_template: bool = False
 
     @property
     def task(self) -> Task:

@@ -9,7 +9,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from services.common.repository import files
-from services.common.repository.config import CONFIG_FILE, METADATA_FILE, ModelConfig, ModelVersion, VersionMetadata
+from services.common.repository.config import (
+    CONFIG_FILE,
+    METADATA_FILE,
+    ModelConfig,
+    ModelVersion,
+    Task,
+    VersionMetadata,
+)
 
 
 def _pooling_from_files(path: Path) -> str:
@@ -36,10 +43,18 @@ def _max_length_from_files(path: Path, hf_config: dict[str, Any]) -> int:
         value = files.read_json(tok_config).get("model_max_length")
         if isinstance(value, int) and value < 1_000_000:
             limits.append(value)
-    positions = hf_config.get("max_position_embeddings")
+    positions = hf_config.get("max_position_embeddings", hf_config.get("n_positions"))
     if isinstance(positions, int):
         limits.append(positions)
     return min(limits) if limits else 512
+
+
+def _has_chat_template(path: Path) -> bool:
+    """Whether the version's tokenizer files carry a chat template (chat_template.jinja, or in tokenizer_config)."""
+    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
+        return True
+    tok_config = path / "tokenizer_config.json"
+    return tok_config.is_file() and bool(files.read_json(tok_config).get("chat_template"))
 
 
 def read_metadata(path: Path) -> VersionMetadata | None:
@@ -80,4 +95,5 @@ def load_version(name: str, version: str, path: Path, config: ModelConfig) -> Mo
         hidden_size=int(hf_config.get("hidden_size", 0)),
         pooling=config.pooling or _pooling_from_files(path),
         metadata=metadata,
+        chat_template=config.task is Task.TEXT_GENERATION and _has_chat_template(path),
     )

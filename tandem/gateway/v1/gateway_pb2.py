@@ -22,72 +22,77 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from tandem.generation.v1 import generation_pb2 as tandem_dot_generation_dot_v1_dot_generation__pb2
 from tandem.model.v1 import model_pb2 as tandem_dot_model_dot_v1_dot_model__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftandem/gateway/v1/gateway.proto\x12\x11tandem.gateway.v1\x1a\x1btandem/model/v1/model.proto\"4\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\x05\"w\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x16\n\tnormalize\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\x08truncate\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x0c\n\n_normalizeB\x0b\n\t_truncate\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x90\x01\n\rEmbedResponse\x12\x30\n\nembeddings\x18\x01 \x03(\x0b\x32\x1c.tandem.gateway.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\'\n\x05usage\x18\x03 \x01(\x0b\x32\x18.tandem.gateway.v1.Usage\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"R\n\x12\x45mbedStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x30\n\x07request\x18\x02 \x01(\x0b\x32\x1f.tandem.gateway.v1.EmbedRequest\"L\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06\x66ields\x18\x04 \x03(\t\"\x84\x01\n\x13\x45mbedStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x32\n\x08response\x18\x02 \x01(\x0b\x32 .tandem.gateway.v1.EmbedResponse\x12-\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1e.tandem.gateway.v1.StreamError\"c\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x15\n\x08truncate\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x0b\n\t_truncate\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"?\n\x0e\x43lassification\x12-\n\x06labels\x18\x01 \x03(\x0b\x32\x1d.tandem.gateway.v1.LabelScore\"\x95\x01\n\x10\x43lassifyResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.tandem.gateway.v1.Classification\x12\r\n\x05model\x18\x02 \x01(\t\x12\'\n\x05usage\x18\x03 \x01(\x0b\x32\x18.tandem.gateway.v1.Usage\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"Z\n\x15\x43lassifyTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x15\n\x08truncate\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x0b\n\t_truncate\"P\n\x06\x45ntity\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x05\x12\x0c\n\x04text\x18\x05 \x01(\t\"B\n\x13TokenClassification\x12+\n\x08\x65ntities\x18\x01 \x03(\x0b\x32\x19.tandem.gateway.v1.Entity\"\xa0\x01\n\x16\x43lassifyTokensResponse\x12\x37\n\x07results\x18\x01 \x03(\x0b\x32&.tandem.gateway.v1.TokenClassification\x12\r\n\x05model\x18\x02 \x01(\t\x12\'\n\x05usage\x18\x03 \x01(\x0b\x32\x18.tandem.gateway.v1.Usage\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"\x8d\x01\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\t\x12\r\n\x05top_n\x18\x04 \x01(\x05\x12\x15\n\x08truncate\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x18\n\x10return_documents\x18\x06 \x01(\x08\x42\x0b\n\t_truncate\">\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x10\n\x08\x64ocument\x18\x03 \x01(\t\"\x91\x01\n\x0eRerankResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.tandem.gateway.v1.RerankResult\x12\r\n\x05model\x18\x02 \x01(\t\x12\'\n\x05usage\x18\x03 \x01(\x0b\x32\x18.tandem.gateway.v1.Usage\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"\x8c\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\x08truncate\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x15\n\x13_add_special_tokensB\x0b\n\t_truncate\"$\n\x06Offset\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05\"d\n\x08\x45ncoding\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12*\n\x07offsets\x18\x03 \x03(\x0b\x32\x19.tandem.gateway.v1.Offset\x12\x0f\n\x07special\x18\x04 \x03(\x08\"Q\n\x10TokenizeResponse\x12.\n\tencodings\x18\x01 \x03(\x0b\x32\x1b.tandem.gateway.v1.Encoding\x12\r\n\x05model\x18\x02 \x01(\t\"i\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\x03\x12 \n\x13skip_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"1\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.tandem.model.v1.ModelInfo\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"=\n\x10GetModelResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.tandem.model.v1.ModelInfo2\xa9\x06\n\x0eGatewayService\x12J\n\x05\x45mbed\x12\x1f.tandem.gateway.v1.EmbedRequest\x1a .tandem.gateway.v1.EmbedResponse\x12`\n\x0b\x45mbedStream\x12%.tandem.gateway.v1.EmbedStreamRequest\x1a&.tandem.gateway.v1.EmbedStreamResponse(\x01\x30\x01\x12S\n\x08\x43lassify\x12\".tandem.gateway.v1.ClassifyRequest\x1a#.tandem.gateway.v1.ClassifyResponse\x12\x65\n\x0e\x43lassifyTokens\x12(.tandem.gateway.v1.ClassifyTokensRequest\x1a).tandem.gateway.v1.ClassifyTokensResponse\x12M\n\x06Rerank\x12 .tandem.gateway.v1.RerankRequest\x1a!.tandem.gateway.v1.RerankResponse\x12S\n\x08Tokenize\x12\".tandem.gateway.v1.TokenizeRequest\x1a#.tandem.gateway.v1.TokenizeResponse\x12Y\n\nDetokenize\x12$.tandem.gateway.v1.DetokenizeRequest\x1a%.tandem.gateway.v1.DetokenizeResponse\x12Y\n\nListModels\x12$.tandem.gateway.v1.ListModelsRequest\x1a%.tandem.gateway.v1.ListModelsResponse\x12S\n\x08GetModel\x12\".tandem.gateway.v1.GetModelRequest\x1a#.tandem.gateway.v1.GetModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftandem/gateway/v1/gateway.proto\x12\x11tandem.gateway.v1\x1a%tandem/generation/v1/generation.proto\x1a\x1btandem/model/v1/model.proto\"N\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x03 \x01(\x05\"w\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x16\n\tnormalize\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\x08truncate\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x0c\n\n_normalizeB\x0b\n\t_truncate\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x90\x01\n\rEmbedResponse\x12\x30\n\nembeddings\x18\x01 \x03(\x0b\x32\x1c.tandem.gateway.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\'\n\x05usage\x18\x03 \x01(\x0b\x32\x18.tandem.gateway.v1.Usage\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"R\n\x12\x45mbedStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x30\n\x07request\x18\x02 \x01(\x0b\x32\x1f.tandem.gateway.v1.EmbedRequest\"L\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06\x66ields\x18\x04 \x03(\t\"\x84\x01\n\x13\x45mbedStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x32\n\x08response\x18\x02 \x01(\x0b\x32 .tandem.gateway.v1.EmbedResponse\x12-\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1e.tandem.gateway.v1.StreamError\"c\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x15\n\x08truncate\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x0b\n\t_truncate\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"?\n\x0e\x43lassification\x12-\n\x06labels\x18\x01 \x03(\x0b\x32\x1d.tandem.gateway.v1.LabelScore\"\x95\x01\n\x10\x43lassifyResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.tandem.gateway.v1.Classification\x12\r\n\x05model\x18\x02 \x01(\t\x12\'\n\x05usage\x18\x03 \x01(\x0b\x32\x18.tandem.gateway.v1.Usage\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"Z\n\x15\x43lassifyTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x15\n\x08truncate\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x0b\n\t_truncate\"P\n\x06\x45ntity\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x05\x12\x0c\n\x04text\x18\x05 \x01(\t\"B\n\x13TokenClassification\x12+\n\x08\x65ntities\x18\x01 \x03(\x0b\x32\x19.tandem.gateway.v1.Entity\"\xa0\x01\n\x16\x43lassifyTokensResponse\x12\x37\n\x07results\x18\x01 \x03(\x0b\x32&.tandem.gateway.v1.TokenClassification\x12\r\n\x05model\x18\x02 \x01(\t\x12\'\n\x05usage\x18\x03 \x01(\x0b\x32\x18.tandem.gateway.v1.Usage\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"\x8d\x01\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\t\x12\r\n\x05top_n\x18\x04 \x01(\x05\x12\x15\n\x08truncate\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x18\n\x10return_documents\x18\x06 \x01(\x08\x42\x0b\n\t_truncate\">\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x10\n\x08\x64ocument\x18\x03 \x01(\t\"\x91\x01\n\x0eRerankResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.tandem.gateway.v1.RerankResult\x12\r\n\x05model\x18\x02 \x01(\t\x12\'\n\x05usage\x18\x03 \x01(\x0b\x32\x18.tandem.gateway.v1.Usage\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"\x8c\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\x08truncate\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x15\n\x13_add_special_tokensB\x0b\n\t_truncate\"$\n\x06Offset\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05\"d\n\x08\x45ncoding\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12*\n\x07offsets\x18\x03 \x03(\x0b\x32\x19.tandem.gateway.v1.Offset\x12\x0f\n\x07special\x18\x04 \x03(\x08\"Q\n\x10TokenizeResponse\x12.\n\tencodings\x18\x01 \x03(\x0b\x32\x1b.tandem.gateway.v1.Encoding\x12\r\n\x05model\x18\x02 \x01(\t\"i\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\x03\x12 \n\x13skip_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"1\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.tandem.model.v1.ModelInfo\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"=\n\x10GetModelResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.tandem.model.v1.ModelInfo\"\x9d\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x33\n\x08messages\x18\x03 \x03(\x0b\x32!.tandem.generation.v1.ChatMessage\x12\x36\n\x06params\x18\x04 \x01(\x0b\x32&.tandem.generation.v1.GenerationParams\"\xa1\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x34\n\x08logprobs\x18\x03 \x03(\x0b\x32\".tandem.generation.v1.TokenLogprob\x12\x39\n\rfinish_reason\x18\x04 \x01(\x0e\x32\".tandem.generation.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x05 \x01(\t\x12\x15\n\rstop_token_id\x18\x06 \x01(\x03\x12\'\n\x05usage\x18\x07 \x01(\x0b\x32\x18.tandem.gateway.v1.Usage\x12\r\n\x05model\x18\x08 \x01(\t\x12\x15\n\rmodel_version\x18\t \x01(\t2\x80\x07\n\x0eGatewayService\x12J\n\x05\x45mbed\x12\x1f.tandem.gateway.v1.EmbedRequest\x1a .tandem.gateway.v1.EmbedResponse\x12`\n\x0b\x45mbedStream\x12%.tandem.gateway.v1.EmbedStreamRequest\x1a&.tandem.gateway.v1.EmbedStreamResponse(\x01\x30\x01\x12S\n\x08\x43lassify\x12\".tandem.gateway.v1.ClassifyRequest\x1a#.tandem.gateway.v1.ClassifyResponse\x12\x65\n\x0e\x43lassifyTokens\x12(.tandem.gateway.v1.ClassifyTokensRequest\x1a).tandem.gateway.v1.ClassifyTokensResponse\x12M\n\x06Rerank\x12 .tandem.gateway.v1.RerankRequest\x1a!.tandem.gateway.v1.RerankResponse\x12S\n\x08Tokenize\x12\".tandem.gateway.v1.TokenizeRequest\x1a#.tandem.gateway.v1.TokenizeResponse\x12Y\n\nDetokenize\x12$.tandem.gateway.v1.DetokenizeRequest\x1a%.tandem.gateway.v1.DetokenizeResponse\x12Y\n\nListModels\x12$.tandem.gateway.v1.ListModelsRequest\x1a%.tandem.gateway.v1.ListModelsResponse\x12S\n\x08GetModel\x12\".tandem.gateway.v1.GetModelRequest\x1a#.tandem.gateway.v1.GetModelResponse\x12U\n\x08Generate\x12\".tandem.gateway.v1.GenerateRequest\x1a#.tandem.gateway.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.gateway.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_USAGE']._serialized_start=83
-  _globals['_USAGE']._serialized_end=135
-  _globals['_EMBEDREQUEST']._serialized_start=137
-  _globals['_EMBEDREQUEST']._serialized_end=256
-  _globals['_EMBEDDING']._serialized_start=258
-  _globals['_EMBEDDING']._serialized_end=285
-  _globals['_EMBEDRESPONSE']._serialized_start=288
-  _globals['_EMBEDRESPONSE']._serialized_end=432
-  _globals['_EMBEDSTREAMREQUEST']._serialized_start=434
-  _globals['_EMBEDSTREAMREQUEST']._serialized_end=516
-  _globals['_STREAMERROR']._serialized_start=518
-  _globals['_STREAMERROR']._serialized_end=594
-  _globals['_EMBEDSTREAMRESPONSE']._serialized_start=597
-  _globals['_EMBEDSTREAMRESPONSE']._serialized_end=729
-  _globals['_CLASSIFYREQUEST']._serialized_start=731
-  _globals['_CLASSIFYREQUEST']._serialized_end=830
-  _globals['_LABELSCORE']._serialized_start=832
-  _globals['_LABELSCORE']._serialized_end=874
-  _globals['_CLASSIFICATION']._serialized_start=876
-  _globals['_CLASSIFICATION']._serialized_end=939
-  _globals['_CLASSIFYRESPONSE']._serialized_start=942
-  _globals['_CLASSIFYRESPONSE']._serialized_end=1091
-  _globals['_CLASSIFYTOKENSREQUEST']._serialized_start=1093
-  _globals['_CLASSIFYTOKENSREQUEST']._serialized_end=1183
-  _globals['_ENTITY']._serialized_start=1185
-  _globals['_ENTITY']._serialized_end=1265
-  _globals['_TOKENCLASSIFICATION']._serialized_start=1267
-  _globals['_TOKENCLASSIFICATION']._serialized_end=1333
-  _globals['_CLASSIFYTOKENSRESPONSE']._serialized_start=1336
-  _globals['_CLASSIFYTOKENSRESPONSE']._serialized_end=1496
-  _globals['_RERANKREQUEST']._serialized_start=1499
-  _globals['_RERANKREQUEST']._serialized_end=1640
-  _globals['_RERANKRESULT']._serialized_start=1642
-  _globals['_RERANKRESULT']._serialized_end=1704
-  _globals['_RERANKRESPONSE']._serialized_start=1707
-  _globals['_RERANKRESPONSE']._serialized_end=1852
-  _globals['_TOKENIZEREQUEST']._serialized_start=1855
-  _globals['_TOKENIZEREQUEST']._serialized_end=1995
-  _globals['_OFFSET']._serialized_start=1997
-  _globals['_OFFSET']._serialized_end=2033
-  _globals['_ENCODING']._serialized_start=2035
-  _globals['_ENCODING']._serialized_end=2135
-  _globals['_TOKENIZERESPONSE']._serialized_start=2137
-  _globals['_TOKENIZERESPONSE']._serialized_end=2218
-  _globals['_DETOKENIZEREQUEST']._serialized_start=2220
-  _globals['_DETOKENIZEREQUEST']._serialized_end=2325
-  _globals['_DETOKENIZERESPONSE']._serialized_start=2327
-  _globals['_DETOKENIZERESPONSE']._serialized_end=2376
-  _globals['_LISTMODELSREQUEST']._serialized_start=2378
-  _globals['_LISTMODELSREQUEST']._serialized_end=2397
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2399
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2463
-  _globals['_GETMODELREQUEST']._serialized_start=2465
-  _globals['_GETMODELREQUEST']._serialized_end=2497
-  _globals['_GETMODELRESPONSE']._serialized_start=2499
-  _globals['_GETMODELRESPONSE']._serialized_end=2560
-  _globals['_GATEWAYSERVICE']._serialized_start=2563
-  _globals['_GATEWAYSERVICE']._serialized_end=3372
+  _globals['_USAGE']._serialized_start=122
+  _globals['_USAGE']._serialized_end=200
+  _globals['_EMBEDREQUEST']._serialized_start=202
+  _globals['_EMBEDREQUEST']._serialized_end=321
+  _globals['_EMBEDDING']._serialized_start=323
+  _globals['_EMBEDDING']._serialized_end=350
+  _globals['_EMBEDRESPONSE']._serialized_start=353
+  _globals['_EMBEDRESPONSE']._serialized_end=497
+  _globals['_EMBEDSTREAMREQUEST']._serialized_start=499
+  _globals['_EMBEDSTREAMREQUEST']._serialized_end=581
+  _globals['_STREAMERROR']._serialized_start=583
+  _globals['_STREAMERROR']._serialized_end=659
+  _globals['_EMBEDSTREAMRESPONSE']._serialized_start=662
+  _globals['_EMBEDSTREAMRESPONSE']._serialized_end=794
+  _globals['_CLASSIFYREQUEST']._serialized_start=796
+  _globals['_CLASSIFYREQUEST']._serialized_end=895
+  _globals['_LABELSCORE']._serialized_start=897
+  _globals['_LABELSCORE']._serialized_end=939
+  _globals['_CLASSIFICATION']._serialized_start=941
+  _globals['_CLASSIFICATION']._serialized_end=1004
+  _globals['_CLASSIFYRESPONSE']._serialized_start=1007
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1156
+  _globals['_CLASSIFYTOKENSREQUEST']._serialized_start=1158
+  _globals['_CLASSIFYTOKENSREQUEST']._serialized_end=1248
+  _globals['_ENTITY']._serialized_start=1250
+  _globals['_ENTITY']._serialized_end=1330
+  _globals['_TOKENCLASSIFICATION']._serialized_start=1332
+  _globals['_TOKENCLASSIFICATION']._serialized_end=1398
+  _globals['_CLASSIFYTOKENSRESPONSE']._serialized_start=1401
+  _globals['_CLASSIFYTOKENSRESPONSE']._serialized_end=1561
+  _globals['_RERANKREQUEST']._serialized_start=1564
+  _globals['_RERANKREQUEST']._serialized_end=1705
+  _globals['_RERANKRESULT']._serialized_start=1707
+  _globals['_RERANKRESULT']._serialized_end=1769
+  _globals['_RERANKRESPONSE']._serialized_start=1772
+  _globals['_RERANKRESPONSE']._serialized_end=1917
+  _globals['_TOKENIZEREQUEST']._serialized_start=1920
+  _globals['_TOKENIZEREQUEST']._serialized_end=2060
+  _globals['_OFFSET']._serialized_start=2062
+  _globals['_OFFSET']._serialized_end=2098
+  _globals['_ENCODING']._serialized_start=2100
+  _globals['_ENCODING']._serialized_end=2200
+  _globals['_TOKENIZERESPONSE']._serialized_start=2202
+  _globals['_TOKENIZERESPONSE']._serialized_end=2283
+  _globals['_DETOKENIZEREQUEST']._serialized_start=2285
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2390
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2392
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2441
+  _globals['_LISTMODELSREQUEST']._serialized_start=2443
+  _globals['_LISTMODELSREQUEST']._serialized_end=2462
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2464
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2528
+  _globals['_GETMODELREQUEST']._serialized_start=2530
+  _globals['_GETMODELREQUEST']._serialized_end=2562
+  _globals['_GETMODELRESPONSE']._serialized_start=2564
+  _globals['_GETMODELRESPONSE']._serialized_end=2625
+  _globals['_GENERATEREQUEST']._serialized_start=2628
+  _globals['_GENERATEREQUEST']._serialized_end=2785
+  _globals['_GENERATERESPONSE']._serialized_start=2788
+  _globals['_GENERATERESPONSE']._serialized_end=3077
+  _globals['_GATEWAYSERVICE']._serialized_start=3080
+  _globals['_GATEWAYSERVICE']._serialized_end=3976
 # @@protoc_insertion_point(module_scope)

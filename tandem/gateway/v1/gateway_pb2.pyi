@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from tandem.generation.v1 import generation_pb2 as _generation_pb2
 from tandem.model.v1 import model_pb2 as _model_pb2
 import builtins as _builtins
 import sys
@@ -27,19 +28,23 @@ class Usage(_message.Message):
 
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     TOTAL_TOKENS_FIELD_NUMBER: _builtins.int
+    GENERATED_TOKENS_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
     """Tokens fed to the model, special tokens included."""
     total_tokens: _builtins.int
-    """Tokens processed in all; equal to prompt_tokens for encoder models."""
+    """Tokens processed in all: prompt_tokens plus generated_tokens."""
+    generated_tokens: _builtins.int
+    """Tokens generated (text-generation models)."""
     def __init__(
         self,
         *,
         prompt_tokens: _builtins.int = ...,
         total_tokens: _builtins.int = ...,
+        generated_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["prompt_tokens", b"prompt_tokens", "total_tokens", b"total_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generated_tokens", b"generated_tokens", "prompt_tokens", b"prompt_tokens", "total_tokens", b"total_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -907,3 +912,101 @@ class GetModelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetModelResponse: _TypeAlias = GetModelResponse  # noqa: Y015
+
+@_typing.final
+class GenerateRequest(_message.Message):
+    """A prompt or a conversation to continue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name, "name:version", "name@alias", or empty for the default model; a text-generation model."""
+    prompt: _builtins.str
+    """A plain prompt. Set this or messages."""
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[_generation_pb2.ChatMessage]:
+        """A conversation, rendered with the model's chat template (GetModel says whether it has one). Set this or prompt."""
+
+    @_builtins.property
+    def params(self) -> _generation_pb2.GenerationParams:
+        """Sampling and stopping; every field has a default."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        prompt: _builtins.str = ...,
+        messages: _abc.Iterable[_generation_pb2.ChatMessage] | None = ...,
+        params: _generation_pb2.GenerationParams | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "model", b"model", "params", b"params", "prompt", b"prompt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+
+@_typing.final
+class GenerateResponse(_message.Message):
+    """Generated text since the previous message; the last message also says why generation ended."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
+    STOP_SEQUENCE_FIELD_NUMBER: _builtins.int
+    STOP_TOKEN_ID_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """New text. Never a split character, never text that could still turn out to be part of a stop string."""
+    finish_reason: _generation_pb2.FinishReason.ValueType
+    """Set on the last message only."""
+    stop_sequence: _builtins.str
+    """The stop string that ended the text (finish_reason STOP_SEQUENCE); it is not part of the text."""
+    stop_token_id: _builtins.int
+    """The params.stop_token_ids entry that ended generation (finish_reason STOP_SEQUENCE)."""
+    model: _builtins.str
+    """Model that answered."""
+    model_version: _builtins.str
+    """Version that answered (the same version tokenizes, generates and detokenizes)."""
+    @_builtins.property
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """New token ids (an end-of-sequence or stop token included; the text leaves special tokens out)."""
+
+    @_builtins.property
+    def logprobs(self) -> _containers.RepeatedCompositeFieldContainer[_generation_pb2.TokenLogprob]:
+        """One per new token, when params.logprobs > 0."""
+
+    @_builtins.property
+    def usage(self) -> Global___Usage:
+        """Token counts (last message only)."""
+
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        logprobs: _abc.Iterable[_generation_pb2.TokenLogprob] | None = ...,
+        finish_reason: _generation_pb2.FinishReason.ValueType = ...,
+        stop_sequence: _builtins.str = ...,
+        stop_token_id: _builtins.int = ...,
+        usage: Global___Usage | None = ...,
+        model: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "logprobs", b"logprobs", "model", b"model", "model_version", b"model_version", "stop_sequence", b"stop_sequence", "stop_token_id", b"stop_token_id", "text", b"text", "token_ids", b"token_ids", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015

@@ -80,6 +80,11 @@ class GatewayServiceStub:
                 request_serializer=tandem_dot_gateway_dot_v1_dot_gateway__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=tandem_dot_gateway_dot_v1_dot_gateway__pb2.GetModelResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/tandem.gateway.v1.GatewayService/Generate',
+                request_serializer=tandem_dot_gateway_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=tandem_dot_gateway_dot_v1_dot_gateway__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -150,6 +155,14 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Text generated after a prompt or a conversation, streamed as it is made. The last message says why it ended and
+        how many tokens it used. Cancelling the call (or its deadline passing) stops the generation within one step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -197,6 +210,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=tandem_dot_gateway_dot_v1_dot_gateway__pb2.GetModelRequest.FromString,
                     response_serializer=tandem_dot_gateway_dot_v1_dot_gateway__pb2.GetModelResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=tandem_dot_gateway_dot_v1_dot_gateway__pb2.GenerateRequest.FromString,
+                    response_serializer=tandem_dot_gateway_dot_v1_dot_gateway__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -443,6 +461,33 @@ class GatewayService:
             '/tandem.gateway.v1.GatewayService/GetModel',
             tandem_dot_gateway_dot_v1_dot_gateway__pb2.GetModelRequest.SerializeToString,
             tandem_dot_gateway_dot_v1_dot_gateway__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tandem.gateway.v1.GatewayService/Generate',
+            tandem_dot_gateway_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
+            tandem_dot_gateway_dot_v1_dot_gateway__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

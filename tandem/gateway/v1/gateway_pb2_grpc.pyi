@@ -53,6 +53,10 @@ class GatewayServiceStub:
     """Every served model."""
     GetModel: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetModelRequest, _gateway_pb2.GetModelResponse]
     """One served model."""
+    Generate: _grpc.UnaryStreamMultiCallable[_gateway_pb2.GenerateRequest, _gateway_pb2.GenerateResponse]
+    """Text generated after a prompt or a conversation, streamed as it is made. The last message says why it ended and
+    how many tokens it used. Cancelling the call (or its deadline passing) stops the generation within one step.
+    """
 
 @_typing.type_check_only
 class GatewayServiceAsyncStub(GatewayServiceStub):
@@ -79,6 +83,10 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     """Every served model."""
     GetModel: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetModelRequest, _gateway_pb2.GetModelResponse]  # type: ignore[assignment]
     """One served model."""
+    Generate: _aio.UnaryStreamMultiCallable[_gateway_pb2.GenerateRequest, _gateway_pb2.GenerateResponse]  # type: ignore[assignment]
+    """Text generated after a prompt or a conversation, streamed as it is made. The last message says why it ended and
+    how many tokens it used. Cancelling the call (or its deadline passing) stops the generation within one step.
+    """
 
 class GatewayServiceServicer:
     """The public entry point of a Tandem deployment."""
@@ -147,5 +155,14 @@ class GatewayServiceServicer:
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.GetModelResponse, _abc.Awaitable[_gateway_pb2.GetModelResponse]]:
         """One served model."""
+
+    def Generate(
+        self,
+        request: _gateway_pb2.GenerateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_gateway_pb2.GenerateResponse], _abc.AsyncIterator[_gateway_pb2.GenerateResponse]]:
+        """Text generated after a prompt or a conversation, streamed as it is made. The last message says why it ended and
+        how many tokens it used. Cancelling the call (or its deadline passing) stops the generation within one step.
+        """
 
 def add_GatewayServiceServicer_to_server(servicer: GatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -22,29 +22,34 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from tandem.generation.v1 import generation_pb2 as tandem_dot_generation_dot_v1_dot_generation__pb2
 from tandem.model.v1 import model_pb2 as tandem_dot_model_dot_v1_dot_model__pb2
 from tandem.tensor.v1 import tensor_pb2 as tandem_dot_tensor_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#tandem/inference/v1/inference.proto\x12\x13tandem.inference.v1\x1a\x1btandem/model/v1/model.proto\x1a\x1dtandem/tensor/v1/tensor.proto\"w\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1c.tandem.tensor.v1.TokenBatch\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x0c\n\x04pool\x18\x04 \x01(\x08\"i\n\rInferResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\x06output\x18\x03 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12\x0e\n\x06pooled\x18\x04 \x01(\x08\"\x13\n\x11ListModelsRequest\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.tandem.model.v1.ModelInfo\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"=\n\x10GetModelResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.tandem.model.v1.ModelInfo2\x9a\x02\n\x10InferenceService\x12N\n\x05Infer\x12!.tandem.inference.v1.InferRequest\x1a\".tandem.inference.v1.InferResponse\x12]\n\nListModels\x12&.tandem.inference.v1.ListModelsRequest\x1a\'.tandem.inference.v1.ListModelsResponse\x12W\n\x08GetModel\x12$.tandem.inference.v1.GetModelRequest\x1a%.tandem.inference.v1.GetModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#tandem/inference/v1/inference.proto\x12\x13tandem.inference.v1\x1a%tandem/generation/v1/generation.proto\x1a\x1btandem/model/v1/model.proto\x1a\x1dtandem/tensor/v1/tensor.proto\"w\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1c.tandem.tensor.v1.TokenBatch\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x0c\n\x04pool\x18\x04 \x01(\x08\"i\n\rInferResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\x06output\x18\x03 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12\x0e\n\x06pooled\x18\x04 \x01(\x08\"\x13\n\x11ListModelsRequest\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.tandem.model.v1.ModelInfo\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"=\n\x10GetModelResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.tandem.model.v1.ModelInfo\"\x8b\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x03\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x36\n\x06params\x18\x04 \x01(\x0b\x32&.tandem.generation.v1.GenerationParams\"\xfe\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x34\n\x08logprobs\x18\x02 \x03(\x0b\x32\".tandem.generation.v1.TokenLogprob\x12\x39\n\rfinish_reason\x18\x03 \x01(\x0e\x32\".tandem.generation.v1.FinishReason\x12\x15\n\rstop_token_id\x18\x04 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x06 \x01(\x05\x12\r\n\x05model\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\t2\xf5\x02\n\x10InferenceService\x12N\n\x05Infer\x12!.tandem.inference.v1.InferRequest\x1a\".tandem.inference.v1.InferResponse\x12]\n\nListModels\x12&.tandem.inference.v1.ListModelsRequest\x1a\'.tandem.inference.v1.ListModelsResponse\x12W\n\x08GetModel\x12$.tandem.inference.v1.GetModelRequest\x1a%.tandem.inference.v1.GetModelResponse\x12Y\n\x08Generate\x12$.tandem.inference.v1.GenerateRequest\x1a%.tandem.inference.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.inference.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INFERREQUEST']._serialized_start=120
-  _globals['_INFERREQUEST']._serialized_end=239
-  _globals['_INFERRESPONSE']._serialized_start=241
-  _globals['_INFERRESPONSE']._serialized_end=346
-  _globals['_LISTMODELSREQUEST']._serialized_start=348
-  _globals['_LISTMODELSREQUEST']._serialized_end=367
-  _globals['_LISTMODELSRESPONSE']._serialized_start=369
-  _globals['_LISTMODELSRESPONSE']._serialized_end=433
-  _globals['_GETMODELREQUEST']._serialized_start=435
-  _globals['_GETMODELREQUEST']._serialized_end=467
-  _globals['_GETMODELRESPONSE']._serialized_start=469
-  _globals['_GETMODELRESPONSE']._serialized_end=530
-  _globals['_INFERENCESERVICE']._serialized_start=533
-  _globals['_INFERENCESERVICE']._serialized_end=815
+  _globals['_INFERREQUEST']._serialized_start=159
+  _globals['_INFERREQUEST']._serialized_end=278
+  _globals['_INFERRESPONSE']._serialized_start=280
+  _globals['_INFERRESPONSE']._serialized_end=385
+  _globals['_LISTMODELSREQUEST']._serialized_start=387
+  _globals['_LISTMODELSREQUEST']._serialized_end=406
+  _globals['_LISTMODELSRESPONSE']._serialized_start=408
+  _globals['_LISTMODELSRESPONSE']._serialized_end=472
+  _globals['_GETMODELREQUEST']._serialized_start=474
+  _globals['_GETMODELREQUEST']._serialized_end=506
+  _globals['_GETMODELRESPONSE']._serialized_start=508
+  _globals['_GETMODELRESPONSE']._serialized_end=569
+  _globals['_GENERATEREQUEST']._serialized_start=572
+  _globals['_GENERATEREQUEST']._serialized_end=711
+  _globals['_GENERATERESPONSE']._serialized_start=714
+  _globals['_GENERATERESPONSE']._serialized_end=968
+  _globals['_INFERENCESERVICE']._serialized_start=971
+  _globals['_INFERENCESERVICE']._serialized_end=1344
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from tandem.generation.v1 import generation_pb2 as _generation_pb2
 from tandem.model.v1 import model_pb2 as _model_pb2
 from tandem.tensor.v1 import tensor_pb2 as _tensor_pb2
 import builtins as _builtins
@@ -187,3 +188,99 @@ class GetModelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetModelResponse: _TypeAlias = GetModelResponse  # noqa: Y015
+
+@_typing.final
+class GenerateRequest(_message.Message):
+    """A prompt to continue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    PROMPT_IDS_FIELD_NUMBER: _builtins.int
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name, "name:version" or "name@alias"; empty for the default model."""
+    tokenizer_fingerprint: _builtins.str
+    """Fingerprint of the tokenizer that made the ids; when set and it differs from the version's own, the call fails
+    with FAILED_PRECONDITION (reason TOKENIZER_MISMATCH).
+    """
+    @_builtins.property
+    def prompt_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The prompt's token ids (EncodePromptResponse.ids)."""
+
+    @_builtins.property
+    def params(self) -> _generation_pb2.GenerationParams:
+        """Sampling and stopping. Stop strings are not matched here (the postprocess stage does that, and the caller cancels)."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        prompt_ids: _abc.Iterable[_builtins.int] | None = ...,
+        tokenizer_fingerprint: _builtins.str = ...,
+        params: _generation_pb2.GenerationParams | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "params", b"params", "prompt_ids", b"prompt_ids", "tokenizer_fingerprint", b"tokenizer_fingerprint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+
+@_typing.final
+class GenerateResponse(_message.Message):
+    """Tokens generated since the previous message: one message per step, or a few steps' tokens when the reader is slower
+    than the model. The last message has finish_reason set.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
+    STOP_TOKEN_ID_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    GENERATED_TOKENS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    finish_reason: _generation_pb2.FinishReason.ValueType
+    """Set on the last message only."""
+    stop_token_id: _builtins.int
+    """The stop_token_ids entry that ended the sequence (finish_reason STOP_SEQUENCE)."""
+    prompt_tokens: _builtins.int
+    """Tokens in the prompt (every message)."""
+    generated_tokens: _builtins.int
+    """Tokens generated so far, these included."""
+    model: _builtins.str
+    """Model that runs the sequence."""
+    version: _builtins.str
+    """Version that runs the sequence."""
+    @_builtins.property
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """New token ids, in order (an end-of-sequence or stop token included)."""
+
+    @_builtins.property
+    def logprobs(self) -> _containers.RepeatedCompositeFieldContainer[_generation_pb2.TokenLogprob]:
+        """One per new token when GenerationParams.logprobs > 0."""
+
+    def __init__(
+        self,
+        *,
+        token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        logprobs: _abc.Iterable[_generation_pb2.TokenLogprob] | None = ...,
+        finish_reason: _generation_pb2.FinishReason.ValueType = ...,
+        stop_token_id: _builtins.int = ...,
+        prompt_tokens: _builtins.int = ...,
+        generated_tokens: _builtins.int = ...,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "generated_tokens", b"generated_tokens", "logprobs", b"logprobs", "model", b"model", "prompt_tokens", b"prompt_tokens", "stop_token_id", b"stop_token_id", "token_ids", b"token_ids", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015

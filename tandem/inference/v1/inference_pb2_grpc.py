@@ -50,6 +50,11 @@ class InferenceServiceStub:
                 request_serializer=tandem_dot_inference_dot_v1_dot_inference__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=tandem_dot_inference_dot_v1_dot_inference__pb2.GetModelResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/tandem.inference.v1.InferenceService/Generate',
+                request_serializer=tandem_dot_inference_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=tandem_dot_inference_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -77,6 +82,15 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Generates tokens after a prompt with a text-generation model, streamed as they are made (continuous batching:
+        the sequence joins the running batch at the next step). Cancelling the call ends the sequence at the next step
+        and frees its cache blocks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +108,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=tandem_dot_inference_dot_v1_dot_inference__pb2.GetModelRequest.FromString,
                     response_serializer=tandem_dot_inference_dot_v1_dot_inference__pb2.GetModelResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=tandem_dot_inference_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
+                    response_serializer=tandem_dot_inference_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +197,33 @@ class InferenceService:
             '/tandem.inference.v1.InferenceService/GetModel',
             tandem_dot_inference_dot_v1_dot_inference__pb2.GetModelRequest.SerializeToString,
             tandem_dot_inference_dot_v1_dot_inference__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tandem.inference.v1.InferenceService/Generate',
+            tandem_dot_inference_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+            tandem_dot_inference_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

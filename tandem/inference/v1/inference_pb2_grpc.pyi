@@ -39,6 +39,11 @@ class InferenceServiceStub:
     """Lists the models in the repository with their state."""
     GetModel: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetModelRequest, _inference_pb2.GetModelResponse]
     """Describes one model."""
+    Generate: _grpc.UnaryStreamMultiCallable[_inference_pb2.GenerateRequest, _inference_pb2.GenerateResponse]
+    """Generates tokens after a prompt with a text-generation model, streamed as they are made (continuous batching:
+    the sequence joins the running batch at the next step). Cancelling the call ends the sequence at the next step
+    and frees its cache blocks.
+    """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -51,6 +56,11 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """Lists the models in the repository with their state."""
     GetModel: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetModelRequest, _inference_pb2.GetModelResponse]  # type: ignore[assignment]
     """Describes one model."""
+    Generate: _aio.UnaryStreamMultiCallable[_inference_pb2.GenerateRequest, _inference_pb2.GenerateResponse]  # type: ignore[assignment]
+    """Generates tokens after a prompt with a text-generation model, streamed as they are made (continuous batching:
+    the sequence joins the running batch at the next step). Cancelling the call ends the sequence at the next step
+    and frees its cache blocks.
+    """
 
 class InferenceServiceServicer:
     """Runs models on token batches."""
@@ -75,5 +85,15 @@ class InferenceServiceServicer:
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.GetModelResponse, _abc.Awaitable[_inference_pb2.GetModelResponse]]:
         """Describes one model."""
+
+    def Generate(
+        self,
+        request: _inference_pb2.GenerateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inference_pb2.GenerateResponse], _abc.AsyncIterator[_inference_pb2.GenerateResponse]]:
+        """Generates tokens after a prompt with a text-generation model, streamed as they are made (continuous batching:
+        the sequence joins the running batch at the next step). Cancelling the call ends the sequence at the next step
+        and frees its cache blocks.
+        """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

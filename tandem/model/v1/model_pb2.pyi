@@ -35,6 +35,8 @@ class _TaskEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Task.ValueType],
     """Token classification, such as named-entity recognition."""
     TASK_RERANK: _Task.ValueType  # 4
     """Cross-encoder scoring of (query, document) pairs."""
+    TASK_TEXT_GENERATION: _Task.ValueType  # 5
+    """Causal language models: text generated token by token (GatewayService.Generate)."""
 
 class Task(_Task, metaclass=_TaskEnumTypeWrapper):
     """What a model does, which decides the pipeline that serves it."""
@@ -49,6 +51,8 @@ TASK_TOKEN_CLASSIFICATION: Task.ValueType  # 3
 """Token classification, such as named-entity recognition."""
 TASK_RERANK: Task.ValueType  # 4
 """Cross-encoder scoring of (query, document) pairs."""
+TASK_TEXT_GENERATION: Task.ValueType  # 5
+"""Causal language models: text generated token by token (GatewayService.Generate)."""
 Global___Task: _TypeAlias = Task  # noqa: Y015
 
 @_typing.final
@@ -67,6 +71,8 @@ class ModelInfo(_message.Message):
     READY_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
     MULTI_LABEL_FIELD_NUMBER: _builtins.int
+    CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
+    CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the model in the model repository."""
     task: Global___Task.ValueType
@@ -83,6 +89,10 @@ class ModelInfo(_message.Message):
     """Execution backend, such as "onnxruntime" or "torch"."""
     multi_label: _builtins.bool
     """True for multi-label classifiers, whose scores are independent sigmoids."""
+    context_length: _builtins.int
+    """Most tokens a sequence holds, prompt and generated tokens together (text-generation models only)."""
+    chat_template: _builtins.bool
+    """True when the model has a chat template, so Generate takes messages (text-generation models only)."""
     @_builtins.property
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Versions present in the repository, ascending."""
@@ -104,10 +114,12 @@ class ModelInfo(_message.Message):
         ready: _builtins.bool = ...,
         backend: _builtins.str = ...,
         multi_label: _builtins.bool = ...,
+        context_length: _builtins.int = ...,
+        chat_template: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "embedding_dimension", b"embedding_dimension", "labels", b"labels", "max_input_length", b"max_input_length", "multi_label", b"multi_label", "name", b"name", "ready", b"ready", "task", b"task", "version", b"version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "chat_template", b"chat_template", "context_length", b"context_length", "embedding_dimension", b"embedding_dimension", "labels", b"labels", "max_input_length", b"max_input_length", "multi_label", b"multi_label", "name", b"name", "ready", b"ready", "task", b"task", "version", b"version", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

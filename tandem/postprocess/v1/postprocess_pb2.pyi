@@ -422,3 +422,87 @@ class RerankResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RerankResponse: _TypeAlias = RerankResponse  # noqa: Y015
+
+@_typing.final
+class DetokenizeRequest(_message.Message):
+    """Token ids of one generated sequence; the first message also says whose tokenizer decodes them and how."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    PROMPT_IDS_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    KEEP_SPECIAL_TOKENS_FIELD_NUMBER: _builtins.int
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    FINISH_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model whose tokenizer decodes (first message)."""
+    version: _builtins.str
+    """Version of that model (first message)."""
+    keep_special_tokens: _builtins.bool
+    """Keep special tokens (such as end-of-sequence) in the text; by default they are left out."""
+    finish: _builtins.bool
+    """The sequence is over: also return the text held back so far."""
+    @_builtins.property
+    def prompt_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The last few prompt ids (first message): they give the first generated token its leading space; never returned
+        as text. Up to 8 are used.
+        """
+
+    @_builtins.property
+    def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Stop strings (first message): the text ends before the first one found."""
+
+    @_builtins.property
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """New generated token ids."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        prompt_ids: _abc.Iterable[_builtins.int] | None = ...,
+        stop: _abc.Iterable[_builtins.str] | None = ...,
+        keep_special_tokens: _builtins.bool = ...,
+        token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        finish: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish", b"finish", "keep_special_tokens", b"keep_special_tokens", "model", b"model", "prompt_ids", b"prompt_ids", "stop", b"stop", "token_ids", b"token_ids", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DetokenizeRequest: _TypeAlias = DetokenizeRequest  # noqa: Y015
+
+@_typing.final
+class DetokenizeResponse(_message.Message):
+    """The text of one request message's ids."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    STOP_TOKEN_COUNT_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """New text since the previous response (may be empty)."""
+    stop: _builtins.str
+    """The stop string that matched; then text ends right before it and no more text follows."""
+    stop_token_count: _builtins.int
+    """With stop set: how many generated tokens (over the whole stream) it took to complete the stop string."""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        stop: _builtins.str = ...,
+        stop_token_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stop", b"stop", "stop_token_count", b"stop_token_count", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DetokenizeResponse: _TypeAlias = DetokenizeResponse  # noqa: Y015

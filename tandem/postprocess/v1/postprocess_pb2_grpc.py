@@ -55,6 +55,11 @@ class PostprocessServiceStub:
                 request_serializer=tandem_dot_postprocess_dot_v1_dot_postprocess__pb2.RerankRequest.SerializeToString,
                 response_deserializer=tandem_dot_postprocess_dot_v1_dot_postprocess__pb2.RerankResponse.FromString,
                 _registered_method=True)
+        self.Detokenize = channel.stream_stream(
+                '/tandem.postprocess.v1.PostprocessService/Detokenize',
+                request_serializer=tandem_dot_postprocess_dot_v1_dot_postprocess__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=tandem_dot_postprocess_dot_v1_dot_postprocess__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class PostprocessServiceServicer:
@@ -89,6 +94,15 @@ class PostprocessServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Detokenize(self, request_iterator, context):
+        """Turns streamed token ids into text deltas (incremental detokenization) and matches stop strings: one response per
+        request message, in order. Text is held back while it ends in a partial UTF-8 character or could still be the
+        start of a stop string; once a stop string matches, the response says so and the stream is over.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PostprocessServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +125,11 @@ def add_PostprocessServiceServicer_to_server(servicer, server):
                     servicer.Rerank,
                     request_deserializer=tandem_dot_postprocess_dot_v1_dot_postprocess__pb2.RerankRequest.FromString,
                     response_serializer=tandem_dot_postprocess_dot_v1_dot_postprocess__pb2.RerankResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.stream_stream_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=tandem_dot_postprocess_dot_v1_dot_postprocess__pb2.DetokenizeRequest.FromString,
+                    response_serializer=tandem_dot_postprocess_dot_v1_dot_postprocess__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +241,33 @@ class PostprocessService:
             '/tandem.postprocess.v1.PostprocessService/Rerank',
             tandem_dot_postprocess_dot_v1_dot_postprocess__pb2.RerankRequest.SerializeToString,
             tandem_dot_postprocess_dot_v1_dot_postprocess__pb2.RerankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tandem.postprocess.v1.PostprocessService/Detokenize',
+            tandem_dot_postprocess_dot_v1_dot_postprocess__pb2.DetokenizeRequest.SerializeToString,
+            tandem_dot_postprocess_dot_v1_dot_postprocess__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,11 @@ class PostprocessServiceStub:
     """Turns token logits into aggregated entities."""
     Rerank: _grpc.UnaryUnaryMultiCallable[_postprocess_pb2.RerankRequest, _postprocess_pb2.RerankResponse]
     """Turns pair logits into relevance scores, best first."""
+    Detokenize: _grpc.StreamStreamMultiCallable[_postprocess_pb2.DetokenizeRequest, _postprocess_pb2.DetokenizeResponse]
+    """Turns streamed token ids into text deltas (incremental detokenization) and matches stop strings: one response per
+    request message, in order. Text is held back while it ends in a partial UTF-8 character or could still be the
+    start of a stop string; once a stop string matches, the response says so and the stream is over.
+    """
 
 @_typing.type_check_only
 class PostprocessServiceAsyncStub(PostprocessServiceStub):
@@ -55,6 +60,11 @@ class PostprocessServiceAsyncStub(PostprocessServiceStub):
     """Turns token logits into aggregated entities."""
     Rerank: _aio.UnaryUnaryMultiCallable[_postprocess_pb2.RerankRequest, _postprocess_pb2.RerankResponse]  # type: ignore[assignment]
     """Turns pair logits into relevance scores, best first."""
+    Detokenize: _aio.StreamStreamMultiCallable[_postprocess_pb2.DetokenizeRequest, _postprocess_pb2.DetokenizeResponse]  # type: ignore[assignment]
+    """Turns streamed token ids into text deltas (incremental detokenization) and matches stop strings: one response per
+    request message, in order. Text is held back while it ends in a partial UTF-8 character or could still be the
+    start of a stop string; once a stop string matches, the response says so and the stream is over.
+    """
 
 class PostprocessServiceServicer:
     """Turns raw model outputs into answers."""
@@ -86,5 +96,15 @@ class PostprocessServiceServicer:
         context: _ServicerContext,
     ) -> _typing.Union[_postprocess_pb2.RerankResponse, _abc.Awaitable[_postprocess_pb2.RerankResponse]]:
         """Turns pair logits into relevance scores, best first."""
+
+    def Detokenize(
+        self,
+        request_iterator: _MaybeAsyncIterator[_postprocess_pb2.DetokenizeRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_postprocess_pb2.DetokenizeResponse], _abc.AsyncIterator[_postprocess_pb2.DetokenizeResponse]]:
+        """Turns streamed token ids into text deltas (incremental detokenization) and matches stop strings: one response per
+        request message, in order. Text is held back while it ends in a partial UTF-8 character or could still be the
+        start of a stop string; once a stop string matches, the response says so and the stream is over.
+        """
 
 def add_PostprocessServiceServicer_to_server(servicer: PostprocessServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

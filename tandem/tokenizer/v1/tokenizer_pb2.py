@@ -22,26 +22,31 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from tandem.generation.v1 import generation_pb2 as tandem_dot_generation_dot_v1_dot_generation__pb2
 from tandem.tensor.v1 import tensor_pb2 as tandem_dot_tensor_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#tandem/tokenizer/v1/tokenizer.proto\x12\x13tandem.tokenizer.v1\x1a\x1dtandem/tensor/v1/tensor.proto\"\xa1\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x12\n\ntext_pairs\x18\x03 \x03(\t\x12\x10\n\x08truncate\x18\x04 \x01(\x08\x12\x1b\n\x13skip_special_tokens\x18\x05 \x01(\x08\x12\x16\n\x0ereturn_offsets\x18\x06 \x01(\x08\x12\x15\n\rreturn_tokens\x18\x07 \x01(\x08\"\x1e\n\x0cTokenStrings\x12\x0e\n\x06tokens\x18\x01 \x03(\t\"\xb1\x01\n\x10TokenizeResponse\x12+\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1c.tandem.tensor.v1.TokenBatch\x12\x31\n\x06tokens\x18\x02 \x03(\x0b\x32!.tandem.tokenizer.v1.TokenStrings\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\"L\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\x03\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\"1\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t2\xca\x01\n\x10TokenizerService\x12W\n\x08Tokenize\x12$.tandem.tokenizer.v1.TokenizeRequest\x1a%.tandem.tokenizer.v1.TokenizeResponse\x12]\n\nDetokenize\x12&.tandem.tokenizer.v1.DetokenizeRequest\x1a\'.tandem.tokenizer.v1.DetokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#tandem/tokenizer/v1/tokenizer.proto\x12\x13tandem.tokenizer.v1\x1a%tandem/generation/v1/generation.proto\x1a\x1dtandem/tensor/v1/tensor.proto\"\xa1\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x12\n\ntext_pairs\x18\x03 \x03(\t\x12\x10\n\x08truncate\x18\x04 \x01(\x08\x12\x1b\n\x13skip_special_tokens\x18\x05 \x01(\x08\x12\x16\n\x0ereturn_offsets\x18\x06 \x01(\x08\x12\x15\n\rreturn_tokens\x18\x07 \x01(\x08\"\x1e\n\x0cTokenStrings\x12\x0e\n\x06tokens\x18\x01 \x03(\t\"\xb1\x01\n\x10TokenizeResponse\x12+\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1c.tandem.tensor.v1.TokenBatch\x12\x31\n\x06tokens\x18\x02 \x03(\x0b\x32!.tandem.tokenizer.v1.TokenStrings\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\"L\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\x03\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\"1\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"i\n\x13\x45ncodePromptRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x33\n\x08messages\x18\x03 \x03(\x0b\x32!.tandem.generation.v1.ChatMessage\"z\n\x14\x45ncodePromptResponse\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\x05\x32\xaf\x02\n\x10TokenizerService\x12W\n\x08Tokenize\x12$.tandem.tokenizer.v1.TokenizeRequest\x1a%.tandem.tokenizer.v1.TokenizeResponse\x12]\n\nDetokenize\x12&.tandem.tokenizer.v1.DetokenizeRequest\x1a\'.tandem.tokenizer.v1.DetokenizeResponse\x12\x63\n\x0c\x45ncodePrompt\x12(.tandem.tokenizer.v1.EncodePromptRequest\x1a).tandem.tokenizer.v1.EncodePromptResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.tokenizer.v1.tokenizer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOKENIZEREQUEST']._serialized_start=92
-  _globals['_TOKENIZEREQUEST']._serialized_end=253
-  _globals['_TOKENSTRINGS']._serialized_start=255
-  _globals['_TOKENSTRINGS']._serialized_end=285
-  _globals['_TOKENIZERESPONSE']._serialized_start=288
-  _globals['_TOKENIZERESPONSE']._serialized_end=465
-  _globals['_DETOKENIZEREQUEST']._serialized_start=467
-  _globals['_DETOKENIZEREQUEST']._serialized_end=543
-  _globals['_DETOKENIZERESPONSE']._serialized_start=545
-  _globals['_DETOKENIZERESPONSE']._serialized_end=594
-  _globals['_TOKENIZERSERVICE']._serialized_start=597
-  _globals['_TOKENIZERSERVICE']._serialized_end=799
+  _globals['_TOKENIZEREQUEST']._serialized_start=131
+  _globals['_TOKENIZEREQUEST']._serialized_end=292
+  _globals['_TOKENSTRINGS']._serialized_start=294
+  _globals['_TOKENSTRINGS']._serialized_end=324
+  _globals['_TOKENIZERESPONSE']._serialized_start=327
+  _globals['_TOKENIZERESPONSE']._serialized_end=504
+  _globals['_DETOKENIZEREQUEST']._serialized_start=506
+  _globals['_DETOKENIZEREQUEST']._serialized_end=582
+  _globals['_DETOKENIZERESPONSE']._serialized_start=584
+  _globals['_DETOKENIZERESPONSE']._serialized_end=633
+  _globals['_ENCODEPROMPTREQUEST']._serialized_start=635
+  _globals['_ENCODEPROMPTREQUEST']._serialized_end=740
+  _globals['_ENCODEPROMPTRESPONSE']._serialized_start=742
+  _globals['_ENCODEPROMPTRESPONSE']._serialized_end=864
+  _globals['_TOKENIZERSERVICE']._serialized_start=867
+  _globals['_TOKENIZERSERVICE']._serialized_end=1170
 # @@protoc_insertion_point(module_scope)

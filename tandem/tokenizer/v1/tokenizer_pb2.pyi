@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from tandem.generation.v1 import generation_pb2 as _generation_pb2
 from tandem.tensor.v1 import tensor_pb2 as _tensor_pb2
 import builtins as _builtins
 import sys
@@ -194,3 +195,77 @@ class DetokenizeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DetokenizeResponse: _TypeAlias = DetokenizeResponse  # noqa: Y015
+
+@_typing.final
+class EncodePromptRequest(_message.Message):
+    """A generation prompt to tokenize: a text or chat messages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name, optionally "name:version"; empty for the default model."""
+    prompt: _builtins.str
+    """A plain prompt, tokenized with the model's special tokens (such as a BOS token). Set this or messages."""
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[_generation_pb2.ChatMessage]:
+        """Chat messages, rendered with the model's chat template and its generation prompt; a model without a template
+        refuses them (INVALID_ARGUMENT). Set this or prompt.
+        """
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        prompt: _builtins.str = ...,
+        messages: _abc.Iterable[_generation_pb2.ChatMessage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "model", b"model", "prompt", b"prompt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EncodePromptRequest: _TypeAlias = EncodePromptRequest  # noqa: Y015
+
+@_typing.final
+class EncodePromptResponse(_message.Message):
+    """The prompt's token ids."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model that tokenized."""
+    version: _builtins.str
+    """Version of the model whose tokenizer was used."""
+    tokenizer_fingerprint: _builtins.str
+    """SHA-256 of that version's tokenizer (as in TokenizeResponse), for the inference stage to check."""
+    context_length: _builtins.int
+    """Most tokens a sequence of this model holds, prompt and generated tokens together."""
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Token ids of the prompt, special tokens included."""
+
+    def __init__(
+        self,
+        *,
+        ids: _abc.Iterable[_builtins.int] | None = ...,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        tokenizer_fingerprint: _builtins.str = ...,
+        context_length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "ids", b"ids", "model", b"model", "tokenizer_fingerprint", b"tokenizer_fingerprint", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EncodePromptResponse: _TypeAlias = EncodePromptResponse  # noqa: Y015

@@ -45,6 +45,11 @@ class TokenizerServiceStub:
                 request_serializer=tandem_dot_tokenizer_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.SerializeToString,
                 response_deserializer=tandem_dot_tokenizer_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.FromString,
                 _registered_method=True)
+        self.EncodePrompt = channel.unary_unary(
+                '/tandem.tokenizer.v1.TokenizerService/EncodePrompt',
+                request_serializer=tandem_dot_tokenizer_dot_v1_dot_tokenizer__pb2.EncodePromptRequest.SerializeToString,
+                response_deserializer=tandem_dot_tokenizer_dot_v1_dot_tokenizer__pb2.EncodePromptResponse.FromString,
+                _registered_method=True)
 
 
 class TokenizerServiceServicer:
@@ -65,6 +70,13 @@ class TokenizerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EncodePrompt(self, request, context):
+        """Renders a generation prompt (a text, or chat messages with the model's chat template) and tokenizes it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenizerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +89,11 @@ def add_TokenizerServiceServicer_to_server(servicer, server):
                     servicer.Detokenize,
                     request_deserializer=tandem_dot_tokenizer_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.FromString,
                     response_serializer=tandem_dot_tokenizer_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.SerializeToString,
+            ),
+            'EncodePrompt': grpc.unary_unary_rpc_method_handler(
+                    servicer.EncodePrompt,
+                    request_deserializer=tandem_dot_tokenizer_dot_v1_dot_tokenizer__pb2.EncodePromptRequest.FromString,
+                    response_serializer=tandem_dot_tokenizer_dot_v1_dot_tokenizer__pb2.EncodePromptResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +151,33 @@ class TokenizerService:
             '/tandem.tokenizer.v1.TokenizerService/Detokenize',
             tandem_dot_tokenizer_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.SerializeToString,
             tandem_dot_tokenizer_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EncodePrompt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.tokenizer.v1.TokenizerService/EncodePrompt',
+            tandem_dot_tokenizer_dot_v1_dot_tokenizer__pb2.EncodePromptRequest.SerializeToString,
+            tandem_dot_tokenizer_dot_v1_dot_tokenizer__pb2.EncodePromptResponse.FromString,
             options,
             channel_credentials,
             insecure,

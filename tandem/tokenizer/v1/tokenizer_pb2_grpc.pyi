@@ -37,6 +37,8 @@ class TokenizerServiceStub:
     """Tokenizes a batch of texts (or text pairs) for one model."""
     Detokenize: _grpc.UnaryUnaryMultiCallable[_tokenizer_pb2.DetokenizeRequest, _tokenizer_pb2.DetokenizeResponse]
     """Turns token ids back into text."""
+    EncodePrompt: _grpc.UnaryUnaryMultiCallable[_tokenizer_pb2.EncodePromptRequest, _tokenizer_pb2.EncodePromptResponse]
+    """Renders a generation prompt (a text, or chat messages with the model's chat template) and tokenizes it."""
 
 @_typing.type_check_only
 class TokenizerServiceAsyncStub(TokenizerServiceStub):
@@ -47,6 +49,8 @@ class TokenizerServiceAsyncStub(TokenizerServiceStub):
     """Tokenizes a batch of texts (or text pairs) for one model."""
     Detokenize: _aio.UnaryUnaryMultiCallable[_tokenizer_pb2.DetokenizeRequest, _tokenizer_pb2.DetokenizeResponse]  # type: ignore[assignment]
     """Turns token ids back into text."""
+    EncodePrompt: _aio.UnaryUnaryMultiCallable[_tokenizer_pb2.EncodePromptRequest, _tokenizer_pb2.EncodePromptResponse]  # type: ignore[assignment]
+    """Renders a generation prompt (a text, or chat messages with the model's chat template) and tokenizes it."""
 
 class TokenizerServiceServicer:
     """Turns texts into ragged token batches and token ids back into text."""
@@ -64,5 +68,12 @@ class TokenizerServiceServicer:
         context: _ServicerContext,
     ) -> _typing.Union[_tokenizer_pb2.DetokenizeResponse, _abc.Awaitable[_tokenizer_pb2.DetokenizeResponse]]:
         """Turns token ids back into text."""
+
+    def EncodePrompt(
+        self,
+        request: _tokenizer_pb2.EncodePromptRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tokenizer_pb2.EncodePromptResponse, _abc.Awaitable[_tokenizer_pb2.EncodePromptResponse]]:
+        """Renders a generation prompt (a text, or chat messages with the model's chat template) and tokenizes it."""
 
 def add_TokenizerServiceServicer_to_server(servicer: TokenizerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
