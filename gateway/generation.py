@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,7 +117,7 @@ class Generation:
         messages: Sequence[ChatMessage],
         params: generation_pb2.GenerationParams,
         deadline: float,
-    ) -> AsyncIterator[GeneratedText]:
+    ) -> AsyncGenerator[GeneratedText, None]:
         """Streams the answer of the pinned version `info_name:info_version` (ModelInfo from the catalog)."""
         self._check(prompt, messages)
         progress = _Progress(time.perf_counter())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -136,8 +137,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             request.params,
             self.pipeline.deadline(context.time_remaining()),
         )
-        async for message in stream:
-            yield converters.generate_response(message)
+        async with contextlib.aclosing(stream):
+            async for message in stream:
+                yield converters.generate_response(message)
 
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name

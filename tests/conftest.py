@@ -66,6 +66,18 @@ def served_repository(tiny_repository: Path, tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture(scope="session")
+def causal_repository(served_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository with the two tiny causal LMs (tiny-gpt2, tiny-llama-chat; tests/fixtures/tiny_causal.py) and
+    a copy of the served tiny-sentiment classifier, so that generation tests can also ask an encoder to generate."""
+    from tests.fixtures.tiny_causal import build_causal
+
+    root = tmp_path_factory.mktemp("causal-repository")
+    build_causal(root)
+    shutil.copytree(served_repository / "tiny-sentiment", root / "tiny-sentiment")
+    return root
+
+
+@pytest.fixture(scope="session")
 async def stack(served_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     """Tokenizer, inference and postprocess servers plus a gateway, in-process on port 0, on the tiny models."""
     from tests.harness import serve_stack

@@ -12,7 +12,8 @@ Text is held back in two places:
 * the longest tail of the decoded text that could still grow into a stop string.
 
 What comes out, joined with what ``finish`` returns, is the decode of all generated ids in the context of the prompt:
-``decode(prompt + generated)[len(decode(prompt)):]``, or ``decode(generated)`` without a prompt. It stays exact for
+``decode(prompt + generated)[len(decode(prompt)):]``, or ``decode(generated)`` without a prompt, less a character
+whose bytes never completed at the very end (dropped rather than shown as U+FFFD). It stays exact for
 decoders where a token's text depends only on its predecessor (ByteLevel, Metaspace/Llama's Replace-ByteFallback-
 Fuse-Strip sequence, WordPiece, whose cleanup works one token at a time). One known difference: the ByteFallback
 decoder turns a whole run of byte tokens into U+FFFD when the run is not valid UTF-8, even characters in it that were
@@ -126,8 +127,9 @@ class IncrementalDetokenizer:
         return TextDelta("".join(parts), None)
 
     def finish(self) -> str:
-        """Ends the stream and returns what was held back: a stop-string prefix that never completed, and bytes of a
-        character that never completed, emitted as decoded (U+FFFD), so the stream adds up to ``decode``.
+        """Ends the stream and returns what was held back: a stop-string prefix that never completed. Bytes of a
+        character that never completed (generation ended in the middle of it) are dropped rather than shown as U+FFFD:
+        a client never sees a broken character; the token ids still carry those bytes.
 
         Returns "" after a stop string matched, and on a second call. Should the flushed U+FFFD complete a stop string,
         the text is cut there and ``stopped`` turns true, as in ``feed``.
@@ -137,7 +139,7 @@ class IncrementalDetokenizer:
         self._finished = True
         if self._stop is not None:
             return ""
-        text = self._decode(self._ids)
+        text = self._decode(self._ids).rstrip(_REPLACEMENT)
         self._resolve_seed(text, final=True)
         out = self._on_text(text[self._consumed :], final=True)
         self._ids = []
