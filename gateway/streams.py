@@ -1,7 +1,8 @@
 """Bounded fan-out for streaming RPCs: many requests of one stream in flight, answered in request or completion order.
 
-One implementation, `fan_out`, serves both protocols: the native EmbedStream answers in request order (`ordered`),
-the Open Inference Protocol's ModelStreamInfer as answers finish (`in_completion_order`; clients match by id).
+The native EmbedStream answers in request order (`fan_out`, `ordered`); the Open Inference Protocol's ModelStreamInfer
+answers as answers come (`interleaved`; clients match by id), each request one or more times (a streamed generation
+answers once per text delta).
 
 At most `window` requests of a stream are started and not yet answered. When the window is full the reader stops
 reading, so HTTP/2 flow control pushes back on the sender; when the caller reads slowly, answers are not taken, the
@@ -34,17 +35,13 @@ async def fan_out(
     items: AsyncIterator[Item],
     answer: Callable[[Item], Awaitable[Answer]],
     window: int,
-    *,
-    in_order: bool,
 ) -> AsyncGenerator[tuple[Item, asyncio.Future[Answer]], None]:
     """Starts `answer` for each item as it is read, at most `window` unanswered at a time, and yields each item with
-    its finished answer (a done future: the result, or the exception `answer` raised), in item order when
-    `in_order`, otherwise as the answers finish.
+    its finished answer (a done future: the result, or the exception `answer` raised), in item order.
 
     An error reading the items is raised once every item read before it has been answered.
     """
-    # In item order, an entry is queued when its answer starts (and waited for at the head of the queue); in
-    # completion order, when its answer finishes.
+    # An entry is queued when its answer starts, and waited for at the head of the queue.
     ready: asyncio.Queue[tuple[Item, asyncio.Future[Answer]] | _End] = asyncio.Queue()
     slots = asyncio.Semaphore(window)
     running: set[asyncio.Future[Answer]] = set()
@@ -52,10 +49,7 @@ async def fan_out(
     def start(item: Item) -> None:
         task = asyncio.ensure_future(answer(item))
         running.add(task)
-        if in_order:
-            ready.put_nowait((item, task))
-        else:
-            task.add_done_callback(lambda done: ready.put_nowait((item, done)))
+        ready.put_nowait((item, task))
 
     async def read() -> None:
         try:
@@ -102,17 +96,77 @@ async def ordered(
     window: int,
 ) -> AsyncIterator[tuple[Item, Answer | errors.TandemError]]:
     """Yields (request, result or domain error) in request order; unexpected errors end the stream."""
-    async with contextlib.aclosing(fan_out(requests, handle, window, in_order=True)) as answers:
+    async with contextlib.aclosing(fan_out(requests, handle, window)) as answers:
         async for request, done in answers:
             error = done.exception()
             yield request, error if isinstance(error, errors.TandemError) else done.result()
 
 
-async def in_completion_order(
-    items: AsyncIterator[Item], answer: Callable[[Item], Awaitable[Answer]], limit: int
-) -> AsyncIterator[Answer]:
-    """Yields the answers as they finish, at most `limit` unanswered at a time. `answer` should not raise: a failure
-    ends the whole sequence."""
-    async with contextlib.aclosing(fan_out(items, answer, limit, in_order=False)) as answers:
-        async for _, done in answers:
-            yield done.result()
+async def interleaved(
+    items: AsyncIterator[Item], answers: Callable[[Item], AsyncGenerator[Answer, None]], window: int
+) -> AsyncGenerator[Answer, None]:
+    """gateway.streams.in_completion_order for items answered several times (a streamed generation): starts
+    `answers` for each item as it is read, at most `window` of them running, and yields their answers as they come.
+
+    An item's next answer is produced only once its previous one was taken (once the sequence's next answer is
+    asked for: with gRPC, once it was written), so a slow caller holds every item back and memory stays bounded; a
+    full window stops the reading (HTTP/2 flow control pushes back on the sender). An error reading the items is
+    raised once every item read before it is done. `answers` should not raise: a failure ends the whole sequence.
+    Ending the sequence (the caller went away, or an error) closes every item's answers.
+    """
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Queue[tuple[Answer, asyncio.Future[None]] | asyncio.Future[None] | _End] = asyncio.Queue()
+    slots = asyncio.Semaphore(window)
+    running: set[asyncio.Future[None]] = set()
+
+    async def run(item: Item) -> None:
+        async with contextlib.aclosing(answers(item)) as stream:
+            async for answer in stream:
+                taken: asyncio.Future[None] = loop.create_future()
+                ready.put_nowait((answer, taken))
+                await taken
+
+    async def read() -> None:
+        try:
+            async for item in items:
+                await slots.acquire()
+                task = asyncio.ensure_future(run(item))
+                running.add(task)
+                task.add_done_callback(ready.put_nowait)
+        except Exception as exc:
+            ready.put_nowait(_End(exc))
+        else:
+            ready.put_nowait(_End())
+
+    def on_reader_done(task: asyncio.Future[None]) -> None:
+        # A reader cancelled from outside (the call went away) must not leave the answers waiting for it.
+        if task.cancelled():
+            ready.put_nowait(_End(asyncio.CancelledError()))
+
+    reader = asyncio.ensure_future(read())
+    reader.add_done_callback(on_reader_done)
+    end: _End | None = None
+    try:
+        while end is None or running:
+            entry = await ready.get()
+            if isinstance(entry, _End):
+                end = entry
+            elif isinstance(entry, asyncio.Future):
+                running.discard(entry)
+                slots.release()
+                error = None if entry.cancelled() else entry.exception()
+                if error is not None:
+                    raise error
+            else:
+                answer, taken = entry
+                yield answer
+                if not taken.done():
+                    taken.set_result(None)
+        if end.error is not None:
+            raise end.error
+    finally:
+        reader.cancel()
+        for task in list(running):
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(reader, *running, return_exceptions=True)

@@ -1,8 +1,8 @@
 """Open Inference Protocol messages <-> the data plane's types: all reading and building of inference messages.
 
 Inputs arrive as typed `contents` or as `raw_input_contents` (BYTES raw: per element a 4-byte little-endian length
-and the bytes); outputs always leave as `raw_output_contents`, which every client reads (tritonclient's as_numpy)
-and which costs no per-element protobuf work.
+and the bytes; other datatypes little-endian, row-major); outputs always leave as `raw_output_contents`, which every
+client reads (tritonclient's as_numpy) and which costs no per-element protobuf work.
 """
 
 from __future__ import annotations
@@ -20,6 +20,35 @@ from tandem.oip.v2 import grpc_service_pb2 as pb
 
 _LENGTH = struct.Struct("<I")
 _NUMPY: dict[str, np.dtype[np.generic]] = {signatures.FP32: np.dtype("<f4"), signatures.INT64: np.dtype("<i8")}
+# Input datatypes other than BYTES: their raw layout, and the field of InferTensorContents that holds them typed
+# (FP16 has none: raw only).
+_RAW_INPUT: dict[str, np.dtype[np.generic]] = {
+    "BOOL": np.dtype("?"),
+    "INT8": np.dtype("i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "UINT8": np.dtype("u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+_CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -75,6 +104,34 @@ def parameters(entries: Mapping[str, pb.InferParameter], prefix: str = "paramete
     return {key: _parameter(value, f"{prefix}[{key}]") for key, value in entries.items()}
 
 
+def _values(
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, count: int
+) -> list[bool | int | float] | None:
+    """The elements of a BOOL, integer or floating-point input as Python scalars; None for other datatypes."""
+    name, field_name, datatype = tensor.name, f"inputs[{tensor.name}]", tensor.datatype
+    dtype = _RAW_INPUT.get(datatype)
+    if dtype is None:
+        return None
+    if raw is not None:
+        if len(raw) != count * dtype.itemsize:
+            raise errors.invalid_argument(
+                f"input {name!r}: raw data holds {len(raw)} bytes, {datatype} {list(tensor.shape)} needs "
+                f"{count * dtype.itemsize}",
+                field_name,
+            )
+        values: list[bool | int | float] = np.frombuffer(raw, dtype=dtype).tolist()
+        return values
+    contents = _CONTENTS.get(datatype)
+    values = list(getattr(tensor.contents, contents)) if contents else []
+    if len(values) != count:
+        where = f"contents.{contents}" if contents else "contents (FP16 is sent raw only)"
+        raise errors.invalid_argument(
+            f"input {name!r}: {len(values)} elements in {where}, its shape {list(tensor.shape)} needs {count}",
+            field_name,
+        )
+    return values
+
+
 def _input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> signatures.InputTensor:
     name, field_name = tensor.name, f"inputs[{tensor.name}]"
     shape = tuple(int(d) for d in tensor.shape)
@@ -97,7 +154,7 @@ def _input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> 
                     f"{list(shape)} needs {count}",
                     field_name,
                 )
-    return signatures.InputTensor(name, tensor.datatype, shape, elements)
+    return signatures.InputTensor(name, tensor.datatype, shape, elements, _values(tensor, raw, count))
 
 
 def infer_call(request: pb.ModelInferRequest) -> signatures.InferCall:
@@ -136,11 +193,22 @@ def _raw(output: signatures.OutputTensor) -> bytes:
     return encode_bytes_tensor(output.data)
 
 
+def _infer_parameter(value: signatures.Parameter) -> pb.InferParameter:
+    if isinstance(value, bool):
+        return pb.InferParameter(bool_param=value)
+    if isinstance(value, int):
+        return pb.InferParameter(int64_param=value)
+    if isinstance(value, float):
+        return pb.InferParameter(double_param=value)
+    return pb.InferParameter(string_param=value)
+
+
 def infer_response(result: signatures.InferResult) -> pb.ModelInferResponse:
     return pb.ModelInferResponse(
         model_name=result.model_name,
         model_version=result.model_version,
         id=result.id,
+        parameters={key: _infer_parameter(value) for key, value in result.parameters.items()},
         outputs=[
             pb.ModelInferResponse.InferOutputTensor(name=o.name, datatype=o.datatype, shape=o.shape)
             for o in result.outputs

@@ -3,33 +3,46 @@
 Every inference runs the same Pipeline method as the native API, so both protocols answer alike and their requests
 coalesce together. The tensors of each task and the binding of a request to them are in gateway/oip/signatures.py;
 the model repository extension (load, unload, index) in gateway/oip/models.py.
+
+Text generation follows Triton's decoupled models: in a stream, a request with `stream` true is answered with one
+response per text delta (none for ids the detokenizer holds back), each with the parameter `triton_final_response`,
+true on the last, which also carries `finish_reason`, `prompt_tokens` and `generated_tokens` (and `stop_sequence`) and
+may have empty text; anywhere else the answer is one response with the whole text and the same parameters.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
 from gateway.core import Pipeline, Served
+from gateway.generation import GeneratedText
 from gateway.oip.models import IndexEntry, ModelRegistry, RegistryModels
 from gateway.oip.signatures import (
     BYTES,
+    FINAL_RESPONSE,
     FP32,
     INT64,
     QUERY,
     TEXT,
+    TEXT_OUTPUT,
+    GenerationCall,
     InferCall,
     InferResult,
     Options,
     OutputTensor,
+    Parameter,
+    Signature,
     TensorSpec,
+    bind_generation,
     bind_inputs,
     check_stateless,
     model_reference,
@@ -40,6 +53,7 @@ from gateway.oip.signatures import (
 )
 from gateway.oip.statistics import InferenceStatistics, VersionStatistics
 from services.common import errors
+from tandem.generation.v1 import generation_pb2
 from tandem.model.v1 import model_pb2
 from tandem.postprocess.v1 import postprocess_pb2
 
@@ -75,9 +89,69 @@ def server_version() -> str:
         return "0+unknown"
 
 
+@dataclass(frozen=True)
+class _Bound:
+    """A request checked against its model: the deadline, the pinned reference, the model, its tensors, the outputs
+    wanted."""
+
+    deadline: float
+    ref: str
+    info: model_pb2.ModelInfo
+    sig: Signature
+    wanted: list[str]
+
+
 def _entities_json(entities: Sequence[postprocess_pb2.Entity]) -> bytes:
     rows = [{"label": e.label, "score": e.score, "start": e.start, "end": e.end, "text": e.text} for e in entities]
     return json.dumps(rows, ensure_ascii=False).encode()
+
+
+_FINISH_REASONS = {
+    generation_pb2.FINISH_REASON_STOP: "stop",
+    generation_pb2.FINISH_REASON_LENGTH: "length",
+    generation_pb2.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
+}
+
+
+def generation_params(call: GenerationCall) -> generation_pb2.GenerationParams:
+    """The pipeline's parameters; a setting the request left out stays unset (the model's default)."""
+    sampling = call.sampling
+    params = generation_pb2.GenerationParams(stop=sampling.stop)
+    if sampling.max_tokens is not None:
+        params.max_new_tokens = sampling.max_tokens
+    if sampling.min_tokens is not None:
+        params.min_new_tokens = sampling.min_tokens
+    if sampling.temperature is not None:
+        params.temperature = sampling.temperature
+    if sampling.top_p is not None:
+        params.top_p = sampling.top_p
+    if sampling.top_k is not None:
+        params.top_k = sampling.top_k
+    if sampling.seed is not None:
+        params.seed = sampling.seed
+    if sampling.repetition_penalty is not None:
+        params.repetition_penalty = sampling.repetition_penalty
+    if sampling.ignore_eos is not None:
+        params.ignore_eos = sampling.ignore_eos
+    return params
+
+
+def _summary(last: GeneratedText) -> dict[str, Parameter]:
+    """The response parameters that end an answer: why it ended and the tokens used."""
+    summary: dict[str, Parameter] = {
+        "finish_reason": _FINISH_REASONS.get(last.finish_reason, "unknown"),
+        "prompt_tokens": last.prompt_tokens,
+        "generated_tokens": last.generated_tokens,
+    }
+    if last.stop_sequence:
+        summary["stop_sequence"] = last.stop_sequence
+    return summary
+
+
+async def _close(stream: AsyncIterator[GeneratedText]) -> None:
+    """Closes the pipeline's generation now, which cancels its stage calls, rather than when it is collected."""
+    if isinstance(stream, AsyncGenerator):
+        await stream.aclose()
 
 
 class DataPlane:
@@ -95,8 +169,6 @@ class DataPlane:
         self.models = RegistryModels(registry)
         self.statistics = statistics or InferenceStatistics(time.time_ns)
         self.max_stream_in_flight = max_stream_in_flight
-        self.metadata = ServerMetadata(SERVER_NAME, server_version(), EXTENSIONS)
-
         self.metadata = ServerMetadata(SERVER_NAME, server_version(), EXTENSIONS)
 
     def deadline(self, time_remaining: float | None) -> float:
@@ -122,21 +194,45 @@ class DataPlane:
         sig = signature(info)
         return ModelMetadata(info.name, tuple(info.versions), sig.platform, sig.inputs, sig.outputs)
 
-    async def infer(self, call: InferCall, deadline: float) -> InferResult:
-        """Runs the pipeline method of the model's task; statistics record the pipeline call."""
+    async def _bind(self, call: InferCall, deadline: float) -> _Bound:
         deadline = request_deadline(call.parameters, deadline)
         check_stateless(call.parameters)
         ref = model_reference(call.model_name, call.model_version, "model_name", "model_version")
         info = await self.pipeline.catalog.get(ref, deadline)
         sig = signature(info)
-        wanted = wanted_outputs(call.outputs, info.name, sig)
+        return _Bound(deadline, ref, info, sig, wanted_outputs(call.outputs, info.name, sig))
+
+    async def infer(self, call: InferCall, deadline: float) -> InferResult:
+        """Runs the pipeline method of the model's task; statistics record the pipeline call. A text-generation
+        model answers with the whole text, whatever `stream` says."""
+        bound = await self._bind(call, deadline)
+        if bound.sig.task != model_pb2.TASK_TEXT_GENERATION:
+            return await self._infer(bound, call)
+        request = bind_generation(call, bound.info.name, bound.sig, self.pipeline.max_input_chars)
+        (whole,) = [result async for result in self._generate(bound, call.id, request, streamed=False)]
+        return whole
+
+    async def infer_stream(self, call: InferCall, deadline: float) -> AsyncGenerator[InferResult, None]:
+        """A request of ModelStreamInfer: one result, or with a text-generation model and `stream` true one per text
+        delta. Closing it cancels the generation."""
+        bound = await self._bind(call, deadline)
+        if bound.sig.task != model_pb2.TASK_TEXT_GENERATION:
+            yield await self._infer(bound, call)
+            return
+        request = bind_generation(call, bound.info.name, bound.sig, self.pipeline.max_input_chars)
+        async with contextlib.aclosing(self._generate(bound, call.id, request, streamed=True)) as answers:
+            async for result in answers:
+                yield result
+
+    async def _infer(self, bound: _Bound, call: InferCall) -> InferResult:
+        info, sig = bound.info, bound.sig
         texts = bind_inputs(call, info.name, sig, self.pipeline.max_inputs, self.pipeline.max_input_chars)
         options = request_options(sig.task, call.parameters)
         items = len(texts[TEXT])
         started_ms = self.statistics.now_ms()
         started = time.perf_counter_ns()
         try:
-            served, outputs = await self._run(sig.task, ref, texts, options, deadline)
+            served, outputs = await self._run(sig.task, bound.ref, texts, options, bound.deadline)
         except Exception:
             self.statistics.record_failure(info.name, info.version, time.perf_counter_ns() - started, started_ms)
             raise
@@ -144,7 +240,50 @@ class DataPlane:
             served.model, served.version, items, time.perf_counter_ns() - started, started_ms
         )
         by_name = {output.name: output for output in outputs}
-        return InferResult(served.model, served.version, call.id, [by_name[name] for name in wanted])
+        return InferResult(served.model, served.version, call.id, [by_name[name] for name in bound.wanted])
+
+    async def _generate(
+        self, bound: _Bound, request_id: str, request: GenerationCall, *, streamed: bool
+    ) -> AsyncGenerator[InferResult, None]:
+        """The answer of a text-generation model: one result per text delta when `streamed` and the request asks to
+        stream, otherwise one with the whole text. `streamed` results carry `triton_final_response`."""
+        info = bound.info
+        started_ms = self.statistics.now_ms()
+        started = time.perf_counter_ns()
+        deltas = streamed and request.stream
+        stream = self.pipeline.generate(bound.ref, request.prompt, (), generation_params(request), bound.deadline)
+        texts: list[str] = []
+        last: GeneratedText | None = None
+        try:
+            async for message in stream:
+                last = message
+                if not deltas:
+                    texts.append(message.text)
+                    continue
+                final = message.finish_reason != generation_pb2.FINISH_REASON_UNSPECIFIED
+                if not (final or message.text):
+                    continue  # ids held back mid-character or mid-stop-string: nothing to say yet
+                parameters: dict[str, Parameter] = {FINAL_RESPONSE: final, **(_summary(message) if final else {})}
+                yield self._text_result(message, request_id, message.text, parameters)
+        except Exception:
+            self.statistics.record_failure(info.name, info.version, time.perf_counter_ns() - started, started_ms)
+            raise
+        finally:
+            await _close(stream)
+        if last is None:
+            log.error("a generation of %s ended without a message", bound.ref)
+            raise errors.internal()
+        self.statistics.record_success(last.model, last.version, 1, time.perf_counter_ns() - started, started_ms)
+        if not deltas:
+            parameters = {FINAL_RESPONSE: True} if streamed else {}
+            yield self._text_result(last, request_id, "".join(texts), {**parameters, **_summary(last)})
+
+    @staticmethod
+    def _text_result(
+        message: GeneratedText, request_id: str, text: str, parameters: dict[str, Parameter]
+    ) -> InferResult:
+        output = OutputTensor(TEXT_OUTPUT, BYTES, (1,), [text.encode()])
+        return InferResult(message.model, message.version, request_id, [output], parameters)
 
     async def _run(
         self, task: int, ref: str, texts: dict[str, list[str]], options: Options, deadline: float

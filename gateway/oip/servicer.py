@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
@@ -12,7 +13,7 @@ from gateway.core import Pipeline
 from gateway.oip import converters
 from gateway.oip.dataplane import DataPlane
 from gateway.oip.models import ModelRegistry
-from gateway.streams import in_completion_order
+from gateway.streams import interleaved
 from services.common import errors
 from tandem.oip.v2 import grpc_service_pb2 as pb
 from tandem.oip.v2 import grpc_service_pb2_grpc as pb_grpc
@@ -57,20 +58,23 @@ class InferenceProtocolServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(  # noqa: N802
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Requests run concurrently and are answered as they finish; a failure is answered, the stream goes on."""
+        """Requests run concurrently and are answered as they finish (a streamed generation as its text comes); a
+        failure is answered, the stream goes on. A caller that goes away cancels every request still running."""
 
-        async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        async def answer(request: pb.ModelInferRequest) -> AsyncGenerator[pb.ModelStreamInferResponse, None]:
             try:
                 call = converters.infer_call(request)
-                result = await self.plane.infer(call, self.plane.deadline(context.time_remaining()))
-                return converters.stream_response(result)
+                deadline = self.plane.deadline(context.time_remaining())
+                async with contextlib.aclosing(self.plane.infer_stream(call, deadline)) as results:
+                    async for result in results:
+                        yield converters.stream_response(result)
             except errors.TandemError as err:
-                return converters.stream_error(request, err)
+                yield converters.stream_error(request, err)
             except Exception:
                 log.exception("unexpected error in ModelStreamInfer (request id %r)", request.id)
-                return converters.stream_error(request, errors.internal())
+                yield converters.stream_error(request, errors.internal())
 
-        async for response in in_completion_order(request_iterator, answer, self.plane.max_stream_in_flight):
+        async for response in interleaved(request_iterator, answer, self.plane.max_stream_in_flight):
             yield response
 
     async def ModelStatistics(  # noqa: N802

@@ -382,7 +382,7 @@ async def test_stream_cancelled_by_the_client_stops_its_work(stack: Stack) -> No
             t
             for t in asyncio.all_tasks()
             if getattr(t.get_coro(), "__qualname__", "").startswith(
-                ("fan_out", "InferenceProtocolServicer.ModelStreamInfer")
+                ("interleaved", "InferenceProtocolServicer.ModelStreamInfer")
             )
         ]
 

@@ -4,14 +4,14 @@ stream."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import pytest
 
-from gateway.streams import in_completion_order
+from gateway.streams import interleaved
 
 
-async def test_in_completion_order_bounds_work_in_flight() -> None:
+async def test_interleaved_bounds_work_in_flight() -> None:
     running = peak = 0
     gates = {i: asyncio.Event() for i in range(6)}
 
@@ -19,13 +19,13 @@ async def test_in_completion_order_bounds_work_in_flight() -> None:
         for i in range(6):
             yield i
 
-    async def answer(i: int) -> int:
+    async def answer(i: int) -> AsyncGenerator[int, None]:
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
         await gates[i].wait()
         running -= 1
-        return i
+        yield i
 
     async def release() -> None:
         for i in (1, 0, 3, 2, 5, 4):  # out of order
@@ -33,12 +33,13 @@ async def test_in_completion_order_bounds_work_in_flight() -> None:
             gates[i].set()
 
     opener = asyncio.create_task(release())
-    got = [x async for x in in_completion_order(items(), answer, limit=2)]
+    got = [x async for x in interleaved(items(), answer, 2)]
     await opener
     assert sorted(got) == list(range(6)) and peak == 2
 
-    async def failing(i: int) -> int:
+    async def failing(i: int) -> AsyncGenerator[int, None]:
         raise RuntimeError("boom")
+        yield i
 
     with pytest.raises(RuntimeError, match="boom"):
-        _ = [x async for x in in_completion_order(items(), failing, limit=2)]
+        _ = [x async for x in interleaved(items(), failing, 2)]
