@@ -3,18 +3,22 @@
 // Command-line demo of the Node.js client: every command prints JSON on stdout, so scripts (and tests) can read it.
 
 const { parseArgs } = require('node:util');
-const { connect, unary, embedStream, decodeError, grpc } = require('./tandem');
+const { connect, unary, embedStream, generate, decodeError, grpc } = require('./tandem');
 
-const USAGE = `usage: node cli.js [--target HOST:PORT] [--model NAME] [--top-k N] COMMAND [TEXT...]
+const USAGE = `usage: node cli.js [--target HOST:PORT] [--model NAME] [--top-k N] [generation options] COMMAND [TEXT...]
 
   embed TEXT...     Embed; prints the EmbedResponse as JSON (embeddings[i].values is the vector of TEXT i)
   classify TEXT...  Classify with --model; prints the ClassifyResponse as JSON
   stream TEXT...    EmbedStream, one request per TEXT with ids r0, r1, ...; prints one JSON line per response
+  generate PROMPT   Generate with --model (a text-generation model); prints each delta as it arrives, one JSON
+                    line {"text", "token_ids"} each, then {"finish_reason" (stop, length or stop_sequence),
+                    "stop_sequence", "usage", "model", "model_version"}. Options: --max-new-tokens N, --temperature T, --seed N, --stop S (repeatable)
   errors            provokes INVALID_ARGUMENT (no inputs), NOT_FOUND (unknown model) and a failed request inside
                     a stream; prints the code, message and decoded google.rpc details of each, one JSON line each
 
 --target defaults to 127.0.0.1:50051; --model to the server's default model.`;
 
+const GENERATE_TIMEOUT_MS = 120_000; // a whole generation, however many tokens it takes
 const print = (value) => process.stdout.write(`${JSON.stringify(value)}\n`);
 
 async function main() {
@@ -24,6 +28,10 @@ async function main() {
       target: { type: 'string', default: '127.0.0.1:50051' },
       model: { type: 'string', default: '' },
       'top-k': { type: 'string', default: '0' },
+      'max-new-tokens': { type: 'string' },
+      temperature: { type: 'string', default: '0' },
+      seed: { type: 'string' },
+      stop: { type: 'string', multiple: true, default: [] },
       help: { type: 'boolean', short: 'h' },
     },
   });
@@ -47,6 +55,14 @@ async function main() {
         for await (const response of embedStream(client, requests)) print(response);
         return 0;
       }
+      case 'generate': {
+        if (texts.length !== 1) {
+          console.error(`generate takes one PROMPT (quote it)\n\n${USAGE}`);
+          return 2;
+        }
+        await showGeneration(client, { model, prompt: texts[0], params: generationParams(options) });
+        return 0;
+      }
       case 'errors':
         await showErrors(client, model);
         return 0;
@@ -61,6 +77,31 @@ async function main() {
   } finally {
     client.close();
   }
+}
+
+/** GenerationParams from the command line; unset options are left out, so the server's defaults apply. */
+function generationParams(options) {
+  const params = { temperature: Number(options.temperature), stop: options.stop };
+  if (options['max-new-tokens'] !== undefined) params.max_new_tokens = Number(options['max-new-tokens']);
+  if (options.seed !== undefined) params.seed = options.seed; // uint64: passed as a string
+  return params;
+}
+
+/** Streams a generation: one line per delta as it arrives, then why it ended and the token counts. */
+async function showGeneration(client, request) {
+  let last = null;
+  for await (const response of generate(client, request, GENERATE_TIMEOUT_MS)) {
+    print({ text: response.text || '', token_ids: response.token_ids || [] });
+    last = response;
+  }
+  if (!last || !last.finish_reason) throw new Error('the Generate stream ended without its last message');
+  print({
+    finish_reason: last.finish_reason.replace(/^FINISH_REASON_/, '').toLowerCase(), // stop, length, stop_sequence
+    stop_sequence: last.stop_sequence || null,
+    usage: last.usage,
+    model: last.model,
+    model_version: last.model_version,
+  });
 }
 
 /** The two ways a Tandem error reaches a caller: a failed unary call, and a failed request inside a stream. */

@@ -61,6 +61,22 @@ async function* embedStream(client, requests, timeoutMs = DEFAULT_TIMEOUT_MS) {
   }
 }
 
+/**
+ * Calls Generate and yields each GenerateResponse as it arrives: `text` is the new text since the previous one, and
+ * the last also has `finish_reason` ("FINISH_REASON_STOP", "FINISH_REASON_LENGTH" or "FINISH_REASON_STOP_SEQUENCE"),
+ * `usage` and `model_version`. `request` is a GenerateRequest: {model, prompt} or {model, messages: [{role,
+ * content}]}, with sampling in `params` (GenerationParams, e.g. {max_new_tokens: 64, temperature: 0.7}). Token ids
+ * are strings (int64). Breaking out of the loop cancels the call, which stops the generation on the server.
+ */
+async function* generate(client, request, timeoutMs = DEFAULT_TIMEOUT_MS) {
+  const call = client.Generate(request, { deadline: Date.now() + timeoutMs });
+  try {
+    for await (const response of call) yield response;
+  } finally {
+    call.cancel(); // no-op once the stream has ended; stops the generation when the caller breaks out early
+  }
+}
+
 // google.rpc.Status arrives serialized in the `grpc-status-details-bin` trailer; protobufjs (the library
 // proto-loader is built on) decodes it and the Any-packed details. google/protobuf/* come bundled with it.
 const rpcRoot = new protobuf.Root();
@@ -101,4 +117,4 @@ function decodeError(err) {
   return decoded;
 }
 
-module.exports = { connect, unary, embedStream, decodeError, grpc };
+module.exports = { connect, unary, embedStream, generate, decodeError, grpc };

@@ -10,13 +10,29 @@ from tandem.sdk.channel import tls_credentials
 from tandem.sdk.client import TandemClient
 from tandem.sdk.errors import FieldViolation, TandemError
 from tandem.sdk.retry import NO_RETRY, RetryPolicy
-from tandem.sdk.types import Entity, Label, ModelInfo, RerankResult, StreamResult, TokenEncoding
+from tandem.sdk.types import (
+    Entity,
+    FinishReason,
+    GenerationDelta,
+    GenerationResult,
+    GenerationUsage,
+    Label,
+    ModelInfo,
+    RerankResult,
+    StreamResult,
+    TokenEncoding,
+    TokenLogprob,
+)
 
 __all__ = [
     "NO_RETRY",
     "AsyncTandemClient",
     "Entity",
     "FieldViolation",
+    "FinishReason",
+    "GenerationDelta",
+    "GenerationResult",
+    "GenerationUsage",
     "Label",
     "ModelInfo",
     "RerankResult",
@@ -25,5 +41,6 @@ __all__ = [
     "TandemClient",
     "TandemError",
     "TokenEncoding",
+    "TokenLogprob",
     "tls_credentials",
 ]

@@ -4,6 +4,8 @@ event loop.
     with TandemClient("127.0.0.1:50051") as client:
         vectors = client.embed(["A man plays guitar.", "Someone plays an instrument."])   # (2, 384) float32
         labels = client.classify(["great film"], model="my-sentiment", top_k=1)
+        for delta in client.generate("Once upon a time", model="my-llm", max_new_tokens=64):
+            print(delta.text, end="", flush=True)
 
 A gateway served with TLS (mTLS): `TandemClient(target, credentials=tls_credentials("ca.pem", "client.pem",
 "client-key.pem"))`. Every failure raises `TandemError`, which carries the gRPC code and the google.rpc details the
@@ -20,7 +22,7 @@ needs no thread or loop beside the caller's.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Self, TypeVar
 
@@ -31,7 +33,17 @@ from tandem.sdk import converters
 from tandem.sdk.channel import CHANNEL_OPTIONS, DEFAULT_TIMEOUT_S, api_key_metadata
 from tandem.sdk.errors import TandemError
 from tandem.sdk.retry import DEFAULT_RETRY, Attempts, RetryPolicy
-from tandem.sdk.types import Entity, Label, ModelInfo, RerankResult, StreamResult, TokenEncoding, Vectors
+from tandem.sdk.types import (
+    Entity,
+    GenerationDelta,
+    GenerationResult,
+    Label,
+    ModelInfo,
+    RerankResult,
+    StreamResult,
+    TokenEncoding,
+    Vectors,
+)
 
 __all__ = ["TandemClient"]
 
@@ -200,3 +212,113 @@ class TandemClient:
             raise TandemError.from_rpc_error(rpc_error) from rpc_error
         finally:
             call.cancel()  # no-op after a full read; stops the call when the caller leaves the loop early
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        model: str = "",
+        messages: Sequence[Mapping[str, str]] | None = None,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int = 0,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        top_k: int = 0,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        logprobs: int = 0,
+        timeout: float | None = None,
+    ) -> Generator[GenerationDelta, None, None]:
+        """Streams the text a text-generation model writes after `prompt`, or after `messages` (a conversation of
+        {"role": ..., "content": ...}, rendered with the model's chat template); give exactly one of them.
+
+        Yields a GenerationDelta per message as it arrives; the last has finish_reason and usage. `timeout` bounds
+        the whole stream (the client's timeout unless given). The call is retried like any other until its first
+        delta arrives, never after. Leaving the loop early (or closing the iterator) cancels the call, which stops
+        the generation on the server. The parameters are those of tandem.generation.v1.GenerationParams
+        (protos/tandem/generation/v1/generation.proto); the defaults decode greedily up to the model's default
+        length.
+        """
+        request = converters.generate_request(
+            prompt,
+            model,
+            messages,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop=stop,
+            stop_token_ids=stop_token_ids,
+            ignore_eos=ignore_eos,
+            logprobs=logprobs,
+        )
+        return self._generate(request, timeout)
+
+    def generate_text(
+        self,
+        prompt: str | None = None,
+        *,
+        model: str = "",
+        messages: Sequence[Mapping[str, str]] | None = None,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int = 0,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        top_k: int = 0,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        logprobs: int = 0,
+        timeout: float | None = None,
+    ) -> GenerationResult:
+        """generate(), read to the end: the whole text, its token ids and logprobs, why it ended and the usage."""
+        collector = converters.GenerationCollector()
+        for delta in self.generate(
+            prompt,
+            model=model,
+            messages=messages,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop=stop,
+            stop_token_ids=stop_token_ids,
+            ignore_eos=ignore_eos,
+            logprobs=logprobs,
+            timeout=timeout,
+        ):
+            collector.add(delta)
+        return collector.result()
+
+    def _generate(
+        self, request: gateway_pb2.GenerateRequest, timeout: float | None
+    ) -> Generator[GenerationDelta, None, None]:
+        attempts = Attempts(self.retry, self.timeout if timeout is None else timeout)
+        while True:
+            call = self.stub.Generate(request, timeout=attempts.start(), metadata=self.metadata)
+            started = False
+            try:
+                for response in call:
+                    started = True
+                    yield converters.generation_delta(response)
+                return
+            except grpc.RpcError as rpc_error:
+                error = TandemError.from_rpc_error(rpc_error)
+                # Text already yielded cannot be taken back: only a stream that sent nothing is retried.
+                delay = None if started else attempts.delay_s(error)
+                if delay is None:
+                    raise error from rpc_error
+            finally:
+                call.cancel()  # no-op after a full read; stops the generation when the caller leaves the loop early
+            time.sleep(delay)

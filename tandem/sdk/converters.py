@@ -1,16 +1,31 @@
 """Requests and results <-> the gateway's messages, shared by the blocking and asyncio clients; the only module of
-the SDK that builds or reads tandem.gateway.v1 messages."""
+the SDK that builds or reads tandem.gateway.v1 (and tandem.generation.v1) messages."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
+import grpc
 import numpy as np
 
 from tandem.gateway.v1 import gateway_pb2
+from tandem.generation.v1 import generation_pb2
 from tandem.model.v1 import model_pb2
 from tandem.sdk.errors import TandemError
-from tandem.sdk.types import Entity, Label, ModelInfo, RerankResult, StreamResult, TokenEncoding, Vectors
+from tandem.sdk.types import (
+    Entity,
+    FinishReason,
+    GenerationDelta,
+    GenerationResult,
+    GenerationUsage,
+    Label,
+    ModelInfo,
+    RerankResult,
+    StreamResult,
+    TokenEncoding,
+    TokenLogprob,
+    Vectors,
+)
 
 
 def texts(inputs: Sequence[str], name: str = "inputs") -> list[str]:
@@ -73,6 +88,49 @@ def stream_requests(
         yield stream_request(request_id, inputs, model, normalize, truncate)
 
 
+def chat_message(message: Mapping[str, str], index: int) -> generation_pb2.ChatMessage:
+    if isinstance(message, str) or "role" not in message or "content" not in message:
+        raise TypeError(f"messages[{index}] must be a mapping with 'role' and 'content', like {{'role': 'user', ...}}")
+    return generation_pb2.ChatMessage(role=message["role"], content=message["content"])
+
+
+def generate_request(
+    prompt: str | None,
+    model: str,
+    messages: Sequence[Mapping[str, str]] | None,
+    *,
+    max_new_tokens: int | None,
+    min_new_tokens: int,
+    temperature: float,
+    top_p: float | None,
+    top_k: int,
+    repetition_penalty: float | None,
+    seed: int | None,
+    stop: Sequence[str],
+    stop_token_ids: Sequence[int],
+    ignore_eos: bool,
+    logprobs: int,
+) -> gateway_pb2.GenerateRequest:
+    """The server checks the values (and that exactly one of prompt and messages is given); this checks types only."""
+    if isinstance(stop, str):
+        raise TypeError("stop must be a sequence of strings, not a single string: wrap it in a list")
+    chat = [chat_message(m, i) for i, m in enumerate(messages or ())]
+    params = generation_pb2.GenerationParams(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=list(stop),
+        stop_token_ids=list(stop_token_ids),
+        ignore_eos=ignore_eos,
+        logprobs=logprobs,
+    )
+    return gateway_pb2.GenerateRequest(model=model, prompt=prompt or "", messages=chat, params=params)
+
+
 # Results
 
 
@@ -112,6 +170,8 @@ def model_info(info: model_pb2.ModelInfo) -> ModelInfo:
         ready=info.ready,
         backend=info.backend,
         multi_label=info.multi_label,
+        context_length=info.context_length,
+        chat_template=info.chat_template,
     )
 
 
@@ -119,3 +179,63 @@ def stream_result(response: gateway_pb2.EmbedStreamResponse) -> StreamResult:
     if response.HasField("error"):
         return StreamResult(response.id, error=TandemError.from_stream_error(response.error))
     return StreamResult(response.id, embeddings=vectors(response.response))
+
+
+_FINISH_REASONS: dict[int, FinishReason] = {
+    generation_pb2.FINISH_REASON_STOP: "stop",
+    generation_pb2.FINISH_REASON_LENGTH: "length",
+    generation_pb2.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
+}
+
+
+def generation_delta(response: gateway_pb2.GenerateResponse) -> GenerationDelta:
+    logprobs = [
+        TokenLogprob(p.token_id, p.logprob, [(t.token_id, t.logprob) for t in p.top]) for p in response.logprobs
+    ]
+    finish_reason = _FINISH_REASONS.get(response.finish_reason)
+    if finish_reason is None:
+        return GenerationDelta(response.text, list(response.token_ids), logprobs, model=response.model)
+    return GenerationDelta(
+        response.text,
+        list(response.token_ids),
+        logprobs,
+        finish_reason=finish_reason,
+        stop_sequence=response.stop_sequence or None,
+        # STOP_SEQUENCE without a stop string was a stop_token_ids entry, whose id may be 0.
+        stop_token_id=None if finish_reason != "stop_sequence" or response.stop_sequence else response.stop_token_id,
+        usage=GenerationUsage(response.usage.prompt_tokens, response.usage.generated_tokens),
+        model=response.model,
+        model_version=response.model_version,
+    )
+
+
+class GenerationCollector:
+    """Joins the deltas of one generation into a GenerationResult (generate_text of both clients)."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.last: GenerationDelta | None = None
+
+    def add(self, delta: GenerationDelta) -> None:
+        self.text.append(delta.text)
+        self.token_ids += delta.token_ids
+        self.logprobs += delta.logprobs
+        self.last = delta
+
+    def result(self) -> GenerationResult:
+        last = self.last
+        if last is None or last.finish_reason is None or last.usage is None:
+            raise TandemError(grpc.StatusCode.INTERNAL, "the Generate stream ended without its last message")
+        return GenerationResult(
+            "".join(self.text),
+            self.token_ids,
+            self.logprobs,
+            last.finish_reason,
+            last.usage,
+            stop_sequence=last.stop_sequence,
+            stop_token_id=last.stop_token_id,
+            model=last.model,
+            model_version=last.model_version,
+        )

@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from tandem.sdk.errors import TandemError
 
-__all__ = ["Entity", "Label", "ModelInfo", "RerankResult", "StreamResult", "TokenEncoding", "Vectors"]
+__all__ = [
+    "Entity",
+    "FinishReason",
+    "GenerationDelta",
+    "GenerationResult",
+    "GenerationUsage",
+    "Label",
+    "ModelInfo",
+    "RerankResult",
+    "StreamResult",
+    "TokenEncoding",
+    "TokenLogprob",
+    "Vectors",
+]
 
 Vectors = npt.NDArray[np.float32]
+
+# Why a generation ended: an end-of-sequence token ("stop"), max_new_tokens or a full context ("length"), or a stop
+# string or one of stop_token_ids ("stop_sequence").
+FinishReason = Literal["stop", "length", "stop_sequence"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +72,9 @@ class TokenEncoding:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A served model; task is "embedding", "classification", "token-classification" or "rerank"."""
+    """A served model; task is "embedding", "classification", "token-classification", "rerank" or
+    "text-generation". context_length and chat_template (whether generate takes messages) are set for text-generation
+    models only."""
 
     name: str
     task: str
@@ -66,6 +86,8 @@ class ModelInfo:
     ready: bool
     backend: str
     multi_label: bool
+    context_length: int = 0
+    chat_template: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,3 +97,57 @@ class StreamResult:
     id: str
     embeddings: Vectors | None = None
     error: TandemError | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability, and the most likely tokens of its step as (token id, logprob), best
+    first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class GenerationUsage:
+    """Token counts of one generation: the prompt's (special tokens and chat template included) and the answer's."""
+
+    prompt_tokens: int
+    generated_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.generated_tokens
+
+
+@dataclass(frozen=True)
+class GenerationDelta:
+    """One message of a generation: new text (never a split character), its token ids and, when asked for, their
+    log-probabilities. The last delta has finish_reason, usage and model_version set; stop_sequence names the stop
+    string and stop_token_id the stop_token_ids entry that ended it, if one did."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    stop_sequence: str | None = None
+    stop_token_id: int | None = None
+    usage: GenerationUsage | None = None
+    model: str = ""
+    model_version: str = ""
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """A whole generation (generate_text): the deltas joined, and what the last one said."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    finish_reason: FinishReason
+    usage: GenerationUsage
+    stop_sequence: str | None = None
+    stop_token_id: int | None = None
+    model: str = ""
+    model_version: str = ""

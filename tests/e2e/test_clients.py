@@ -1,5 +1,6 @@
 """The Node.js and C++ clients (clients/) built from protos/ and run against a live `tandem serve`: they must agree
-with the Python client on vectors, keep stream order, and decode the same google.rpc error details."""
+with the Python client on vectors, keep stream order, and decode the same google.rpc error details. The Node.js
+client also streams a generation, which must be the Python client's text."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 from tandem.sdk import TandemClient
 from tests import ROOT
 from tests.e2e.deployment import tandem_serve
+from tests.fixtures import tiny_causal
 
 pytestmark = pytest.mark.e2e
 
@@ -86,6 +88,15 @@ def classifier_gateway(served_repository: Path, tmp_path_factory: pytest.TempPat
     """`tandem serve` with only tiny-sentiment, so it loads in seconds."""
     repository = tmp_path_factory.mktemp("classifier-repository")
     shutil.copytree(served_repository / "tiny-sentiment", repository / "tiny-sentiment")
+    with tandem_serve(tmp_path_factory.mktemp("home"), repository=repository) as (address, _):
+        yield address
+
+
+@pytest.fixture(scope="module")
+def generation_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`tandem serve` with only tiny-llama-chat, a text-generation model that continues a known cycle (tiny_causal)."""
+    repository = tmp_path_factory.mktemp("generation-repository")
+    tiny_causal.make_llama_chat(repository)
     with tandem_serve(tmp_path_factory.mktemp("home"), repository=repository) as (address, _):
         yield address
 
@@ -173,3 +184,32 @@ def test_classify_matches_the_python_client(cli: list[str], classifier_gateway: 
         checked([*cli, "--target", classifier_gateway, "--model", "tiny-sentiment", "--top-k", "1", "classify", *texts])
     )
     assert [len(r["labels"]) for r in top["results"]] == [1, 1]
+
+
+def test_generate_streams_the_python_clients_text(node_cli: list[str], generation_gateway: str) -> None:
+    prompt = "sun 🍎 moon"  # the answer crosses UTF-8 boundaries mid-character (tiny_causal's module doc)
+    with TandemClient(generation_gateway) as client:
+        expected = client.generate_text(prompt, model="tiny-llama-chat", max_new_tokens=40)
+        stopped = client.generate_text(prompt, model="tiny-llama-chat", max_new_tokens=40, stop=["東京", "star"])
+    assert expected.text == tiny_causal.expected_continuation(prompt) and expected.finish_reason == "stop"
+    generate = [*node_cli, "--target", generation_gateway, "--model", "tiny-llama-chat", "--max-new-tokens", "40"]
+
+    *deltas, last = json_lines(checked([*generate, "generate", prompt]))
+    assert len(deltas) > 1 and all(set(d) == {"text", "token_ids"} for d in deltas)
+    assert "".join(d["text"] for d in deltas) == expected.text
+    assert [int(i) for d in deltas for i in d["token_ids"]] == expected.token_ids  # int64 ids come as strings
+    assert last == {
+        "finish_reason": "stop",
+        "stop_sequence": None,
+        "usage": {
+            "prompt_tokens": expected.usage.prompt_tokens,
+            "generated_tokens": expected.usage.generated_tokens,
+            "total_tokens": expected.usage.total_tokens,
+        },
+        "model": "tiny-llama-chat",
+        "model_version": "1",
+    }
+
+    *deltas, last = json_lines(checked([*generate, "--stop", "東京", "--stop", "star", "generate", prompt]))
+    assert "".join(d["text"] for d in deltas) == stopped.text == " 猫 "
+    assert (last["finish_reason"], last["stop_sequence"]) == ("stop_sequence", "star")
