@@ -25,3 +25,69 @@ def make_texts(kind: str, count: int, seed: int = 0) -> list[str]:
     return [
         " ".join(rng.choice(_WORDS) for _ in range(rng.randint(low, high))).capitalize() + "." for _ in range(count)
     ]
+
+
+# Chat-like prompts (`tandem bench --api generate`): an opening that asks for something, a subject, and clauses of
+# detail that make the lengths vary. Fixed lists, so a seed always gives the same prompts.
+_ASKS = (
+    "Can you explain",
+    "Write a short note about",
+    "What is the best way to think about",
+    "Give me three ideas for",
+    "Summarize what you know about",
+    "How would you describe",
+    "Tell me something surprising about",
+    "Why do people care about",
+)
+_SUBJECTS = (
+    "the weather in the mountains",
+    "a small coffee shop by the river",
+    "learning to play the guitar",
+    "a train journey across the country",
+    "the history of the city library",
+    "painting a garden in the morning",
+    "a museum of science and language",
+    "cooking dinner in a tiny kitchen",
+    "the market for old records",
+    "travel on a tight budget",
+)
+_DETAILS = (
+    "I am new to this",
+    "keep it simple",
+    "my friend asked me yesterday and I did not know what to say",
+    "please use plain words",
+    "it is for a class I teach on weekends",
+    "I only have a few minutes",
+    "the answer should fit in a paragraph",
+    "assume I know nothing about it",
+)
+
+# Words of a prompt, as PROMPT_WORDS documents them: 8-48 words, about 10-60 tokens on English BPE vocabularies
+# (SmolLM2's: the bench prints each run's exact token range with the model's own tokenizer).
+PROMPT_WORDS = (8, 48)
+
+
+def make_prompts(count: int, words: tuple[int, int] = PROMPT_WORDS, seed: int = 0) -> list[str]:
+    """Deterministic chat-like prompts for generation: "<ask> <subject>? <Detail>, <detail>. <Detail> ..." cut to a
+    word count drawn uniformly from `words` (inclusive), so prompt lengths vary the way short chat turns do. Each
+    detail appears at most once in a prompt (a prompt runs out of them near 60 words)."""
+    low, high = words
+    if not 1 <= low <= high:
+        raise ValueError(f"prompt words must be 1 <= low <= high, not {low}-{high}")
+    rng = random.Random(f"prompts:{seed}")
+    prompts = []
+    for _ in range(count):
+        target = rng.randint(low, high)
+        details = rng.sample(_DETAILS, len(_DETAILS))
+        text = f"{rng.choice(_ASKS)} {rng.choice(_SUBJECTS)}?"
+        while len(text.split()) < target and details:
+            detail = details.pop()
+            if text[-1] in "?.":
+                text += f" {detail[0].upper()}{detail[1:]}."
+            else:
+                text += f", {detail}."
+            if rng.random() < 0.5:
+                text = text[:-1]  # the next detail goes on in the same sentence
+        cut = " ".join(text.split()[:target])
+        prompts.append(cut if cut[-1] in "?." else cut.rstrip(",") + ".")
+    return prompts

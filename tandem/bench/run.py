@@ -1,7 +1,8 @@
 """`tandem bench`: closed-loop load on a running gateway, and the bare model measured in-process in the same run.
 
 This module reads the arguments and runs the grid; corpus.py makes the texts, load.py drives the gateway, bare.py
-measures the model alone, report.py prints and writes the results.
+measures the model alone, report.py prints and writes the results. `--api generate` runs Generate streams instead
+(generate.py, bare_generation.py; `run_generate` below).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,12 @@ from typing import Any
 from services.common.settings import usable_cpus
 from tandem.bench import report
 from tandem.bench.bare import BareBeside, combine_bare, measure_bare
-from tandem.bench.corpus import make_texts
+from tandem.bench.corpus import PROMPT_WORDS, make_prompts, make_texts
 from tandem.bench.load import APIS, Cell, Probe, ProbeSettings, run_cell
+
+# Concurrency grids and deadlines by kind of API (--concurrency, --deadline-s unset).
+ENCODER_CONCURRENCY, GENERATE_CONCURRENCY = "1,4,32", "1,8,16,32"
+ENCODER_DEADLINE_S, GENERATE_DEADLINE_S = 30.0, 600.0
 
 # The docstring's first line, as `tandem bench --help` shows it.
 DESCRIPTION = (
@@ -44,18 +50,34 @@ def main(argv: Sequence[str]) -> int:
         "--api",
         default="embed",
         help="comma-separated: embed (unary Embed), stream (one EmbedStream, concurrency = requests in flight), "
-        "oip (Open Inference Protocol ModelInfer)",
+        "oip (Open Inference Protocol ModelInfer); or generate alone (Generate streams of a text-generation model, "
+        "see the generation options)",
     )
     parser.add_argument("--model-repository", type=Path, default=None, help="default: the built-in repository")
     parser.add_argument("--home", type=Path, default=default_home())
-    parser.add_argument("--concurrency", default="1,4,32", help="comma-separated grid")
+    parser.add_argument(
+        "--concurrency",
+        default=None,
+        help=f"comma-separated grid (default {ENCODER_CONCURRENCY}; with --api generate {GENERATE_CONCURRENCY})",
+    )
     parser.add_argument("--texts-per-request", default="1,32", help="comma-separated grid")
     parser.add_argument("--texts", choices=("short", "mixed"), default="short")
     parser.add_argument("--corpus", type=int, default=512, help="distinct texts")
     parser.add_argument("--texts-per-cell", type=int, default=1024, help="texts sent in each grid cell (at least)")
-    parser.add_argument("--deadline-s", type=float, default=30.0)
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help=f"per request (default {ENCODER_DEADLINE_S:g}; with --api generate {GENERATE_DEADLINE_S:g}, per stream)",
+    )
     parser.add_argument("--bare-batch", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=usable_cpus(), help="bare model's ONNX threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=usable_cpus(),
+        help="bare model's ONNX threads; with --api generate its torch threads, which must be the inference stage's "
+        "(its --intra-op-threads; default, like the stage's: the usable CPUs)",
+    )
     parser.add_argument("--skip-bare", action="store_true")
     parser.add_argument(
         "--no-bare-after",
@@ -89,6 +111,27 @@ def main(argv: Sequence[str]) -> int:
         action="store_false",
         help="after a refusal, call again at once instead of waiting the RetryInfo delay the server asked for",
     )
+    generation = parser.add_argument_group("generation (--api generate)")
+    generation.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens every request generates (EOS ignored)"
+    )
+    generation.add_argument(
+        "--prompts", type=int, default=32, help="distinct prompts; request i sends prompt i mod this"
+    )
+    generation.add_argument(
+        "--prompt-words",
+        default=f"{PROMPT_WORDS[0]},{PROMPT_WORDS[1]}",
+        help="LOW,HIGH words a prompt has (uniform; about 10-60 tokens at the default with SmolLM2's tokenizer)",
+    )
+    generation.add_argument("--chat", action="store_true", help="send each prompt as one user message (chat template)")
+    generation.add_argument("--requests-per-stream", type=int, default=4, help="requests each stream sends in a level")
+    generation.add_argument("--min-requests", type=int, default=8, help="requests a level sends at least")
+    generation.add_argument(
+        "--bare-single-prompts", type=int, default=8, help="prompts the bare model generates one at a time"
+    )
+    generation.add_argument(
+        "--bare-reps", type=int, default=3, help="bare prefill and per-token times: the best of this many runs"
+    )
     opts = parser.parse_args(argv)
     credentials = None
     if opts.tls_ca is not None or opts.tls_cert is not None:
@@ -99,12 +142,38 @@ def main(argv: Sequence[str]) -> int:
         except (OSError, ValueError) as exc:
             parser.error(f"TLS: {exc}")
 
-    texts = make_texts(opts.texts, opts.corpus)
     models = [m.strip() for m in opts.model.split(",") if m.strip()]
     apis = [a.strip() for a in opts.api.split(",") if a.strip()]
-    unknown = sorted(set(apis) - set(APIS))
+    unknown = sorted(set(apis) - {*APIS, "generate"})
     if unknown:
-        parser.error(f"unknown --api {', '.join(unknown)}: choose from {', '.join(APIS)}")
+        parser.error(f"unknown --api {', '.join(unknown)}: choose from {', '.join((*APIS, 'generate'))}")
+    if "generate" in apis:
+        if len(apis) > 1:
+            parser.error("--api generate runs alone (its levels and figures differ from the encoder APIs')")
+        if opts.model == DEFAULT_MODEL_NAME or len(models) != 1:
+            parser.error("--api generate needs --model: one text-generation model of the server's repository")
+        if not opts.skip_bare and opts.model_repository is None:
+            parser.error("--api generate measures the bare model from --model-repository (or give --skip-bare)")
+        try:
+            low, high = _grid(opts.prompt_words)
+            prompts = make_prompts(opts.prompts, (low, high))
+        except ValueError as exc:
+            parser.error(f"--prompt-words: {exc}")
+        if opts.max_new_tokens < 2:
+            parser.error("--max-new-tokens must be 2 or more (the bare per-token time needs two)")
+        small = [
+            name
+            for name in ("prompts", "requests_per_stream", "min_requests", "bare_single_prompts", "bare_reps")
+            if getattr(opts, name) < 1
+        ]
+        if small:
+            parser.error(", ".join(f"--{name.replace('_', '-')}" for name in small) + ": 1 or more")
+        opts.concurrency = opts.concurrency or GENERATE_CONCURRENCY
+        opts.deadline_s = opts.deadline_s or GENERATE_DEADLINE_S
+        return run_generate(opts, models[0], prompts, credentials)
+    opts.concurrency = opts.concurrency or ENCODER_CONCURRENCY
+    opts.deadline_s = opts.deadline_s or ENCODER_DEADLINE_S
+    texts = make_texts(opts.texts, opts.corpus)
     bare_by_model: dict[str, dict[str, Any]] = {}
     if not opts.skip_bare:
         from services.common.default_model import ensure_default_repository
@@ -197,4 +266,107 @@ def main(argv: Sequence[str]) -> int:
             best = bare_by_model[result["model"]]["ceiling_texts_per_s"]
             print(report.ratio_line(result, best, len(models) > 1), flush=True)
     report.write(opts.out, {k: str(v) for k, v in vars(opts).items()}, bare, bare_by_model, results)
+    return 0
+
+
+def _load_line() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {usable_cpus()} usable CPUs"
+
+
+def run_generate(opts: argparse.Namespace, model: str, prompts: list[str], credentials: Any) -> int:
+    """`--api generate`: the bare model before the levels, the levels one after the other, the bare model again after
+    them (the best of both counts), then the table, the acceptance figures and bench.json."""
+    import grpc
+    from tqdm import tqdm
+
+    from tandem.bench.bare_generation import combine_bare_generation, measure_bare_generation
+    from tandem.bench.generate import Connection, Level, compare_with_bare, run_level, warm_up
+
+    levels = _grid(opts.concurrency)
+    batches = sorted({c for c in levels if c >= 16} | {16})
+    print(
+        f"tandem bench --api generate: {model}, {len(prompts)} prompts, {opts.max_new_tokens} new tokens each "
+        f"(greedy, EOS ignored), concurrency {levels}; {_load_line()}",
+        flush=True,
+    )
+    free = usable_cpus() - os.getloadavg()[0]
+    if not opts.skip_bare and opts.threads > max(1.0, free + 0.5):
+        print(
+            f"warning: {opts.threads} torch threads but about {max(free, 0.0):.1f} free CPUs: above the free cores "
+            "SDPA waits for descheduled threads and generate() slows down many times, which flatters the ratios "
+            "(docs/design/generation-research.md); prefer a quiet machine, or --threads 1 with the inference "
+            "stage's --intra-op-threads 1",
+            flush=True,
+        )
+    version_dir: Path | None = None
+    bare: dict[str, Any] = {}
+
+    def measure(when: str) -> dict[str, Any]:
+        assert version_dir is not None
+        print(f"bare model {when} the levels ({opts.threads} torch threads; {_load_line()}) ...", flush=True)
+        run = measure_bare_generation(
+            version_dir,
+            prompts,
+            threads=opts.threads,
+            max_new_tokens=opts.max_new_tokens,
+            single_prompts=opts.bare_single_prompts,
+            batches=batches,
+            reps=opts.bare_reps,
+            chat=opts.chat,
+        )
+        print(report.bare_generation_line(run), flush=True)
+        return run
+
+    if not opts.skip_bare:
+        from services.common.repository import ModelRepository
+
+        version = ModelRepository(opts.model_repository).resolve(model)
+        version_dir = version.path
+        bare = measure("before")
+        bare["version"] = version.version
+    connection = Connection(opts.target, credentials, opts.tls_server_name, opts.api_key)
+    try:
+        asyncio.run(warm_up(connection, model, prompts[0], opts.chat))
+    except grpc.aio.AioRpcError as exc:
+        print(f"tandem bench: the warm-up Generate failed: {exc.code().name}: {exc.details()}", flush=True)
+        return 1
+    results: list[dict[str, Any]] = []
+    runs: list[Level] = []
+    for concurrency in levels:
+        requests = max(concurrency * opts.requests_per_stream, opts.min_requests)
+        level = Level(concurrency, model, opts.max_new_tokens, load_average=os.getloadavg())
+        label = f"generate c={concurrency:<4}"
+        with tqdm(total=requests, desc=label, leave=False, unit="req") as progress:
+            asyncio.run(
+                run_level(
+                    connection, prompts, level, requests, opts.deadline_s, progress, opts.chat, opts.honor_retry_info
+                )
+            )
+        runs.append(level)
+        results.append(level.summary())
+        print(report.generate_line(label, results[-1], bare), flush=True)
+    if bare and opts.bare_after:
+        bare = combine_bare_generation([bare, measure("after")])
+    served = sorted({v for result in results for v in result["served_versions"]})
+    if bare and served != [bare["version"]]:
+        print(f"warning: the server answered with version(s) {served}, the bare model is version {bare['version']}")
+    if bare:
+        for level, result in zip(runs, results, strict=True):
+            result.update(compare_with_bare(level, bare))
+    print(report.generate_table(results, bare), flush=True)
+    acceptance = report.generate_acceptance(results, bare) if bare else {}
+    for line in report.acceptance_lines(acceptance):
+        print(line, flush=True)
+    print(_load_line(), flush=True)
+    bare_json = {k: v for k, v in bare.items() if k != "answers"}
+    report.write(
+        opts.out,
+        {k: str(v) for k, v in vars(opts).items()},
+        bare_json,
+        {model: bare_json} if bare else {},
+        results,
+        extra={"api": "generate", "acceptance": acceptance, "load_average_end": list(os.getloadavg())},
+        draw=lambda path: report.plot_generate(results, bare_json, path),
+    )
     return 0
