@@ -10,9 +10,10 @@ inference call is cancelled, which ends the sequence in the engine at its next s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -62,7 +63,9 @@ class _Progress:
     model: str = ""
     version: str = ""
     prompt_tokens: int = 0
-    notes: dict[str, Any] = field(default_factory=dict)
+    # The last message went out; `stopped`: it ended on a stop string, with the inference stream still running.
+    complete: bool = False
+    stopped: bool = False
 
     def tokens(self, count: int) -> None:
         if count:
@@ -71,6 +74,20 @@ class _Progress:
                 self.first_token_at = now
             self.last_token_at = now
             self.generated += count
+
+
+async def _close(call: Any, drain: bool) -> None:
+    """Ends a stage stream: one that answered in full (`drain`) is read to its end, anything else is cancelled (the
+    stage then stops work on it). Reading to the end also ends the stream's CLIENT span, which OpenTelemetry closes
+    only when the response iterator finishes."""
+    if not drain and not call.done():
+        call.cancel()
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        async with asyncio.timeout(0.5):
+            while await call.read() is not grpc.aio.EOF:
+                pass
+    if not call.done():
+        call.cancel()
 
 
 class Generation:
@@ -151,11 +168,13 @@ class Generation:
                 yield message
         finally:
             opening.cancel()
-            if inference_call is not None and not inference_call.done():
-                inference_call.cancel()
-            if not detokenizer.done():
-                detokenizer.cancel()
             self._record(progress)
+            if inference_call is not None:
+                await _close(inference_call, drain=progress.complete and not progress.stopped)
+            if progress.complete:
+                with contextlib.suppress(Exception):
+                    await detokenizer.done_writing()
+            await _close(detokenizer, drain=progress.complete)
 
     async def _open_detokenizer(
         self, call: Any, encoded: tokenizer_pb2.EncodePromptResponse, stop: list[str], deadline: float
@@ -201,6 +220,7 @@ class Generation:
                 return
             progress.tokens(len(ids))
             if finished:
+                progress.complete = True
                 yield self._last(
                     progress, delta.text, ids, logprobs, message.finish_reason, stop_token_id=message.stop_token_id
                 )

@@ -207,3 +207,49 @@ async def test_tracing_off_means_no_exporter_no_interceptors_no_spans(
         assert list(traced.exporter.get_finished_spans()) == []
     finally:
         tracing.install(previous)
+
+
+@pytest.fixture(scope="module")
+async def traced_generation(
+    traced: Traced, causal_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Traced]:
+    """A second traced stack (the provider `traced` installed) over the tiny causal LMs."""
+    async with serve_stack(
+        causal_repository, tmp_path_factory.mktemp("home"), interceptors=tracing.server_interceptors
+    ) as stack:
+        yield Traced(stack.stub, stack.pipeline, traced.exporter)
+
+
+async def test_a_generation_is_one_trace_through_all_four_services(traced_generation: Traced) -> None:
+    from tandem.generation.v1 import generation_pb2
+
+    traced = traced_generation
+    traced.exporter.clear()
+    trace_id, parent_id, header = traceparent()
+    request = gateway_pb2.GenerateRequest(
+        model="tiny-gpt2", prompt="sun", params=generation_pb2.GenerationParams(max_new_tokens=6, stop=["moon"])
+    )
+    responses = [r async for r in traced.stub.Generate(request, metadata=(("traceparent", header),))]
+    assert responses[-1].stop_sequence == "moon"
+    names = [
+        "/tandem.gateway.v1.GatewayService/Generate",
+        "/tandem.tokenizer.v1.TokenizerService/EncodePrompt",
+        "/tandem.inference.v1.InferenceService/Generate",
+        "/tandem.postprocess.v1.PostprocessService/Detokenize",
+    ]
+    # The inference call is cancelled at the stop string: its CLIENT span ends a moment after the others.
+    for _ in range(100):
+        spans = await finished(traced.exporter, names)
+        clients = {s.name for s in spans if s.kind == SpanKind.CLIENT}
+        if set(names[1:]) <= clients:
+            break
+        await asyncio.sleep(0.02)
+    assert {s.context.trace_id for s in spans} == {trace_id}
+    assert {s.attributes.get(tracing.SERVICE_ATTRIBUTE) for s in spans if s.attributes} == set(SERVICES)
+    root = next(s for s in spans if s.name == names[0] and s.kind == SpanKind.SERVER)
+    assert root.parent is not None and root.parent.span_id == parent_id
+    assert root.status.status_code != StatusCode.ERROR
+    for name, service in zip(names[1:], SERVICES[1:], strict=True):
+        server = next(s for s in spans if s.name == name and s.kind == SpanKind.SERVER)
+        assert descends(server, root, spans), name
+        assert server.attributes is not None and server.attributes[tracing.SERVICE_ATTRIBUTE] == service
