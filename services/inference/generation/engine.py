@@ -170,7 +170,9 @@ class GenerationEngine:
         manager.batch_processor = processor
         sampler = RequestSampler(processor, self.device)
         processor.model_runner._sample = sampler
-        manager.start()
+        # The engine thread runs its steps in inference mode when it is started in it (only no_grad otherwise).
+        with torch.inference_mode():
+            manager.start()
         self._manager, self._sampler = manager, sampler
 
     def warm_up(self) -> None:
