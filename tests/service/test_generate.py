@@ -130,9 +130,9 @@ async def test_eight_prompts_at_once_each_equal_generate(gen: Stack) -> None:
         assert ids_of(responses) == reference, prompt
 
 
-async def test_long_prompts_prefilled_in_chunks_beside_decoding_ones_equal_generate(gen: Stack) -> None:
-    # 8 prompts of ~150 tokens join at once: more than a step's 512 tokens, so some are prefilled in chunks while
-    # others already decode (a step's rows then include sequences that get no token).
+async def test_long_prompts_joining_while_others_decode_equal_generate(gen: Stack) -> None:
+    # 8 prompts of ~150 tokens arrive at once: more than the 512 prompt tokens prefilled between two steps, so some
+    # join while others already decode, and the batch is padded to rows of different lengths.
     prompts = [cycle_text(start, 50) for start in range(8)]
     results = await asyncio.gather(*(generate(gen, GPT2, p, max_new_tokens=12, ignore_eos=True) for p in prompts))
     assert sum(len(prompt_ids(gen, GPT2, p)) for p in prompts) > 512

@@ -1,17 +1,13 @@
-"""The decode loop of one text-generation model version: transformers' continuous batching (a paged KV cache, a
-scheduler that lets sequences join and leave the running batch at every step, one background thread), with Tandem's
-own admission by KV capacity, per-request sampling (sampler.py) and per-request async token streams.
+"""One text-generation model version in memory: its decode loop (decoder.py, continuous batching over one
+batched KV cache), admission by KV capacity, per-request sampling (sampler.py) and per-request async token streams.
 
-Why transformers' engine and not our own: it gave token-identical greedy output to `generate()` alone and 16 at a
-time, and 0.95x batched `generate()` throughput at 16 concurrent on SmolLM2 (docs/design/generation-research.md).
-What it lacks is wrapped here: it dies on a request longer than its whole cache (so admission is ours), it never
-reports a cancelled request (so a stream ends itself), and its sampling is global (so the sampler is ours).
+The event loop never waits on the model: requests go to the decode loop's thread, tokens come back with one
+`call_soon_threadsafe` per step, and each stream takes what arrived since it last looked.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import math
@@ -27,6 +23,7 @@ from services.common import errors
 from services.common.errors import Reason
 from services.common.repository import GenerationSettings, ModelVersion
 from services.inference.backends.base import cuda_present
+from services.inference.generation.decoder import DecodeLoop, Row, Update
 from services.inference.generation.sampler import RequestSampler, SamplingParams, StepLogprobs
 
 log = logging.getLogger(__name__)
@@ -106,7 +103,7 @@ def eos_token_ids(model: ModelVersion) -> tuple[int, ...]:
 
 
 class GenerationEngine:
-    """A causal LM in memory, its continuous-batching engine and the sequences it runs."""
+    """A causal LM in memory, its decode loop and the sequences it runs."""
 
     name = "torch"
 
@@ -134,76 +131,47 @@ class GenerationEngine:
         self._sequences: dict[str, _Sequence] = {}
         self._reserved_blocks = 0
         self._ids = itertools.count()
-        self._restart_lock = asyncio.Lock()
-        self._manager: Any = None
-        self._sampler: RequestSampler | None = None
-        self._start_manager()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sampler = RequestSampler(self.device)
+        self._decoder = self._new_decoder()
 
-    # ------------------------------------------------------------------------------------------------------------------
-    # The engine thread
-
-    def _start_manager(self) -> None:
-        from transformers import ContinuousBatchingConfig, GenerationConfig
-
-        pad = self.model_version.hf_config.get("pad_token_id")
-        config = GenerationConfig(  # type: ignore[no-untyped-call]
-            do_sample=False,
-            max_new_tokens=self.settings.default_max_new_tokens,
-            eos_token_id=list(self.eos_ids) or -1,
-            pad_token_id=pad if isinstance(pad, int) else (self.eos_ids[0] if self.eos_ids else 0),
+    def _new_decoder(self) -> DecodeLoop:
+        decoder = DecodeLoop(
+            self.hf,
+            self.device,
+            self._sampler,
+            self._deliver,
+            max_running=self.settings.max_running,
+            max_step_tokens=self.settings.max_step_tokens,
+            name=self.model_version.ref,
         )
-        cb_config = ContinuousBatchingConfig(
-            page_size=self.page_size,
-            num_blocks=self.total_blocks,
-            max_batch_tokens=self.settings.max_step_tokens,
-            max_requests_per_batch=self.settings.max_running,
-            # Finished sequences' blocks stay cached for prefix reuse with sharing on, so the cache would never show
-            # free again; admission here counts reservations, which a finished or cancelled sequence returns.
-            allow_block_sharing=False,
-            # The sampler hook reads the batch from the synchronous input/output buffers.
-            use_async_batching=False,
-        )
-        manager = self.hf.init_continuous_batching(generation_config=config, continuous_batching_config=cb_config)
-        # The batch processor is made here, not lazily on the engine thread, so that its sampler can be replaced
-        # before the first step (the thread reuses an existing processor).
-        processor = manager._create_batch_processor()
-        manager.batch_processor = processor
-        sampler = RequestSampler(processor, self.device)
-        processor.model_runner._sample = sampler
-        # The engine thread runs its steps in inference mode when it is started in it (only no_grad otherwise).
-        with torch.inference_mode():
-            manager.start()
-        self._manager, self._sampler = manager, sampler
+        decoder.start()
+        return decoder
 
     def warm_up(self) -> None:
-        """Loader thread: one short generation through the engine, so the first request pays no lazy set-up."""
-        manager = self._manager
-        request_id = manager.add_request([0, 1], request_id="warm-up", max_new_tokens=2, eos_token_id=-1)
-        if request_id is None:
-            raise RuntimeError(f"the generation engine refused the warm-up request: {self._fatal_error()}")
-        result = manager.get_result(request_id=request_id, timeout=300)
-        if result is None or result.error:
-            raise RuntimeError(f"warm-up generation failed: {result.error if result else 'no result in 300 s'}")
-
-    def _fatal_error(self) -> str:
-        error = getattr(self._manager.background_thread_status, "fatal_error", None)
-        return repr(error) if error is not None else "the engine thread is not running"
+        """Loader thread: one short generation through the model (prefill and a decode step), so the first request
+        pays no lazy set-up."""
+        with torch.inference_mode():
+            ids = torch.tensor([[0, 1]], dtype=torch.long, device=self.device)
+            out = self.hf(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+            self.hf(
+                input_ids=ids[:, -1:],
+                attention_mask=torch.ones((1, 3), dtype=torch.long, device=self.device),
+                position_ids=torch.tensor([[2]], device=self.device),
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
 
     async def _ensure_running(self) -> None:
-        if self._manager.is_running():
+        self._loop = asyncio.get_running_loop()
+        if self._decoder.alive:
             return
-        async with self._restart_lock:
-            if self._manager.is_running():
-                return
-            log.error(
-                "generation engine of %s stopped (%s): restarting it", self.model_version.ref, self._fatal_error()
-            )
-            for sequence in self._sequences.values():
-                sequence.error = "the generation engine restarted"
-                sequence.wake.set()
-            old = self._manager
-            await asyncio.to_thread(lambda: old.stop(block=True, timeout=5.0, hard_stop=True))
-            await asyncio.to_thread(self._start_manager)
+        log.error("the decode loop of %s stopped (%r): starting a new one", self.model_version.ref, self._decoder.fatal)
+        for sequence in self._sequences.values():
+            sequence.error = sequence.error or "the decode loop restarted"
+            sequence.wake.set()
+        self._decoder.stop(timeout_s=0)
+        self._decoder = self._new_decoder()
 
     # ------------------------------------------------------------------------------------------------------------------
     # Requests
@@ -247,7 +215,7 @@ class GenerationEngine:
         self, prompt_ids: Sequence[int], params: SamplingParams, deadline: float | None
     ) -> AsyncGenerator[GeneratedTokens, None]:
         """Streams the tokens of one sequence. Closing the iterator early (the caller went away, a stop string
-        matched upstream) cancels the sequence; the engine drops it and frees its blocks at the next step."""
+        matched upstream) cancels the sequence; the decode loop drops it before its next step."""
         await self._ensure_running()
         blocks = self._admit(len(prompt_ids), params)
         stop_ids = frozenset(params.stop_token_ids)
@@ -255,41 +223,21 @@ class GenerationEngine:
         request_id = f"gen-{next(self._ids)}"
         sequence = _Sequence(request_id, params, stop_ids, eos_ids, blocks, time.perf_counter())
         self._sequences[request_id] = sequence
-        manager, sampler = self._manager, self._sampler
-        assert sampler is not None
-        ending = sorted(stop_ids | eos_ids)
-        sampler.register(request_id, params, tuple(ending))
-        added = False
+        ending = stop_ids | eos_ids
+        self._sampler.register(request_id, params, tuple(sorted(ending)))
+        decoder = self._decoder
         try:
-            manager.register_result_handler(request_id, lambda output: self._on_output(sequence, output))
-            added = (
-                manager.add_request(
-                    list(prompt_ids),
-                    request_id=request_id,
-                    max_new_tokens=params.max_new_tokens,
-                    streaming=True,
-                    eos_token_id=ending or -1,
-                )
-                is not None
-            )
-            if not added:
-                raise errors.unavailable(
-                    f"the generation engine of {self.model_version.ref} is restarting", retry_after_s=0.5
-                )
+            decoder.submit(Row(request_id, list(prompt_ids), params, ending))
             async for chunk in self._stream(sequence, deadline):
                 yield chunk
         finally:
-            if added and not sequence.finished:
-                manager.cancel_request(request_id)
-            with manager.output_router._lock:
-                manager.output_router.result_handlers.pop(request_id, None)
-            sampler.forget(request_id)
+            if not sequence.finished:
+                decoder.cancel(request_id)
+            self._sampler.forget(request_id)
             self._sequences.pop(request_id, None)
             self._reserved_blocks -= blocks
 
     async def _stream(self, sequence: _Sequence, deadline: float | None) -> AsyncIterator[GeneratedTokens]:
-        sampler = self._sampler
-        assert sampler is not None
         while True:
             if not sequence.pending and not sequence.finished and sequence.error is None:
                 sequence.wake.clear()
@@ -302,16 +250,16 @@ class GenerationEngine:
                         f"deadline exceeded after {sequence.received} generated tokens",
                         model=self.model_version.name,
                     ) from None
-            if sequence.error is not None and not sequence.finished:
+            if sequence.error is not None:
                 log.error("generation of %s failed: %s", self.model_version.ref, sequence.error)
                 raise errors.internal()
             tokens, sequence.pending = sequence.pending, []
             start = sequence.streamed
             sequence.streamed += len(tokens)
-            logprobs = (
-                sampler.logprobs(sequence.request_id, start, sequence.streamed) if sequence.params.logprobs else []
-            )
-            if sequence.finished and not sequence.pending:
+            logprobs = []
+            if sequence.params.logprobs:
+                logprobs = self._sampler.logprobs(sequence.request_id, start, sequence.streamed)
+            if sequence.finished:
                 finish, stop_id = self._finish_reason(sequence, tokens)
                 yield GeneratedTokens(tokens, logprobs, sequence.streamed, finish, stop_id)
                 return
@@ -326,26 +274,34 @@ class GenerationEngine:
             return FinishReason.STOP, None
         return FinishReason.LENGTH, None
 
-    def _on_output(self, sequence: _Sequence, output: Any) -> None:
-        """Event loop (call_soon_threadsafe from the engine thread): the sequence's cumulative tokens so far."""
-        generated = output.generated_tokens
-        new = generated[sequence.received :]
-        if new:
-            now = time.perf_counter()
-            if self.observer is not None:
-                if sequence.received == 0:
-                    self.observer.first_token(now - sequence.started)
-                else:
-                    self.observer.token_gap((now - sequence.last_token_at) / len(new))
-                self.observer.generated(len(new))
-            sequence.last_token_at = now
-            sequence.pending.extend(new)
-            sequence.received = len(generated)
-        if output.error:
-            sequence.error = str(output.error)
-        elif output.is_finished():
-            sequence.finished = True
-        sequence.wake.set()
+    def _deliver(self, updates: list[Update]) -> None:
+        """Decode thread: hands a step's tokens to the event loop (one callback per step)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._on_updates, updates)
+
+    def _on_updates(self, updates: list[Update]) -> None:
+        """Event loop: each sequence's new tokens; a stream that went away meanwhile is skipped."""
+        now = time.perf_counter()
+        for request_id, new, finished, error in updates:
+            sequence = self._sequences.get(request_id)
+            if sequence is None:
+                continue
+            if new:
+                if self.observer is not None:
+                    if sequence.received == 0:
+                        self.observer.first_token(now - sequence.started)
+                    else:
+                        self.observer.token_gap((now - sequence.last_token_at) / len(new))
+                    self.observer.generated(len(new))
+                sequence.last_token_at = now
+                sequence.pending.extend(new)
+                sequence.received += len(new)
+            if error is not None:
+                sequence.error = error
+            elif finished:
+                sequence.finished = True
+            sequence.wake.set()
 
     # ------------------------------------------------------------------------------------------------------------------
     # State
@@ -356,26 +312,21 @@ class GenerationEngine:
 
     def stats(self) -> EngineStats:
         """Read from the metrics thread: counts may be a step stale, never torn."""
-        processor = getattr(self._manager, "batch_processor", None)
-        running = waiting = used = 0
-        capacity = self.total_blocks * self.page_size
-        if processor is not None:
-            with contextlib.suppress(RuntimeError, AttributeError):
-                running = len(processor.scheduler.active_requests)
-                waiting = len(processor.scheduler.waiting_requests)
-                used = round((1.0 - float(processor.cache.compute_free_capacity(relative=True))) * capacity)
-        return EngineStats(running, waiting, self._reserved_blocks * self.page_size, used, capacity)
+        decoder = self._decoder
+        return EngineStats(
+            running=len(decoder.rows),
+            waiting=len(decoder.waiting),
+            kv_reserved_tokens=self._reserved_blocks * self.page_size,
+            kv_used_tokens=decoder.cached_tokens,
+            kv_capacity_tokens=self.total_blocks * self.page_size,
+        )
 
     def close(self) -> None:
-        """Stops the engine thread (what still runs fails) and frees the model."""
+        """Stops the decode loop (what still runs fails) and frees the model."""
         for sequence in self._sequences.values():
             sequence.error = "the model is unloading"
             sequence.wake.set()
-        manager = self._manager
-        if manager is not None:
-            with contextlib.suppress(Exception):
-                manager.stop(block=True, timeout=10.0, hard_stop=True)
-        self._manager = None
+        self._decoder.stop()
         del self.hf
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -1,16 +1,16 @@
-"""Per-request token choice for the continuous-batching engine: every sequence in a step gets its own temperature,
-top-k, top-p, repetition penalty, minimum length, random generator and top-n log-probabilities.
+"""Per-request token choice for the decode loop: every sequence in a step gets its own temperature, top-k, top-p,
+repetition penalty, minimum length, random generator and top-n log-probabilities.
 
-Transformers' engine samples with one global configuration (do_sample and the seed are shared by the whole batch, and
-it drops repetition_penalty and min_new_tokens): docs/design/generation-research.md measured that the same seed gives
-other text next to other requests. Its ModelRunner calls `self._sample(scores, output_ids)` once per step with one
-row of scores per sequence that gets a token this step, in the order of `requests_in_batch`; RequestSampler replaces
-that method on the engine's model runner and keeps the parameters in its own table, keyed by request id.
+Transformers' continuous batching samples with one global configuration (do_sample and the seed are shared by the
+whole batch, and it drops repetition_penalty and min_new_tokens): docs/design/generation-research.md measured that
+the same seed gives other text next to other requests. Here each request has its own parameters and its own
+torch.Generator, so a seeded request gives the same text whatever else runs.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,10 +57,9 @@ class _Entry:
 
 
 class RequestSampler:
-    """The engine's `_sample` for a batch of sequences with their own parameters."""
+    """Chooses the next token of each sequence of a step with the sequence's own parameters."""
 
-    def __init__(self, batch_processor: Any, device: torch.device) -> None:
-        self._processor = batch_processor
+    def __init__(self, device: torch.device) -> None:
         self._device = device
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
@@ -85,20 +84,17 @@ class RequestSampler:
         entry = self._entries.get(request_id)
         return [] if entry is None else entry.logprobs[start:stop]
 
-    def __call__(self, scores: torch.Tensor, output_ids: torch.Tensor) -> None:
-        states = [f.state for f in self._processor.inputs_and_outputs.requests_in_batch if f.has_new_token]
-        # One row per sequence of the step, the ones that get a token first, in order; a sequence whose prompt is
-        # still being prefilled in chunks has a row of no meaning after them.
-        logits = scores[0][: len(states)]
+    def choose(self, logits: torch.Tensor, states: Sequence[Any]) -> list[int]:
+        """The next token of each sequence: `logits` [rows, vocab] float32, one row per state, in order. A state has
+        `request_id`, `initial_tokens` (the prompt) and `generated_tokens`."""
         with self._lock:
             entries = [self._entries.get(s.request_id) for s in states]
         chosen = torch.argmax(logits, dim=-1)  # the answer for every plain greedy row, in one call
         for row, (state, entry) in enumerate(zip(states, entries, strict=True)):
             if entry is None or (entry.params.greedy and _plain(entry, state)):
                 continue
-            token = self._choose(logits[row], state, entry)
-            chosen[row] = token
-        output_ids[0, : len(states)].copy_(chosen)
+            chosen[row] = self._choose(logits[row], state, entry)
+        return [int(t) for t in chosen.tolist()]
 
     def _choose(self, row: torch.Tensor, state: Any, entry: _Entry) -> int:
         params = entry.params
