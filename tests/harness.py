@@ -94,19 +94,26 @@ async def serve_stack(
     credentials: grpc.ServerCredentials | None = None,
     links: ChannelSecurity | None = None,
     tokenizer_listen: str = "127.0.0.1:0",
+    gguf_cache: Path | None = None,
 ) -> AsyncIterator[Stack]:
     """The three stages and a gateway over `repository`, the inference stage's exports and caches under `home`.
 
     `inference_options` and `pipeline_options` are more keywords for Inference (one model thread unless given) and
     for Pipeline; `interceptors` gives each server its interceptors by role; `credentials` serve TLS on every
     listener and `links` secure the gateway's (and the test's) channels, as `tandem serve --tls-*` does.
+    `gguf_cache` is where GGUF models are converted to (default `home`/gguf), as `--gguf-cache` sets it.
     """
-    tokenizer = Tokenizer(ModelRepository(tokenizer_repository or repository))
+    cache = gguf_cache if gguf_cache is not None else home / "gguf"
+    tokenizer = Tokenizer(ModelRepository(tokenizer_repository or repository, gguf_cache=cache))
     if preload_tokenizer:
         tokenizer.preload()
-    core = Inference(ModelRepository(repository), home=home, **{"intra_op_threads": 1, **(inference_options or {})})
+    core = Inference(
+        ModelRepository(repository, gguf_cache=cache),
+        home=home,
+        **{"intra_op_threads": 1, **(inference_options or {})},
+    )
     await core.start()
-    postprocess = Postprocessor(ModelRepository(repository))
+    postprocess = Postprocessor(ModelRepository(repository, gguf_cache=cache))
     stages: dict[str, RunningServer] = {}
     gateway: RunningServer | None = None
     closing: list[Callable[[], Awaitable[object]]] = []

@@ -36,6 +36,10 @@ class ServiceSettings(BaseSettings):
     )
     default_model: str | None = Field(None, description="model served when a request names none")
     home: Path = Field(default_factory=default_home, description="cache folder (built-in repository, exports)")
+    gguf_cache: Path | None = Field(
+        None,
+        description="folder GGUF model files (tandem.json's gguf_file) are converted into, once; default <home>/gguf",
+    )
     log_level: str = Field("INFO", description="log level")
     json_logs: bool = Field(False, description="log one JSON object per line")
     grace_s: float = Field(10.0, description="seconds to finish in-flight calls after SIGTERM")
@@ -79,6 +83,10 @@ class ServiceSettings(BaseSettings):
     trace_sample_ratio: float = Field(
         1.0, ge=0, le=1, description="share of new traces recorded; a caller's sampling decision always wins"
     )
+
+    def gguf_cache_folder(self) -> Path:
+        """--gguf-cache, else <home>/gguf."""
+        return self.gguf_cache if self.gguf_cache is not None else self.home / "gguf"
 
     @classmethod
     def from_args(cls, argv: Sequence[str], prog: str) -> Self:

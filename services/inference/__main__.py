@@ -18,7 +18,11 @@ from services.inference.settings import InferenceSettings
 
 
 def build_core(settings: InferenceSettings, metrics: InferenceMetrics | None = None) -> Inference:
-    repository = ModelRepository(repository_root(settings.model_repository, settings.home), settings.default_model)
+    repository = ModelRepository(
+        repository_root(settings.model_repository, settings.home),
+        settings.default_model,
+        gguf_cache=settings.gguf_cache_folder(),
+    )
     return Inference(
         repository,
         home=settings.home,

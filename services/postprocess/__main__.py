@@ -14,7 +14,11 @@ from services.postprocess.settings import PostprocessSettings
 
 
 def build_core(settings: PostprocessSettings) -> Postprocessor:
-    repository = ModelRepository(repository_root(settings.model_repository, settings.home), settings.default_model)
+    repository = ModelRepository(
+        repository_root(settings.model_repository, settings.home),
+        settings.default_model,
+        gguf_cache=settings.gguf_cache_folder(),
+    )
     return Postprocessor(repository)
 
 

@@ -15,7 +15,11 @@ from services.tokenizer.settings import TokenizerSettings
 
 
 def build_core(settings: TokenizerSettings) -> Tokenizer:
-    repository = ModelRepository(repository_root(settings.model_repository, settings.home), settings.default_model)
+    repository = ModelRepository(
+        repository_root(settings.model_repository, settings.home),
+        settings.default_model,
+        gguf_cache=settings.gguf_cache_folder(),
+    )
     return Tokenizer(repository, max_inputs=settings.max_inputs)
 
 

@@ -131,6 +131,11 @@ class ModelConfig(BaseModel):
     generation: GenerationSettings | None = Field(
         None, description="text-generation models: engine sizes and defaults (defaults when absent)"
     )
+    gguf_file: str | None = Field(
+        None,
+        description="text-generation models: the .gguf file in each version folder that is the model (converted "
+        "once into a cached Hugging Face folder, which every stage then reads; docs/models.md, GGUF files)",
+    )
 
     @model_validator(mode="after")
     def _generation_fits_task(self) -> ModelConfig:
@@ -141,6 +146,17 @@ class ModelConfig(BaseModel):
                 self.generation = GenerationSettings()
         elif self.generation is not None:
             raise ValueError(f"a generation block is for text-generation models, not {self.task.value}")
+        return self
+
+    @model_validator(mode="after")
+    def _gguf_fits_task(self) -> ModelConfig:
+        if self.gguf_file is None:
+            return self
+        if self.task is not Task.TEXT_GENERATION:
+            raise ValueError(f"gguf_file is for text-generation models, not {self.task.value}")
+        name = self.gguf_file
+        if "/" in name or "\\" in name or name.startswith(".") or not name.lower().endswith(".gguf"):
+            raise ValueError(f"gguf_file names a .gguf file in the version folder (no folders), got {name!r}")
         return self
 
 
@@ -198,6 +214,8 @@ class ModelVersion:
     metadata: VersionMetadata | None = None
     # Text-generation models: whether the tokenizer has a chat template (Generate then takes messages).
     chat_template: bool = False
+    # The version folder in the repository when `path` is elsewhere (a GGUF version: `path` is its converted folder).
+    source_path: Path | None = None
 
     @property
     def task(self) -> Task:

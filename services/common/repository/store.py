@@ -48,9 +48,13 @@ class Listing:
 class ModelRepository:
     """Reads models from a repository folder; resolves 'name', 'name:version' and 'name@alias'."""
 
-    def __init__(self, root: Path, default_model: str | None = None, rescan_s: float = 1.0) -> None:
+    def __init__(
+        self, root: Path, default_model: str | None = None, rescan_s: float = 1.0, gguf_cache: Path | None = None
+    ) -> None:
         self.root = root
         self.rescan_s = rescan_s
+        # Where models given as GGUF files (tandem.json's gguf_file) are converted to; None: ~/.cache/tandem/gguf.
+        self.gguf_cache = gguf_cache
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str], ModelVersion] = {}
         # Listings are reused for `rescan_s`, so a request costs no directory scan on the event loop, while a
@@ -265,7 +269,7 @@ class ModelRepository:
         if cached is not None:
             return cached
         try:
-            loaded = load_version(name, version, self.root / name / version, self.config(name))
+            loaded = load_version(name, version, self.root / name / version, self.config(name), self.gguf_cache)
         except (OSError, ValueError, KeyError) as exc:
             raise errors.failed_precondition(
                 f"model {name}:{version} is broken: {exc}", reason=Reason.MODEL_BROKEN, model=name, version=version

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from services.common.repository import files
+from services.common.repository import files, gguf_source
 from services.common.repository.config import (
     CONFIG_FILE,
     METADATA_FILE,
@@ -68,13 +68,23 @@ def read_metadata(path: Path) -> VersionMetadata | None:
         raise ValueError(f"{METADATA_FILE} is invalid: {exc}") from exc
 
 
-def load_version(name: str, version: str, path: Path, config: ModelConfig) -> ModelVersion:
-    """Reads a version folder's metadata; raises ValueError naming what is missing or broken."""
+def load_version(
+    name: str, version: str, path: Path, config: ModelConfig, gguf_cache: Path | None = None
+) -> ModelVersion:
+    """Reads a version folder's metadata; raises ValueError naming what is missing or broken.
+
+    A model with tandem.json's `gguf_file` is served from the file's conversion into a Hugging Face folder under
+    `gguf_cache` (default ~/.cache/tandem/gguf), made here when the cache has none: that folder is the version's
+    `path`, the repository's version folder its `source_path`."""
+    source_path: Path | None = None
+    if config.gguf_file is not None:
+        source_path = path
+        path = gguf_source.converted_folder(name, path, config.gguf_file, gguf_cache or gguf_source.default_cache())
     config_file = path / "config.json"
     if not config_file.exists():
         raise ValueError(f"{name}:{version} has no config.json")
     hf_config = files.read_json(config_file)
-    metadata = read_metadata(path)
+    metadata = read_metadata(source_path or path)
     if metadata is not None:
         if metadata.task != config.task:
             raise ValueError(f"{METADATA_FILE} says task {metadata.task.value}, {CONFIG_FILE} {config.task.value}")
@@ -96,4 +106,5 @@ def load_version(name: str, version: str, path: Path, config: ModelConfig) -> Mo
         pooling=config.pooling or _pooling_from_files(path),
         metadata=metadata,
         chat_template=config.task is Task.TEXT_GENERATION and _has_chat_template(path),
+        source_path=source_path,
     )

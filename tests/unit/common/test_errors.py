@@ -15,6 +15,7 @@ WIRE = {
     "WRONG_TASK": grpc.StatusCode.INVALID_ARGUMENT,
     "INPUT_TOO_LONG": grpc.StatusCode.INVALID_ARGUMENT,
     "TOO_MANY_INPUTS": grpc.StatusCode.INVALID_ARGUMENT,
+    "NO_CHAT_TEMPLATE": grpc.StatusCode.INVALID_ARGUMENT,
     "UNSUPPORTED": grpc.StatusCode.UNIMPLEMENTED,
     "MODEL_NOT_FOUND": grpc.StatusCode.NOT_FOUND,
     "MODEL_NOT_READY": grpc.StatusCode.UNAVAILABLE,
