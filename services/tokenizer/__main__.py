@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Sequence
 
 from services.common import stage, tls
-from services.common.default_model import repository_root
+from services.common.default_model import default_model_of, repository_root
 from services.common.metrics import TokenizerMetrics
 from services.common.repository import ModelRepository
 from services.tokenizer.core import Tokenizer
@@ -16,8 +16,8 @@ from services.tokenizer.settings import TokenizerSettings
 
 def build_core(settings: TokenizerSettings) -> Tokenizer:
     repository = ModelRepository(
-        repository_root(settings.model_repository, settings.home),
-        settings.default_model,
+        repository_root(settings.model_repository, settings.home, settings.chat_model),
+        default_model_of(settings.model_repository, settings.default_model),
         gguf_cache=settings.gguf_cache_folder(),
     )
     return Tokenizer(repository, max_inputs=settings.max_inputs)

@@ -16,7 +16,17 @@ def serve(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="tandem serve", description="Run gateway, tokenizer, inference, postprocess.")
     parser.add_argument("--host", default="127.0.0.1", help="gateway host (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=50051, help="gateway port (default 50051; 0 picks one)")
-    parser.add_argument("--model-repository", type=Path, default=None, help="default: the built-in all-MiniLM-L6-v2")
+    parser.add_argument(
+        "--model-repository",
+        type=Path,
+        default=None,
+        help="default: the built-in models, all-MiniLM-L6-v2 (the default model) and SmolLM2-135M-Instruct (chat)",
+    )
+    parser.add_argument(
+        "--no-chat-model",
+        action="store_true",
+        help="built-in repository: serve the embedder alone, without the chat model (small machines, embed-only)",
+    )
     parser.add_argument("--home", type=Path, default=None, help="cache folder (default ~/.cache/tandem)")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument(
@@ -75,6 +85,7 @@ def serve(argv: Sequence[str]) -> int:
         port=opts.port,
         repository=opts.model_repository,
         home=opts.home,
+        chat_model=not opts.no_chat_model,
         log_level=opts.log_level,
         tcp_stages=opts.tcp_stages,
         startup_timeout_s=opts.startup_timeout,
@@ -131,7 +142,7 @@ def try_lines(address: str, tls: ServeTls | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: tandem {serve,models,bench,tokenizer,inference,postprocess,gateway} [options]"
+    usage = "usage: tandem {serve,models,bench,generate,chat,tokenizer,inference,postprocess,gateway} [options]"
     if not args or args[0] in ("-h", "--help"):
         print(usage)
         print("  serve        run all four services (gateway on 127.0.0.1:50051)")
@@ -141,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("  gateway      run the gateway alone             (tandem gateway --help)")
         print("  models       manage a model repository: add, export, quantize, list, alias, promote, remove")
         print("  bench        load a running gateway and compare with the bare model (tandem bench --help)")
+        print("  generate     stream one generation from a running gateway   (tandem generate --help)")
+        print("  chat         chat with a running gateway's generation model (tandem chat --help)")
         sys.exit(0 if args else 2)
     command, rest = args[0], args[1:]
     if command == "serve":
@@ -153,6 +166,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         from tandem.bench import run as bench
 
         sys.exit(bench.main(rest))
+    if command == "generate":
+        from tandem.cli import generate
+
+        sys.exit(generate.main(rest))
+    if command == "chat":
+        from tandem.cli import chat
+
+        sys.exit(chat.main(rest))
     if command in MODULES:
         os.execv(sys.executable, [sys.executable, "-m", MODULES[command], *rest])
     print(usage, file=sys.stderr)

@@ -96,6 +96,8 @@ class Supervisor:
     port: int = 50051
     repository: Path | None = None
     home: Path | None = None
+    # Built-in repository only: serve SmolLM2-135M-Instruct beside all-MiniLM-L6-v2.
+    chat_model: bool = True
     log_level: str = "INFO"
     tcp_stages: bool = False
     startup_timeout_s: float = 600.0
@@ -106,6 +108,7 @@ class Supervisor:
     tls: ServeTls | None = None
     run_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tandem-")))
     members: dict[str, Replica] = field(default_factory=dict)
+    _builtin: bool = False
 
     def _address_file(self, replica: Replica) -> Path:
         return self.run_dir / f"{replica.name}.address"
@@ -114,6 +117,11 @@ class Supervisor:
         args: list[str] = []
         if self.repository is not None:
             args += ["--model-repository", str(self.repository)]
+        if self._builtin:
+            # The built-in repository holds two models; a request that names none gets the embedder.
+            from services.common.default_model import DEFAULT_MODEL_NAME
+
+            args += ["--default-model", DEFAULT_MODEL_NAME]
         if self.home is not None:
             args += ["--home", str(self.home)]
         return args
@@ -155,7 +163,8 @@ class Supervisor:
 
         if self.repository is None:
             # Made once here rather than racing in every stage process.
-            self.repository = ensure_default_repository(self.home or default_home())
+            self.repository = ensure_default_repository(self.home or default_home(), self.chat_model)
+            self._builtin = True
         for stage in STAGES:
             count = self.replicas.get(stage, 1)
             for index in range(count):

