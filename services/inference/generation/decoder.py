@@ -8,10 +8,10 @@ attention path (a gather of every sequence's KV per layer and a dense float mask
 `generate()` runs: the batch is left-padded to a common length, with the attention mask and per-row positions that
 `generate()` computes, so a step costs what the bare model's batched decode step costs.
 
-- **Join**: a new sequence's prompt is prefilled alone (its own cache), its first token chosen, and its cache is
-  left-padded (or the batch's is) to a common length and concatenated to the batch. Prompt tokens prefilled per
-  iteration are capped (`max_step_tokens`, at least one prompt), which bounds what joins add to the running
-  sequences' inter-token latency.
+- **Join**: waiting sequences' prompts are prefilled together as one left-padded batch (at most `max_step_tokens`
+  padded tokens between two steps, at least one prompt, which bounds what joins add to the running sequences'
+  inter-token latency), their first tokens chosen, and their cache is left-padded (or the batch's is) to a common
+  length and concatenated to the batch.
 - **Leave**: the rows of finished or cancelled sequences are dropped from the cache and the mask before the next
   step, and columns that only padding holds any more are trimmed.
 - Tokens are chosen per sequence by the RequestSampler; they reach the event loop with one
@@ -171,35 +171,56 @@ class DecodeLoop:
         self._leave()
 
     def _join(self, updates: list[Update]) -> None:
-        """Prefills waiting sequences (within the step's token budget, at least one) and adds them to the batch."""
-        budget = self.max_step_tokens
-        while self.waiting and len(self.rows) < self.max_running:
-            row = self.waiting[0]
-            if budget < len(row.initial_tokens) and budget < self.max_step_tokens:
+        """Prefills waiting sequences together, as one left-padded batch (at most `max_step_tokens` padded tokens, at
+        least one sequence), and adds them to the running batch."""
+        group: list[Row] = []
+        longest = 0
+        while self.waiting and len(self.rows) + len(group) < self.max_running:
+            length = max(longest, len(self.waiting[0].initial_tokens))
+            if group and length * (len(group) + 1) > self.max_step_tokens:
                 break
-            self.waiting.pop(0)
-            budget -= len(row.initial_tokens)
-            ids = torch.tensor([row.initial_tokens], dtype=torch.long, device=self.device)
-            out = self.model(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                position_ids=torch.arange(ids.shape[1], device=self.device).unsqueeze(0),
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            token = self.sampler.choose(out.logits[:, -1, :].float(), [row])[0]
+            group.append(self.waiting.pop(0))
+            longest = length
+        if not group:
+            return
+        ids = torch.tensor(
+            [[0] * (longest - len(r.initial_tokens)) + r.initial_tokens for r in group],
+            dtype=torch.long,
+            device=self.device,
+        )
+        mask = torch.tensor(
+            [[0] * (longest - len(r.initial_tokens)) + [1] * len(r.initial_tokens) for r in group],
+            dtype=torch.long,
+            device=self.device,
+        )
+        # As generate() computes them for a left-padded batch: positions count real tokens; padding gets 1.
+        positions = (mask.cumsum(dim=1) - 1).masked_fill(mask == 0, 1)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        tokens = self.sampler.choose(out.logits[:, -1, :].float(), group)
+        for row, token in zip(group, tokens, strict=True):
             row.take(token)
             updates.append((row.request_id, [token], row.done, None))
-            if not row.done:
-                self._append(row, out.past_key_values, ids.shape[1])
+        self._append(group, out.past_key_values, mask)
 
-    def _append(self, row: Row, cache: Any, length: int) -> None:
-        """Adds a prefilled sequence's cache to the batch's, both left-padded to the longer length."""
-        mask = torch.ones((1, length), dtype=torch.long, device=self.device)
-        if self._cache is None or self._mask is None:
-            self.rows, self._cache, self._mask = [row], cache, mask
+    def _append(self, group: list[Row], cache: Any, mask: torch.Tensor) -> None:
+        """Adds prefilled sequences' cache to the batch's, both left-padded to the longer length (sequences that
+        already finished with their first token stay out)."""
+        keep = [i for i, r in enumerate(group) if not r.done]
+        if not keep:
             return
-        width = max(self._mask.shape[1], length)
+        if len(keep) < len(group):
+            index = torch.tensor(keep, dtype=torch.long, device=self.device)
+            cache = type(cache)(
+                ddp_cache_data=[
+                    (layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in cache.layers
+                ]
+            )
+            mask = mask.index_select(0, index)
+            group = [group[i] for i in keep]
+        if self._cache is None or self._mask is None:
+            self.rows, self._cache, self._mask = list(group), cache, mask
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
         layers = []
         for old, new in zip(self._cache.layers, cache.layers, strict=True):
             layers.append(
@@ -209,8 +230,10 @@ class DecodeLoop:
                 )
             )
         self._cache = type(self._cache)(ddp_cache_data=layers)
-        self._mask = torch.cat((F.pad(self._mask, (width - self._mask.shape[1], 0)), F.pad(mask, (width - length, 0))))
-        self.rows.append(row)
+        self._mask = torch.cat(
+            (F.pad(self._mask, (width - self._mask.shape[1], 0)), F.pad(mask, (width - mask.shape[1], 0)))
+        )
+        self.rows.extend(group)
 
     def _step(self, updates: list[Update]) -> None:
         """One token for every running sequence."""
