@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import inspect
 import logging
 import os
 import signal
@@ -148,14 +149,24 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             )
         if handler.unary_stream is not None:
             inner_us: Any = handler.unary_stream
+            behaviour: Any
+            if inspect.isasyncgenfunction(inner_us):
 
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                async with _error_table(context, rid, method, echo):
-                    async for response in inner_us(_parsed(request), context):
-                        yield response
+                async def unary_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                    async with _error_table(context, rid, method, echo):
+                        async for response in inner_us(_parsed(request), context):
+                            yield response
 
+                behaviour = unary_stream
+            else:  # a coroutine that writes with context.write (grpc's health Watch)
+
+                async def unary_stream_writer(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                    async with _error_table(context, rid, method, echo):
+                        return await inner_us(_parsed(request), context)
+
+                behaviour = unary_stream_writer
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, _tolerant(handler.request_deserializer), handler.response_serializer
+                behaviour, _tolerant(handler.request_deserializer), handler.response_serializer
             )
         return handler
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import inspect
 import logging
 import os
 import socket
@@ -243,7 +244,8 @@ class ServerTracing(grpc.aio.ServerInterceptor):
             return grpc.stream_stream_rpc_method_handler(
                 stream_stream, handler.request_deserializer, handler.response_serializer
             )
-        if handler.unary_stream is not None:
+        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
+            # (A coroutine that writes with context.write, like grpc's health Watch, is left untraced.)
             inner_us: Any = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:

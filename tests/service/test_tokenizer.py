@@ -25,7 +25,7 @@ from tests.status import details_of
 
 @pytest.fixture(scope="module")
 def default_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_default_repository(tmp_path_factory.mktemp("home"))
+    return ensure_default_repository(tmp_path_factory.mktemp("home"), chat_model=False)
 
 
 @pytest.fixture(scope="module")
