@@ -166,7 +166,7 @@ def load_generation(
         raise
     settings = engine.settings
     log.info(
-        "model %s ready for generation on %s in %.1fs (KV cache %d tokens in pages of %d, up to %d sequences a step)",
+        "model %s ready for generation on %s in %.1fs (KV budget %d tokens in pages of %d, %d sequences a step)",
         model.ref,
         engine.device,
         time.perf_counter() - started,

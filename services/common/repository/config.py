@@ -64,9 +64,9 @@ class VersionPolicy(BaseModel):
 
 
 class GenerationSettings(BaseModel):
-    """The `generation` block of tandem.json (text-generation models): the continuous-batching engine's sizes and the
-    default answer length. The KV cache is allocated once, when the version loads: kv_cache_tokens x layers x KV
-    heads x head size x 2 (keys and values) x 4 bytes (float32) on CPU, e.g. 46 KB per token for SmolLM2-135M."""
+    """The `generation` block of tandem.json (text-generation models): the decode loop's sizes and the default answer
+    length. The KV cache grows with the running batch, up to about kv_cache_tokens x layers x KV heads x head size x
+    2 (keys and values) x 4 bytes (float32), e.g. 46 KB per token for SmolLM2-135M."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -76,16 +76,16 @@ class GenerationSettings(BaseModel):
     kv_cache_tokens: int = Field(
         8192,
         ge=16,
-        description="tokens the paged KV cache holds over all running sequences; a request reserves prompt + "
-        "max_new_tokens of them, and one that does not fit now gets RESOURCE_EXHAUSTED with RetryInfo",
+        description="the KV cache budget over all running sequences, in tokens; a request reserves prompt + "
+        "max_new_tokens of it, and one that does not fit now gets RESOURCE_EXHAUSTED with RetryInfo",
     )
-    page_size: int = Field(32, ge=4, description="tokens per KV cache block")
+    page_size: int = Field(32, ge=4, description="unit of the KV reservations: a sequence reserves whole pages")
     max_running: int = Field(32, ge=1, le=1024, description="sequences decoded together in one step")
     max_step_tokens: int = Field(
         512,
         ge=16,
-        description="tokens one step may compute: decoding sequences take one each, prompts are prefilled in "
-        "chunks of what is left, which bounds what a new prompt adds to the others' inter-token latency",
+        description="padded prompt tokens prefilled together between two decode steps (at least one prompt), which "
+        "bounds what joining prompts add to the running sequences' inter-token latency",
     )
     max_waiting: int = Field(
         256, ge=0, description="admitted sequences waiting for a place in the running batch before RESOURCE_EXHAUSTED"

@@ -125,7 +125,6 @@ class GenerationEngine:
         self.hf: Any = hf.to(self.device).eval()
         self.vocab = int(self.hf.get_output_embeddings().weight.shape[0])
         self.eos_ids = eos_token_ids(model)
-        self.context = model.max_length
         self.page_size = settings.page_size
         self.total_blocks = max(1, math.ceil(settings.kv_cache_tokens / settings.page_size))
         self._sequences: dict[str, _Sequence] = {}
