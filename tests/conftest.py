@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # Each folder is one kind of test, and its tests carry its name as a marker (pyproject.toml describes them).
-KINDS = ("unit", "service", "e2e", "deploy", "fuzz")
+KINDS = ("unit", "service", "e2e", "deploy", "fuzz", "gpu")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,49 +1,77 @@
-"""The bare model: the same ONNX graph with nothing around it (fast tokenizer, ONNX Runtime, pooling) measured in
-this process, so that every figure of the load can be compared with what the model alone does on this machine."""
+"""The bare model: the same ONNX graph (or, for a model served by the torch backend, the same PyTorch module on the
+same device and dtype) with nothing around it (fast tokenizer, the model, pooling) measured in this process, so that
+every figure of the load can be compared with what the model alone does on this machine."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
+if TYPE_CHECKING:
+    from services.common.repository import ModelVersion
+
+
+@dataclass(frozen=True)
+class Located:
+    """A version and what the bare model runs: its ONNX graph, or (None) its PyTorch module, as the stage does."""
+
+    version: ModelVersion
+    onnx: Path | None
+
 
 class BareModel:
-    """The model with nothing around it: fast tokenizer + ONNX Runtime + pooling, in this process.
+    """The model with nothing around it: fast tokenizer + ONNX Runtime (or the torch backend) + pooling, here.
 
     `spinning` picks ONNX Runtime's default thread spinning (on) or the inference service's setting (off); the
     benchmark measures both and takes the better one as the ceiling, so Tandem is never compared with a handicapped
-    model.
+    model. A torch-backend model runs in the stage's own TorchBackend (tandem.json's device and dtype: on a GPU when
+    the stage would use one), which has no spinning.
     """
 
-    def __init__(
-        self, version_dir: Path, onnx_path: Path, max_length: int, pooling: str, threads: int, spinning: bool
-    ) -> None:
-        import onnxruntime as ort
+    def __init__(self, located: Located, threads: int, spinning: bool) -> None:
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(str(version_dir))
+        version = located.version
+        self.tokenizer = AutoTokenizer.from_pretrained(str(version.path))
+        self.max_length = version.max_length
+        self.pooling = version.pooling
+        self.torch: Any = None
+        if located.onnx is None:
+            from services.inference.backends.torch import TorchBackend
+
+            self.torch = TorchBackend(version, version.config.device, threads)
+            return
+        import onnxruntime as ort
+
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(located.onnx), options, providers=["CPUExecutionProvider"])
         self.inputs = {i.name for i in self.session.get_inputs()}
-        self.max_length = max_length
-        self.pooling = pooling
 
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         enc = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
         )
-        feed = {k: v.astype(np.int64) for k, v in enc.items() if k in self.inputs}
-        hidden = self.session.run(None, feed)[0]
+        if self.torch is not None:
+            segments = enc.get("token_type_ids")
+            hidden = self.torch.run(
+                enc["input_ids"].astype(np.int64),
+                enc["attention_mask"].astype(np.int64),
+                None if segments is None else segments.astype(np.int64),
+            )
+        else:
+            feed = {k: v.astype(np.int64) for k, v in enc.items() if k in self.inputs}
+            hidden = self.session.run(None, feed)[0]
         mask = enc["attention_mask"][..., None].astype(np.float32)
         pooled = hidden[:, 0] if self.pooling == "cls" else (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
         norms = np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
@@ -117,10 +145,10 @@ class BareBeside:
     """
 
     def __init__(self, repository: Path, model: str, texts: Sequence[str], threads: int, batch: int) -> None:
-        version_dir, onnx, max_length, pooling = _locate_model(repository, model)
-        self.whole = BareModel(version_dir, onnx, max_length, pooling, threads, True)
+        located = _locate_model(repository, model)
+        self.whole = BareModel(located, threads, True)
         self.side_by_side = (
-            [BareModel(version_dir, onnx, max_length, pooling, 1, False) for _ in range(threads)] if threads > 1 else []
+            [BareModel(located, 1, False) for _ in range(threads)] if threads > 1 and located.onnx is not None else []
         )
         self.ordered = self.whole.by_tokens(texts)
         self.batch = batch
@@ -135,17 +163,19 @@ class BareBeside:
 def measure_bare(repository: Path, model: str, texts: Sequence[str], threads: int, batch: int) -> dict[str, float]:
     """The model's own speed on these texts, at its best: one session using every thread (ONNX Runtime's thread
     spinning on and off), and `threads` single-thread sessions side by side. The ceiling is the fastest of all."""
-    version_dir, onnx, max_length, pooling = _locate_model(repository, model)
-    print(f"bare model {model}: {onnx} ({threads} threads)", flush=True)
-    runs = {
-        spinning: BareModel(version_dir, onnx, max_length, pooling, threads, spinning).measure(texts, batch)
-        for spinning in (True, False)
-    }
+    located = _locate_model(repository, model)
+    if located.onnx is None:
+        whole = BareModel(located, threads, False)
+        print(f"bare model {model}: torch on {whole.torch.device} ({located.version.config.dtype})", flush=True)
+        runs = {False: whole.measure(texts, batch)}
+    else:
+        print(f"bare model {model}: {located.onnx} ({threads} threads)", flush=True)
+        runs = {spinning: BareModel(located, threads, spinning).measure(texts, batch) for spinning in (True, False)}
     bare = max(runs.values(), key=lambda r: r["ceiling_texts_per_s"])
-    bare["spinning"] = float(bare is runs[True])
+    bare["spinning"] = float(bare is runs.get(True))
     bare["single_p50_ms"] = min(r["single_p50_ms"] for r in runs.values())
-    if threads > 1:
-        sessions = [BareModel(version_dir, onnx, max_length, pooling, 1, False) for _ in range(threads)]
+    if threads > 1 and located.onnx is not None:
+        sessions = [BareModel(located, 1, False) for _ in range(threads)]
         bare["sorted_parallel_texts_per_s"] = measure_parallel(sessions, sessions[0].by_tokens(texts), batch)
         bare["ceiling_texts_per_s"] = max(bare["ceiling_texts_per_s"], bare["sorted_parallel_texts_per_s"])
     print(
@@ -170,11 +200,14 @@ def combine_bare(runs: Sequence[dict[str, float]]) -> dict[str, Any]:
     return best
 
 
-def _locate_model(repository: Path, model: str) -> tuple[Path, Path, int, str]:
+def _locate_model(repository: Path, model: str) -> Located:
     from services.common.repository import ModelRepository
 
     version = ModelRepository(repository).resolve(model)
+    backend = version.metadata.backend if version.metadata and version.metadata.backend else version.config.backend
+    if backend == "torch":
+        return Located(version, None)
     onnx = version.path / "model.onnx"
     if not onnx.exists():
         raise SystemExit(f"{onnx} does not exist: start `tandem serve` once so the model is exported")
-    return version.path, onnx, version.max_length, version.pooling
+    return Located(version, onnx)

@@ -1,6 +1,7 @@
 """The bare causal LM for `tandem bench --api generate`: the same model folder in this process, transformers'
-`generate()` with nothing around it, float32, greedy, EOS disabled, the same prompts and max_new_tokens as the
-Generate streams, and torch threads set to the inference stage's.
+`generate()` with nothing around it, in the dtype and on the device the inference stage uses (tandem.json's `dtype`
+and `device`: the GPU where there is one and the device allows it), greedy, EOS disabled, the same prompts and
+max_new_tokens as the Generate streams, and torch threads set to the inference stage's.
 
 It must not run while the server is under load (the bench runs it before and after the levels), and its threads
 must not exceed the free cores: above them, one-query SDPA waits at an OpenMP barrier for a descheduled thread and
@@ -21,7 +22,9 @@ from typing import Any
 class BareCausalLM:
     """A text-generation model version with nothing around it: its tokenizer and `model.generate()`."""
 
-    def __init__(self, version_dir: Path, threads: int, chat: bool) -> None:
+    def __init__(
+        self, version_dir: Path, threads: int, chat: bool, dtype: str = "float32", device: str = "cpu"
+    ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
         from transformers.utils import logging as hf_logging
@@ -31,8 +34,17 @@ class BareCausalLM:
         torch.set_num_threads(threads)
         self.torch = torch
         self.tokenizer: Any = AutoTokenizer.from_pretrained(str(version_dir))
-        model: Any = AutoModelForCausalLM.from_pretrained(str(version_dir), dtype=torch.float32, local_files_only=True)
-        self.model: Any = model.eval()
+        # As the tokenizer stage encodes: a copy with no padding or truncation (a tokenizer.json may carry either).
+        self.plain: Any = type(self.tokenizer.backend_tokenizer).from_str(self.tokenizer.backend_tokenizer.to_str())
+        self.plain.no_padding()
+        self.plain.no_truncation()
+        from services.inference.backends.torch import torch_dtype
+
+        self.device = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            str(version_dir), dtype=torch_dtype(dtype), local_files_only=True
+        )
+        self.model: Any = model.to(self.device).eval()
         # generate() fills unset fields from model.generation_config: its EOS must go too, or it would still stop.
         self.model.generation_config.eos_token_id = None
         pad = self.tokenizer.pad_token_id
@@ -45,7 +57,7 @@ class BareCausalLM:
     def encode(self, prompt: str) -> list[int]:
         """The prompt's ids as the tokenizer stage makes them: the model's special tokens around a plain prompt, or
         one user message rendered with the chat template and its generation prompt."""
-        backend = self.tokenizer.backend_tokenizer
+        backend = self.plain
         if not self.chat:
             return list(backend.encode(prompt, add_special_tokens=True).ids)
         text = self.tokenizer.apply_chat_template(
@@ -57,8 +69,12 @@ class BareCausalLM:
         """Greedy continuations of the prompts run as one left-padded batch; exactly max_new_tokens each."""
         torch = self.torch
         width = max(len(ids) for ids in batch)
-        input_ids = torch.tensor([[self.pad] * (width - len(ids)) + list(ids) for ids in batch], dtype=torch.long)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], dtype=torch.long)
+        input_ids = torch.tensor(
+            [[self.pad] * (width - len(ids)) + list(ids) for ids in batch], dtype=torch.long, device=self.device
+        )
+        mask = torch.tensor(
+            [[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], dtype=torch.long, device=self.device
+        )
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids,
@@ -89,6 +105,8 @@ def measure_bare_generation(
     batches: Sequence[int],
     reps: int = 3,
     chat: bool = False,
+    dtype: str = "float32",
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """The model alone on the bench's prompts:
 
@@ -101,7 +119,7 @@ def measure_bare_generation(
     Also each prompt's token count and the one-at-a-time answers (to check Tandem's against them).
     """
     load_before = os.getloadavg()
-    lm = BareCausalLM(version_dir, threads, chat)
+    lm = BareCausalLM(version_dir, threads, chat, dtype, device)
     ids = [lm.encode(p) for p in prompts]
     # Warm-up: lazy set-up and first-call allocations, at batch 1 and at the largest batch.
     lm.generate([ids[0]], max_new_tokens)
@@ -126,6 +144,8 @@ def measure_bare_generation(
     counts = [len(p) for p in ids]
     return {
         "threads": threads,
+        "device": str(lm.device),
+        "dtype": dtype,
         "max_new_tokens": max_new_tokens,
         "prompt_tokens_min": min(counts),
         "prompt_tokens_median": statistics.median(counts),

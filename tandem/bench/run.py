@@ -300,6 +300,7 @@ def run_generate(opts: argparse.Namespace, model: str, prompts: list[str], crede
             flush=True,
         )
     version_dir: Path | None = None
+    bare_dtype, bare_device = "float32", "cpu"
     bare: dict[str, Any] = {}
 
     def measure(when: str) -> dict[str, Any]:
@@ -314,6 +315,8 @@ def run_generate(opts: argparse.Namespace, model: str, prompts: list[str], crede
             batches=batches,
             reps=opts.bare_reps,
             chat=opts.chat,
+            dtype=bare_dtype,
+            device=bare_device,
         )
         print(report.bare_generation_line(run), flush=True)
         return run
@@ -323,6 +326,7 @@ def run_generate(opts: argparse.Namespace, model: str, prompts: list[str], crede
 
         version = ModelRepository(opts.model_repository).resolve(model)
         version_dir = version.path
+        bare_dtype, bare_device = version.config.dtype, version.config.device
         bare = measure("before")
         bare["version"] = version.version
     connection = Connection(opts.target, credentials, opts.tls_server_name, opts.api_key)

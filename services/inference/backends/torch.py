@@ -44,8 +44,13 @@ class _SingleOutputNoSegments(torch.nn.Module):
         return getattr(result, self.output)  # type: ignore[no-any-return]
 
 
-def load_hf_model(model: ModelVersion) -> torch.nn.Module:
-    """The Hugging Face model of a version folder, in eval mode and float32, with the Auto class of its task."""
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch type of tandem.json's `dtype`."""
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def load_hf_model(model: ModelVersion, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The Hugging Face model of a version folder, in eval mode, with the Auto class of its task."""
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     auto: Any = {
@@ -54,7 +59,7 @@ def load_hf_model(model: ModelVersion) -> torch.nn.Module:
         Task.RERANK: AutoModelForSequenceClassification,
         Task.TOKEN_CLASSIFICATION: AutoModelForTokenClassification,
     }[model.task]
-    hf = auto.from_pretrained(str(model.path), dtype=torch.float32, local_files_only=True)
+    hf = auto.from_pretrained(str(model.path), dtype=dtype, local_files_only=True)
     hf.eval()
     return hf  # type: ignore[no-any-return]
 
@@ -76,7 +81,8 @@ class TorchBackend(Backend):
             raise ValueError("device 'cuda' is set but torch sees no CUDA GPU")
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if device != "cpu" and cuda_present() else "cpu")
-        module, self.uses_token_type_ids = wrap_single_output(load_hf_model(model), model.task)
+        self.dtype = torch_dtype(model.config.dtype)
+        module, self.uses_token_type_ids = wrap_single_output(load_hf_model(model, self.dtype), model.task)
         self.module = module.to(self.device)
 
     def run(self, input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray | None) -> FloatArray:

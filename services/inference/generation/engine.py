@@ -23,6 +23,7 @@ from services.common import errors
 from services.common.errors import Reason
 from services.common.repository import GenerationSettings, ModelVersion
 from services.inference.backends.base import cuda_present
+from services.inference.backends.torch import torch_dtype
 from services.inference.generation.decoder import DecodeLoop, Row, Update
 from services.inference.generation.sampler import RequestSampler, SamplingParams, StepLogprobs
 
@@ -121,7 +122,9 @@ class GenerationEngine:
         assert settings is not None  # ModelConfig fills it in for text-generation models
         self.settings: GenerationSettings = settings
         self.observer = observer
-        hf: Any = AutoModelForCausalLM.from_pretrained(str(model.path), dtype=torch.float32, local_files_only=True)
+        hf: Any = AutoModelForCausalLM.from_pretrained(
+            str(model.path), dtype=torch_dtype(model.config.dtype), local_files_only=True
+        )
         self.hf: Any = hf.to(self.device).eval()
         self.vocab = int(self.hf.get_output_embeddings().weight.shape[0])
         self.eos_ids = eos_token_ids(model)
