@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from collections.abc import Sequence
 
@@ -12,9 +13,13 @@ from services.common import stage, tls
 from services.common.default_model import default_model_of, repository_root
 from services.common.metrics import InferenceMetrics
 from services.common.repository import ModelRepository
+from services.inference.backends.base import cuda_present
 from services.inference.core import Inference
 from services.inference.servicer import management_registrar, registrar
 from services.inference.settings import InferenceSettings
+
+# Python's thread switch interval with a GPU present (settings.switch_interval_ms).
+GPU_SWITCH_INTERVAL_MS = 0.5
 
 
 def build_core(settings: InferenceSettings, metrics: InferenceMetrics | None = None) -> Inference:
@@ -54,6 +59,11 @@ def _quiet_model_libraries() -> None:
 
 
 async def serve(settings: InferenceSettings, security: tls.ServiceTls | None = None) -> None:
+    interval_ms = settings.switch_interval_ms
+    if interval_ms is None and cuda_present():
+        interval_ms = GPU_SWITCH_INTERVAL_MS
+    if interval_ms is not None:
+        sys.setswitchinterval(interval_ms / 1000)
     metrics = InferenceMetrics(REGISTRY)
     core = build_core(settings, metrics)
     metrics.watch(core)
