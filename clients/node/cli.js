@@ -29,7 +29,7 @@ async function main() {
       model: { type: 'string', default: '' },
       'top-k': { type: 'string', default: '0' },
       'max-new-tokens': { type: 'string' },
-      temperature: { type: 'string', default: '0' },
+      temperature: { type: 'string' },
       seed: { type: 'string' },
       stop: { type: 'string', multiple: true, default: [] },
       help: { type: 'boolean', short: 'h' },
@@ -81,7 +81,8 @@ async function main() {
 
 /** GenerationParams from the command line; unset options are left out, so the server's defaults apply. */
 function generationParams(options) {
-  const params = { temperature: Number(options.temperature), stop: options.stop };
+  const params = { stop: options.stop };
+  if (options.temperature !== undefined) params.temperature = Number(options.temperature);
   if (options['max-new-tokens'] !== undefined) params.max_new_tokens = Number(options['max-new-tokens']);
   if (options.seed !== undefined) params.seed = options.seed; // uint64: passed as a string
   return params;

@@ -92,9 +92,9 @@ def requested_params(params: generation_pb2.GenerationParams) -> RequestedParams
     return RequestedParams(
         max_new_tokens=params.max_new_tokens if params.HasField("max_new_tokens") else None,
         min_new_tokens=params.min_new_tokens,
-        temperature=params.temperature,
+        temperature=params.temperature if params.HasField("temperature") else None,
         top_p=params.top_p if params.HasField("top_p") else None,
-        top_k=params.top_k,
+        top_k=params.top_k if params.HasField("top_k") else None,
         repetition_penalty=params.repetition_penalty if params.HasField("repetition_penalty") else None,
         seed=params.seed if params.HasField("seed") else None,
         stop_token_ids=tuple(params.stop_token_ids),

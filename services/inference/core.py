@@ -214,8 +214,9 @@ class Inference:
             raise errors.invalid_argument(
                 f"token id {bad} is outside the vocabulary of {model.name} (0..{engine.vocab - 1})", "prompt_ids"
             )
-        settings = engine.settings
-        params = resolve(requested, len(prompt_ids), model.max_length, settings.default_max_new_tokens, engine.vocab)
+        params = resolve(
+            requested, len(prompt_ids), model.max_length, engine.default_max_new_tokens, engine.vocab, engine.defaults
+        )
         slot.in_flight += 1
         slot.last_used = time.monotonic()
         try:

@@ -60,12 +60,14 @@ def add_generation_args(parser: argparse.ArgumentParser, which_model: str) -> No
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="after each answer, its finish reason and token counts on stderr"
     )
-    params = parser.add_argument_group("generation parameters (defaults: the server's; greedy decoding)")
+    params = parser.add_argument_group(
+        "generation parameters (unset: the model's defaults on the server; greedy unless its generation_config samples)"
+    )
     params.add_argument("--max-new-tokens", type=int, default=None, help="most tokens to generate")
     params.add_argument("--min-new-tokens", type=int, default=0, help="end-of-sequence suppressed until this many")
-    params.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily (default)")
+    params.add_argument("--temperature", type=float, default=None, help="0 decodes greedily")
     params.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this probability mass")
-    params.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    params.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0: all)")
     params.add_argument("--repetition-penalty", type=float, default=None, help="above 1 discourages repeats")
     params.add_argument("--seed", type=int, default=None, help="seed of the sampler, for repeatable samples")
     params.add_argument(

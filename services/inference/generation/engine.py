@@ -25,6 +25,7 @@ from services.common.repository import GenerationSettings, ModelVersion
 from services.inference.backends.base import cuda_present
 from services.inference.backends.torch import torch_dtype
 from services.inference.generation.decoder import DecodeLoop, Row, Update
+from services.inference.generation.params import ModelDefaults, model_defaults
 from services.inference.generation.sampler import RequestSampler, SamplingParams, StepLogprobs
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,15 @@ class GenerationEngine:
         self.hf: Any = hf.to(self.device).eval()
         self.vocab = int(self.hf.get_output_embeddings().weight.shape[0])
         self.eos_ids = eos_token_ids(model)
+        # Unset request parameters: the model's generation_config.json (ValueError, so a broken load, if it asks for
+        # what no request could).
+        self.defaults: ModelDefaults = model_defaults(model.path)
+        # tandem.json's default_max_new_tokens when it sets one, else the model's own, else the setting's default.
+        self.default_max_new_tokens = (
+            settings.default_max_new_tokens
+            if "default_max_new_tokens" in settings.model_fields_set or self.defaults.max_new_tokens is None
+            else self.defaults.max_new_tokens
+        )
         self.page_size = settings.page_size
         self.total_blocks = max(1, math.ceil(settings.kv_cache_tokens / settings.page_size))
         self._sequences: dict[str, _Sequence] = {}

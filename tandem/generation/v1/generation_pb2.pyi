@@ -91,22 +91,27 @@ class GenerationParams(_message.Message):
     IGNORE_EOS_FIELD_NUMBER: _builtins.int
     LOGPROBS_FIELD_NUMBER: _builtins.int
     max_new_tokens: _builtins.int
-    """Most tokens to generate. Unset: the model's default (tandem.json generation.default_max_new_tokens), cut to what
-    the context leaves after the prompt. Set: 1 or more, and prompt + max_new_tokens must fit in the context.
+    """Most tokens to generate. Unset: the model's generation_config.json max_new_tokens where it sets one, else
+    tandem.json's generation.default_max_new_tokens, cut to what the context leaves after the prompt. Set: 1 or
+    more, and prompt + max_new_tokens must fit in the context.
     """
     min_new_tokens: _builtins.int
     """Fewest tokens to generate before an end-of-sequence token may end the answer (it is suppressed until then)."""
     temperature: _builtins.float
-    """Softmax temperature, 0 or more; 0 (the default) picks the most likely token every step (greedy)."""
+    """Softmax temperature, 0 or more; 0 picks the most likely token every step (greedy). Unset: the model's
+    generation_config.json temperature when it samples (do_sample true), else 0 (greedy).
+    """
     top_p: _builtins.float
-    """Nucleus sampling: sample among the most likely tokens whose probabilities add up to top_p, in (0, 1]; unset
-    means 1 (no cut). Used when temperature > 0.
+    """Nucleus sampling: sample among the most likely tokens whose probabilities add up to top_p, in (0, 1]. Unset:
+    the model's generation_config.json top_p when it samples, else 1 (no cut). Used when temperature > 0.
     """
     top_k: _builtins.int
-    """Sample among the top_k most likely tokens; 0 (the default) keeps every token. Used when temperature > 0."""
+    """Sample among the top_k most likely tokens; 0 keeps every token. Unset: the model's generation_config.json
+    top_k when it samples (Hugging Face's default there is 50), else 0. Used when temperature > 0.
+    """
     repetition_penalty: _builtins.float
-    """Hugging Face's repetition penalty over the prompt and the answer so far, more than 0; unset means 1 (none),
-    above 1 discourages repeats.
+    """Hugging Face's repetition penalty over the prompt and the answer so far, more than 0; 1 is none, above 1
+    discourages repeats. Unset: the model's generation_config.json repetition_penalty, else 1.
     """
     seed: _builtins.int
     """Seed of the request's own random generator: the same seed and parameters give the same text, whatever else the
@@ -131,9 +136,9 @@ class GenerationParams(_message.Message):
         *,
         max_new_tokens: _builtins.int | None = ...,
         min_new_tokens: _builtins.int = ...,
-        temperature: _builtins.float = ...,
+        temperature: _builtins.float | None = ...,
         top_p: _builtins.float | None = ...,
-        top_k: _builtins.int = ...,
+        top_k: _builtins.int | None = ...,
         repetition_penalty: _builtins.float | None = ...,
         seed: _builtins.int | None = ...,
         stop: _abc.Iterable[_builtins.str] | None = ...,
@@ -141,9 +146,9 @@ class GenerationParams(_message.Message):
         ignore_eos: _builtins.bool = ...,
         logprobs: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_top_p", b"_top_p", "max_new_tokens", b"max_new_tokens", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "max_new_tokens", b"max_new_tokens", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_top_p", b"_top_p", "ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_new_tokens", b"max_new_tokens", "min_new_tokens", b"min_new_tokens", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "stop_token_ids", b"stop_token_ids", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_new_tokens", b"max_new_tokens", "min_new_tokens", b"min_new_tokens", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "stop_token_ids", b"stop_token_ids", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_new_tokens: _TypeAlias = _typing.Literal["max_new_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_new_tokens: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens"]  # noqa: Y015
@@ -151,6 +156,10 @@ class GenerationParams(_message.Message):
     _WhichOneofArgType__repetition_penalty: _TypeAlias = _typing.Literal["_repetition_penalty", b"_repetition_penalty"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
+    _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    _WhichOneofReturnType__top_k: _TypeAlias = _typing.Literal["top_k"]  # noqa: Y015
+    _WhichOneofArgType__top_k: _TypeAlias = _typing.Literal["_top_k", b"_top_k"]  # noqa: Y015
     _WhichOneofReturnType__top_p: _TypeAlias = _typing.Literal["top_p"]  # noqa: Y015
     _WhichOneofArgType__top_p: _TypeAlias = _typing.Literal["_top_p", b"_top_p"]  # noqa: Y015
     @_typing.overload
@@ -159,6 +168,10 @@ class GenerationParams(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__repetition_penalty) -> _WhichOneofReturnType__repetition_penalty | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__top_k) -> _WhichOneofReturnType__top_k | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__top_p) -> _WhichOneofReturnType__top_p | None: ...
 
