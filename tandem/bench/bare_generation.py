@@ -174,3 +174,39 @@ def combine_bare_generation(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     best["per_token_ms"] = min(run["per_token_ms"] for run in runs)
     best["measurements"] = [{k: v for k, v in run.items() if k not in ("answers", "prompt_tokens")} for run in runs]
     return best
+
+
+def measure_paired(
+    lm: BareCausalLM,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    served: Callable[[str], tuple[float, float]],
+    rounds: int,
+) -> dict[str, Any]:
+    """Concurrency 1 with the bare model interleaved: per round, one prompt's bare prefill (the best of two) and
+    per-token time (one full run), then the same prompt once through the server (`served(prompt)` -> its time to
+    first token and its inter-token latency p50, in seconds). A shared machine's speed drifts within minutes, so
+    each served stream is compared with the bare model on the same prompt in the same minute, and the medians of
+    those paired differences are the c=1 figures."""
+    rows: list[dict[str, float]] = []
+    for i in range(rounds):
+        ids = lm.encode(prompts[i % len(prompts)])
+        lm.generate([ids], 2)
+        prefill_s = min(_timed(lambda ids=ids: lm.generate([ids], 1)) for _ in range(2))  # type: ignore[misc]
+        full_s = _timed(lambda ids=ids: lm.generate([ids], max_new_tokens))  # type: ignore[misc]
+        per_token_s = (full_s - prefill_s) / (max_new_tokens - 1)
+        ttft_s, itl_s = served(prompts[i % len(prompts)])
+        rows.append(
+            {
+                "prompt_tokens": len(ids),
+                "bare_prefill_ms": prefill_s * 1000,
+                "bare_per_token_ms": per_token_s * 1000,
+                "ttft_ms": ttft_s * 1000,
+                "itl_p50_ms": itl_s * 1000,
+            }
+        )
+    return {
+        "rounds": rows,
+        "ttft_minus_bare_prefill_ms": statistics.median(r["ttft_ms"] - r["bare_prefill_ms"] for r in rows),
+        "itl_minus_bare_per_token_ms": statistics.median(r["itl_p50_ms"] - r["bare_per_token_ms"] for r in rows),
+    }

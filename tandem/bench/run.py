@@ -132,6 +132,14 @@ def main(argv: Sequence[str]) -> int:
     generation.add_argument(
         "--bare-reps", type=int, default=3, help="bare prefill and per-token times: the best of this many runs"
     )
+    generation.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=4,
+        help="after the levels, this many single streams each right after the bare model on the same prompt; the "
+        "medians of their differences are the c=1 acceptance figures (0: compare the c=1 level with the bare model "
+        "measured before and after the levels instead)",
+    )
     opts = parser.parse_args(argv)
     credentials = None
     if opts.tls_ca is not None or opts.tls_cert is not None:
@@ -352,6 +360,9 @@ def run_generate(opts: argparse.Namespace, model: str, prompts: list[str], crede
         print(report.generate_line(label, results[-1], bare), flush=True)
     if bare and opts.bare_after:
         bare = combine_bare_generation([bare, measure("after")])
+    paired: dict[str, Any] | None = None
+    if bare and version_dir is not None and opts.paired_rounds > 0:
+        paired = _paired_rounds(opts, connection, model, prompts, version_dir, bare_dtype, bare_device)
     served = sorted({v for result in results for v in result["served_versions"]})
     if bare and served != [bare["version"]]:
         print(f"warning: the server answered with version(s) {served}, the bare model is version {bare['version']}")
@@ -359,7 +370,7 @@ def run_generate(opts: argparse.Namespace, model: str, prompts: list[str], crede
         for level, result in zip(runs, results, strict=True):
             result.update(compare_with_bare(level, bare))
     print(report.generate_table(results, bare), flush=True)
-    acceptance = report.generate_acceptance(results, bare) if bare else {}
+    acceptance = report.generate_acceptance(results, bare, paired) if bare else {}
     for line in report.acceptance_lines(acceptance):
         print(line, flush=True)
     print(_load_line(), flush=True)
@@ -370,7 +381,57 @@ def run_generate(opts: argparse.Namespace, model: str, prompts: list[str], crede
         bare_json,
         {model: bare_json} if bare else {},
         results,
-        extra={"api": "generate", "acceptance": acceptance, "load_average_end": list(os.getloadavg())},
+        extra={
+            "api": "generate",
+            "acceptance": acceptance,
+            "paired_c1": paired,
+            "load_average_end": list(os.getloadavg()),
+        },
         draw=lambda path: report.plot_generate(results, bare_json, path),
     )
     return 0
+
+
+def _paired_rounds(
+    opts: argparse.Namespace,
+    connection: Any,
+    model: str,
+    prompts: list[str],
+    version_dir: Path,
+    dtype: str,
+    device: str,
+) -> dict[str, Any]:
+    """Concurrency 1, bare and served interleaved on the same prompts (bare_generation.measure_paired)."""
+    import statistics
+
+    from tandem.bench.bare_generation import BareCausalLM, measure_paired
+    from tandem.bench.generate import Level, run_level
+
+    class _Quiet:
+        def update(self, _: int) -> None:
+            pass
+
+    def served(prompt: str) -> tuple[float, float]:
+        level = Level(1, model, opts.max_new_tokens)
+        asyncio.run(
+            run_level(connection, [prompt], level, 1, opts.deadline_s, _Quiet(), opts.chat, opts.honor_retry_info)
+        )
+        if not level.ttft_ms or not level.itl_ms:
+            raise SystemExit(f"tandem bench: a paired stream failed: {dict(level.codes)}")
+        return level.ttft_ms[0] / 1000, statistics.median(level.itl_ms) / 1000
+
+    print(f"c=1 paired with the bare model, {opts.paired_rounds} rounds ...", flush=True)
+    lm = BareCausalLM(version_dir, opts.threads, opts.chat, dtype, device)
+    paired = measure_paired(lm, prompts, opts.max_new_tokens, served, opts.paired_rounds)
+    for row in paired["rounds"]:
+        print(
+            "  prompt {prompt_tokens} tokens: bare prefill {bare_prefill_ms:.1f} ms, per token "
+            "{bare_per_token_ms:.2f} ms | served TTFT {ttft_ms:.1f} ms, ITL p50 {itl_p50_ms:.2f} ms".format(**row),
+            flush=True,
+        )
+    print(
+        f"paired medians: TTFT - bare prefill {paired['ttft_minus_bare_prefill_ms']:+.2f} ms, "
+        f"ITL - bare per token {paired['itl_minus_bare_per_token_ms']:+.2f} ms",
+        flush=True,
+    )
+    return paired

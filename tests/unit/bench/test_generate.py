@@ -179,3 +179,48 @@ def test_bench_refuses_generate_arguments_it_cannot_run(argv: list[str], tmp_pat
     with pytest.raises(SystemExit) as exit_info:
         bench.main([*argv, "--out", str(tmp_path)])
     assert exit_info.value.code == 2
+
+
+class _ClockedLM:
+    """A bare model whose calls take known times (advancing a fake clock): prefill 100 ms, 10 ms a token."""
+
+    def __init__(self, clock: list[float]) -> None:
+        self.clock = clock
+
+    def encode(self, prompt: str) -> list[int]:
+        return [1] * len(prompt.split())
+
+    def generate(self, batch: Any, max_new_tokens: int) -> list[list[int]]:
+        self.clock[0] += 0.100 + 0.010 * (max_new_tokens - 1)
+        return [[0] * max_new_tokens for _ in batch]
+
+
+def test_paired_rounds_compare_each_stream_with_the_bare_model_on_its_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tandem.bench import bare_generation
+
+    clock = [0.0]
+    monkeypatch.setattr("tandem.bench.bare_generation.time.perf_counter", lambda: clock[0])
+    served = iter([(0.104, 0.0110), (0.098, 0.0125), (0.130, 0.0100)])  # TTFT, ITL p50 of each round, seconds
+    paired = bare_generation.measure_paired(
+        _ClockedLM(clock),  # type: ignore[arg-type]
+        ["a b", "c d e"],
+        max_new_tokens=11,
+        served=lambda prompt: next(served),
+        rounds=3,
+    )
+    rows = paired["rounds"]
+    assert [r["prompt_tokens"] for r in rows] == [2, 3, 2]  # prompts in turn
+    assert all(r["bare_prefill_ms"] == pytest.approx(100) and r["bare_per_token_ms"] == pytest.approx(10) for r in rows)
+    assert paired["ttft_minus_bare_prefill_ms"] == pytest.approx(4.0)  # median of +4, -2, +30
+    assert paired["itl_minus_bare_per_token_ms"] == pytest.approx(1.0)  # median of +1, +2.5, 0
+
+
+def test_paired_medians_are_the_c1_acceptance_figures() -> None:
+    results = [{"concurrency": 1, "itl_p50_minus_bare_per_token_ms": 9.0, "ttft_p50_minus_bare_prefill_ms": 50.0}]
+    paired = {"rounds": [{}] * 5, "itl_minus_bare_per_token_ms": 1.2, "ttft_minus_bare_prefill_ms": -3.0}
+    acceptance = report.generate_acceptance(results, {}, paired)
+    assert acceptance["c1_itl_over_bare_ms"]["value"] == 1.2 and acceptance["c1_itl_over_bare_ms"]["met"]
+    assert acceptance["c1_ttft_over_bare_ms"]["value"] == -3.0
+    assert "median of 5 paired rounds" in acceptance["c1_ttft_over_bare_ms"]["what"]
+    unpaired = report.generate_acceptance(results, {})
+    assert unpaired["c1_itl_over_bare_ms"]["value"] == 9.0 and not unpaired["c1_itl_over_bare_ms"]["met"]
