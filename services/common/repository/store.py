@@ -4,6 +4,8 @@ aliases (aliases.json) and per-version metadata (metadata.json), read the same w
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -25,6 +27,8 @@ from services.common.repository.refs import (
     parse_reference,
 )
 from services.common.repository.versions import load_version
+
+log = logging.getLogger(__name__)
 
 # The alias that requests naming only the model follow, when a model has it.
 DEFAULT_ALIAS = "stable"
@@ -60,8 +64,23 @@ class ModelRepository:
         # Listings are reused for `rescan_s`, so a request costs no directory scan on the event loop, while a
         # version folder or alias added to the repository is still seen within a second.
         self._listings: dict[str, tuple[float, Listing | None]] = {}
+        self.default_model = default_model or self._marked_default()
+
+    def _marked_default(self) -> str | None:
+        """The only model, or the only one whose tandem.json says "default": true; None when neither picks one."""
         names = self.names()
-        self.default_model = default_model or (names[0] if len(names) == 1 else None)
+        if len(names) == 1:
+            return names[0]
+        marked = []
+        for name in names:
+            try:
+                if json.loads((self.root / name / CONFIG_FILE).read_text()).get("default") is True:
+                    marked.append(name)
+            except (OSError, ValueError, AttributeError):
+                continue  # a broken tandem.json is reported when that model is loaded
+        if len(marked) > 1:
+            log.warning("models %s are each marked default in %s: requests must name a model", marked, self.root)
+        return marked[0] if len(marked) == 1 else None
 
     def names(self) -> list[str]:
         if not self.root.is_dir():

@@ -308,3 +308,34 @@ def test_a_read_only_repository_refuses_alias_changes(
     assert_error(
         caught.value, grpc.StatusCode.FAILED_PRECONDITION, Reason.REPOSITORY_NOT_WRITABLE, "Read-only file system", None
     )
+
+
+def _model(root: Path, name: str, **config: object) -> None:
+    (root / name).mkdir(parents=True)
+    (root / name / "tandem.json").write_text(json.dumps({"task": "embedding", **config}))
+
+
+def test_default_model_is_the_only_one_or_the_one_marked_default(tmp_path: Path) -> None:
+    from services.common.repository import ModelRepository
+
+    _model(tmp_path / "one", "alone")
+    assert ModelRepository(tmp_path / "one").default_model == "alone"
+    _model(tmp_path / "two", "a")
+    _model(tmp_path / "two", "b", default=True)
+    assert ModelRepository(tmp_path / "two").default_model == "b"
+    assert ModelRepository(tmp_path / "two", default_model="a").default_model == "a"  # the setting wins
+    _model(tmp_path / "three", "a", default=True)
+    _model(tmp_path / "three", "b", default=True)
+    _model(tmp_path / "three", "c")
+    assert ModelRepository(tmp_path / "three").default_model is None  # two marked: requests must name one
+    _model(tmp_path / "none", "a")
+    _model(tmp_path / "none", "b")
+    assert ModelRepository(tmp_path / "none").default_model is None
+
+
+def test_the_built_in_repository_marks_the_embedder_default(tmp_path: Path) -> None:
+    from services.common.default_model import DEFAULT_MODEL_NAME, ensure_default_repository
+    from services.common.repository import ModelRepository
+
+    repository = ensure_default_repository(tmp_path, chat_model=True)
+    assert ModelRepository(repository).default_model == DEFAULT_MODEL_NAME
