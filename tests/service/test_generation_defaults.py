@@ -15,8 +15,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from tandem.gateway.v1 import gateway_pb2
-from tandem.management.v1 import management_pb2
 from tandem.generation.v1 import generation_pb2
+from tandem.management.v1 import management_pb2
 from tests.fixtures.tiny_causal import GPT2_PROMPTS, make_gpt2, reference_generate
 from tests.harness import Stack, serve_stack
 from tests.status import details_of
