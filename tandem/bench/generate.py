@@ -9,6 +9,7 @@ summary) are what the unit tests check; `run_level` is the load.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections import Counter
@@ -138,13 +139,22 @@ def _channel(connection: Connection) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(connection.target, connection.credentials, options=options)
 
 
-async def warm_up(connection: Connection, model: str, prompt: str, chat: bool) -> None:
-    """One short Generate, so the first level pays for no connection or lazy set-up."""
-    async with _channel(connection) as channel:
+async def warm_up(
+    connection: Connection, model: str, prompt: str, chat: bool, channel: grpc.aio.Channel | None = None
+) -> None:
+    """One short Generate, so the first level pays for no connection or lazy set-up (on `channel` when given)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if channel is None:
+            channel = await stack.enter_async_context(_channel(connection))
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         metadata = (("x-api-key", connection.api_key),) if connection.api_key else None
         async for _ in stub.Generate(generate_request(model, prompt, 2, chat), timeout=300, metadata=metadata):
             pass
+
+
+def open_channel(connection: Connection) -> grpc.aio.Channel:
+    """A channel to the gateway, for callers that keep one open across several run_level calls."""
+    return _channel(connection)
 
 
 async def run_level(
@@ -156,11 +166,16 @@ async def run_level(
     progress: Any,
     chat: bool = False,
     honor_retry_info: bool = True,
+    channel: grpc.aio.Channel | None = None,
 ) -> None:
     """`level.concurrency` streams in flight, each caller sending its next Generate as soon as its last stream
     ended (after a refusal carrying RetryInfo, once the delay it asks for has passed). Request i takes
-    prompts[i % len(prompts)], whatever caller sends it, so every level (and the bare model) sees the same mix."""
-    async with _channel(connection) as channel:
+    prompts[i % len(prompts)], whatever caller sends it, so every level (and the bare model) sees the same mix.
+    On `channel` when given (left open: an already connected channel adds no connection set-up to the first
+    stream's time to first token), else on a channel of its own."""
+    async with contextlib.AsyncExitStack() as stack:
+        if channel is None:
+            channel = await stack.enter_async_context(_channel(connection))
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         metadata = (("x-api-key", connection.api_key),) if connection.api_key else None
         counter = iter(range(requests))

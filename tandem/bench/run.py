@@ -405,24 +405,35 @@ def _paired_rounds(
     import statistics
 
     from tandem.bench.bare_generation import BareCausalLM, measure_paired
-    from tandem.bench.generate import Level, run_level
+    from tandem.bench.generate import Level, open_channel, run_level, warm_up
 
     class _Quiet:
         def update(self, _: int) -> None:
             pass
 
-    def served(prompt: str) -> tuple[float, float]:
-        level = Level(1, model, opts.max_new_tokens)
-        asyncio.run(
-            run_level(connection, [prompt], level, 1, opts.deadline_s, _Quiet(), opts.chat, opts.honor_retry_info)
-        )
-        if not level.ttft_ms or not level.itl_ms:
-            raise SystemExit(f"tandem bench: a paired stream failed: {dict(level.codes)}")
-        return level.ttft_ms[0] / 1000, statistics.median(level.itl_ms) / 1000
-
     print(f"c=1 paired with the bare model, {opts.paired_rounds} rounds ...", flush=True)
     lm = BareCausalLM(version_dir, opts.threads, opts.chat, dtype, device)
-    paired = measure_paired(lm, prompts, opts.max_new_tokens, served, opts.paired_rounds)
+    # One event loop and one connected channel for every round, as a client that keeps its connection does: a
+    # channel per round would add connecting to each stream's time to first token.
+    with asyncio.Runner() as runner:
+        channel = runner.run(_opened(open_channel, connection))
+
+        def served(prompt: str) -> tuple[float, float]:
+            level = Level(1, model, opts.max_new_tokens)
+            runner.run(
+                run_level(
+                    connection, [prompt], level, 1, opts.deadline_s, _Quiet(), opts.chat, opts.honor_retry_info, channel
+                )
+            )
+            if not level.ttft_ms or not level.itl_ms:
+                raise SystemExit(f"tandem bench: a paired stream failed: {dict(level.codes)}")
+            return level.ttft_ms[0] / 1000, statistics.median(level.itl_ms) / 1000
+
+        try:
+            runner.run(warm_up(connection, model, prompts[0], opts.chat, channel))
+            paired = measure_paired(lm, prompts, opts.max_new_tokens, served, opts.paired_rounds)
+        finally:
+            runner.run(channel.close())
     for row in paired["rounds"]:
         print(
             "  prompt {prompt_tokens} tokens: bare prefill {bare_prefill_ms:.1f} ms, per token "
@@ -435,3 +446,8 @@ def _paired_rounds(
         flush=True,
     )
     return paired
+
+
+async def _opened(open_channel: Any, connection: Any) -> Any:
+    """The channel, made inside the runner's event loop (a grpc.aio channel belongs to the loop it is made in)."""
+    return open_channel(connection)
