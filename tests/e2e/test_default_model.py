@@ -18,6 +18,7 @@ from services.common.default_model import CHAT_MODEL_NAME, DEFAULT_MODEL_NAME, p
 from tandem.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from tests import ROOT
 from tests.e2e.deployment import tandem_serve
+from tests.e2e.test_cli_chat import CLI, ENV, Terminal, free_port
 from tests.status import details_of
 
 pytestmark = pytest.mark.e2e
@@ -50,9 +51,14 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("home")
 
 
+# The inference stage's /metrics, for the chat CLI test that checks the server dropped a cancelled sequence.
+INFERENCE_METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def gateway(home: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    with tandem_serve(home, chat_model=True) as served:
+    metrics = ["--inference-args", f"--metrics-port {INFERENCE_METRICS_PORT}"]
+    with tandem_serve(home, chat_model=True, extra=metrics) as served:
         yield served
 
 
@@ -305,3 +311,51 @@ def test_a_second_start_reuses_the_conversion(home: Path, gateway: tuple[str, ob
     print(f"second start of `tandem serve` with the chat model: SERVING after {serving_s:.1f} s")
     assert {p: p.stat().st_mtime_ns for p in cache.glob("*/tandem-gguf.json")} == markers
     assert not [p for p in cache.iterdir() if ".tmp-" in p.name]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The CLI on the real chat model (the same behaviours on the tiny models: test_cli_chat.py)
+
+
+def _running_sequences() -> float:
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{INFERENCE_METRICS_PORT}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    pattern = rf'^tandem_generation_running_sequences{{[^}}]*model="{CHAT_MODEL_NAME}"[^}}]*}} (\S+)$'
+    return sum(float(v) for v in re.findall(pattern, text, re.MULTILINE))
+
+
+def test_tandem_generate_reads_the_question_from_stdin(gateway: tuple[str, object]) -> None:
+    done = subprocess.run(
+        [*CLI, "generate", "-", "--chat", "--model", CHAT_MODEL_NAME, "--max-new-tokens", "24", "--addr", gateway[0]],
+        input="What is the capital of France?",
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout
+
+
+def test_tandem_chat_at_a_terminal_streams_and_ctrl_c_cancels_on_the_server(gateway: tuple[str, object]) -> None:
+    import time
+
+    chat = Terminal("chat", "--model", CHAT_MODEL_NAME, "--max-new-tokens", "400", "--ignore-eos", "--addr", gateway[0])
+    try:
+        chat.prompt(timeout=60)
+        chat.send("Tell me a long story about a cat.\n")
+        chat.expect(r"cat\.\n\s*\S", timeout=60)  # the echoed question, then the answer has begun streaming
+        chat.send("\x03")
+        assert "interrupted" in chat.prompt(timeout=30)
+        assert chat.proc.poll() is None  # the session goes on
+        deadline = time.monotonic() + 10
+        while _running_sequences() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _running_sequences() == 0  # the server dropped the sequence, 400 tokens were not generated
+        chat.send("What is the capital of France? Answer in one sentence.\n")
+        assert "Paris" in chat.prompt(timeout=120)
+    finally:
+        chat.close()
