@@ -229,6 +229,7 @@ def compare_with_bare(level: Level, bare: dict[str, Any]) -> dict[str, Any]:
         "ratio_to_bare_batched": _ratio(
             result["tokens_per_s"], bare["batched_tokens_per_s"].get(str(level.concurrency))
         ),
+        "ratio_to_bare_continuous": _ratio(result["tokens_per_s"], bare.get("continuous_tokens_per_s")),
         "ttft_p50_minus_bare_prefill_ms": result["ttft_p50_ms"] - bare["prefill_ms"],
         "itl_p50_minus_bare_per_token_ms": result["itl_p50_ms"] - bare["per_token_ms"],
         "prompt_token_mismatches": sorted(i for i, n in level.prompt_tokens.items() if n != counts[i]),

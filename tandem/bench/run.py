@@ -133,6 +133,12 @@ def main(argv: Sequence[str]) -> int:
         "--bare-reps", type=int, default=3, help="bare prefill and per-token times: the best of this many runs"
     )
     generation.add_argument(
+        "--bare-continuous",
+        action="store_true",
+        help="also measure transformers' continuous batching (generate_batch) on the largest level's worth of the "
+        "prompts, and compare the levels with it",
+    )
+    generation.add_argument(
         "--paired-rounds",
         type=int,
         default=4,
@@ -325,6 +331,7 @@ def run_generate(opts: argparse.Namespace, model: str, prompts: list[str], crede
             chat=opts.chat,
             dtype=bare_dtype,
             device=bare_device,
+            continuous=opts.bare_continuous,
         )
         print(report.bare_generation_line(run), flush=True)
         return run

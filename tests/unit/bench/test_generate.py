@@ -224,3 +224,16 @@ def test_paired_medians_are_the_c1_acceptance_figures() -> None:
     assert "median of 5 paired rounds" in acceptance["c1_ttft_over_bare_ms"]["what"]
     unpaired = report.generate_acceptance(results, {})
     assert unpaired["c1_itl_over_bare_ms"]["value"] == 9.0 and not unpaired["c1_itl_over_bare_ms"]["met"]
+
+
+def test_transformers_continuous_batching_is_a_figure_when_measured() -> None:
+    level = Level(16, "m", 2)
+    level.tokens, level.seconds = 100, 1.0
+    assert math.isnan(compare_with_bare(level, _bare())["ratio_to_bare_continuous"])
+    assert compare_with_bare(level, _bare(continuous_tokens_per_s=80.0))["ratio_to_bare_continuous"] == 1.25
+    results = [_result(16, ratio_to_bare_batched=0.7, ratio_to_bare_single=5.0, ratio_to_bare_continuous=1.25)]
+    acceptance = report.generate_acceptance(results, _bare())
+    assert acceptance["c16_vs_bare_continuous"]["met"] and not acceptance["c16_vs_bare_batched"]["met"]
+    runs = [_bare(continuous_tokens_per_s=70.0), _bare(continuous_tokens_per_s=80.0)]
+    assert combine_bare_generation(runs)["continuous_tokens_per_s"] == 80.0
+    assert "continuous_tokens_per_s" not in combine_bare_generation([_bare(), _bare()])
