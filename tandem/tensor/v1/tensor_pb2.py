@@ -24,13 +24,14 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtandem/tensor/v1/tensor.proto\x12\x10tandem.tensor.v1\"P\n\x06Tensor\x12)\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1a.tandem.tensor.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xa7\x02\n\nTokenBatch\x12+\n\tinput_ids\x18\x01 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12\x30\n\x0etoken_type_ids\x18\x02 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12,\n\ncu_seqlens\x18\x03 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12)\n\x07offsets\x18\x04 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12\x35\n\x13special_tokens_mask\x18\x05 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12*\n\x08word_ids\x18\x06 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor*\x92\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x02\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtandem/tensor/v1/tensor.proto\x12\x10tandem.tensor.v1\"P\n\x06Tensor\x12)\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1a.tandem.tensor.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xa7\x02\n\nTokenBatch\x12+\n\tinput_ids\x18\x01 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12\x30\n\x0etoken_type_ids\x18\x02 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12,\n\ncu_seqlens\x18\x03 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12)\n\x07offsets\x18\x04 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12\x35\n\x13special_tokens_mask\x18\x05 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12*\n\x08word_ids\x18\x06 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor*\x92\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x02\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x05\x42\x61\n\x14\x64\x65v.tandem.tensor.v1B\x0bTensorProtoP\x01Z\'tandem.dev/go/tandem/tensor/v1;tensorv1\xaa\x02\x10Tandem.Tensor.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.tensor.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\024dev.tandem.tensor.v1B\013TensorProtoP\001Z\'tandem.dev/go/tandem/tensor/v1;tensorv1\252\002\020Tandem.Tensor.V1'
   _globals['_DATATYPE']._serialized_start=432
   _globals['_DATATYPE']._serialized_end=578
   _globals['_TENSOR']._serialized_start=51
