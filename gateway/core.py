@@ -22,6 +22,7 @@ from gateway.coalescer import Coalescer
 from gateway.generation import ChatMessage, GeneratedText, Generation
 from services.common import errors, tensors, timing
 from services.common.errors import Reason
+from services.common.references import check_reference
 from tandem.generation.v1 import generation_pb2
 from tandem.inference.v1 import inference_pb2
 from tandem.model.v1 import model_pb2
@@ -57,6 +58,13 @@ class Served:
 
     def part(self, start: int, stop: int) -> Served:
         return Served(self.model, self.version, self.token_counts[start:stop])
+
+
+def _asked(ref: str) -> None:
+    """Notes the model a call asks for (for the access log, which escapes it), then checks it follows the naming rule
+    (INVALID_ARGUMENT on `model` before any stage is called)."""
+    timing.note(model=ref)
+    check_reference(ref)
 
 
 def _noted(served: Served) -> None:
@@ -128,11 +136,14 @@ class ClassifyKey:
 
 
 class ModelCatalog:
-    """Model descriptions from the inference stage, cached briefly so a request costs no extra hop."""
+    """Model descriptions from the inference stage, cached briefly so a request costs no extra hop. Only references
+    the stage answered are kept (errors are not cached), and at most `max_entries` of them: callers choose the
+    references, so the memory they take must be bounded."""
 
-    def __init__(self, inference: InferenceClient, ttl_s: float) -> None:
+    def __init__(self, inference: InferenceClient, ttl_s: float, max_entries: int = 1024) -> None:
         self.inference = inference
         self.ttl_s = ttl_s
+        self.max_entries = max_entries
         self._cache: dict[str, tuple[float, model_pb2.ModelInfo]] = {}
 
     async def get(self, ref: str, deadline: float) -> model_pb2.ModelInfo:
@@ -141,6 +152,11 @@ class ModelCatalog:
         if hit is not None and hit[0] > now:
             return hit[1]
         info = (await self.inference.get_model(ref, deadline)).model
+        self._cache.pop(ref, None)
+        if len(self._cache) >= self.max_entries:
+            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+            while len(self._cache) >= self.max_entries:  # the oldest first (dicts keep insertion order)
+                del self._cache[next(iter(self._cache))]
         self._cache[ref] = (now + self.ttl_s, info)
         return info
 
@@ -227,7 +243,7 @@ class Pipeline:
             )
 
     async def _model_for(self, ref: str, task: int, rpc: str, deadline: float) -> model_pb2.ModelInfo:
-        timing.note(model=ref)
+        _asked(ref)
         info = await self.catalog.get(ref, deadline)
         if info.task != task:
             raise errors.invalid_argument(
@@ -292,6 +308,7 @@ class Pipeline:
     async def embed(
         self, ref: str, inputs: Sequence[str], normalize: bool, truncate: bool, deadline: float
     ) -> Embeddings:
+        _asked(ref)
         self._check_inputs(inputs, "inputs")
         key = EmbedKey(ref, normalize, truncate)
         if self._coalescing(truncate):
@@ -321,6 +338,7 @@ class Pipeline:
     async def classify(
         self, ref: str, inputs: Sequence[str], top_k: int, truncate: bool, deadline: float
     ) -> Classifications:
+        _asked(ref)
         self._check_inputs(inputs, "inputs")
         if top_k < 0:
             raise errors.invalid_argument("top_k must be 0 (every label) or positive", "top_k")
@@ -347,6 +365,7 @@ class Pipeline:
     async def classify_tokens(
         self, ref: str, inputs: Sequence[str], truncate: bool, deadline: float
     ) -> TokenClassifications:
+        _asked(ref)
         self._check_inputs(inputs, "inputs")
         key = ClassifyKey(ref, 0, truncate)
         if self._coalescing(truncate):
@@ -375,6 +394,7 @@ class Pipeline:
     async def rerank(
         self, ref: str, query: str, documents: Sequence[str], top_n: int, truncate: bool, deadline: float
     ) -> Ranking:
+        _asked(ref)
         self._check_inputs(documents, "documents")
         self.check_length(query, "query")
         if top_n < 0:
@@ -395,6 +415,7 @@ class Pipeline:
     async def tokenize(
         self, ref: str, inputs: Sequence[str], add_special_tokens: bool, truncate: bool, deadline: float
     ) -> Encodings:
+        _asked(ref)
         self._check_inputs(inputs, "inputs")
         reply = await self.tokenizer.tokenize(
             tokenizer_pb2.TokenizeRequest(
@@ -424,6 +445,7 @@ class Pipeline:
     async def detokenize(
         self, ref: str, ids: Sequence[int], skip_special_tokens: bool, deadline: float
     ) -> tokenizer_pb2.DetokenizeResponse:
+        _asked(ref)
         return await self.tokenizer.detokenize(
             tokenizer_pb2.DetokenizeRequest(model=ref, ids=ids, skip_special_tokens=skip_special_tokens), deadline
         )
@@ -432,6 +454,7 @@ class Pipeline:
         return await self.catalog.all(deadline)
 
     async def get_model(self, ref: str, deadline: float) -> model_pb2.ModelInfo:
+        _asked(ref)
         return (await self.inference.get_model(ref, deadline)).model
 
     async def stages_serving(self, timeout_s: float) -> bool:

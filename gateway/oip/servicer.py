@@ -15,6 +15,7 @@ from gateway.oip.dataplane import DataPlane
 from gateway.oip.models import ModelRegistry
 from gateway.streams import interleaved
 from services.common import errors
+from services.common.server import Undecodable
 from tandem.oip.v2 import grpc_service_pb2 as pb
 from tandem.oip.v2 import grpc_service_pb2_grpc as pb_grpc
 
@@ -56,12 +57,18 @@ class InferenceProtocolServicer(pb_grpc.GRPCInferenceServiceServicer):
         return converters.infer_response(result)
 
     async def ModelStreamInfer(  # noqa: N802
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest | Undecodable], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests run concurrently and are answered as they finish (a streamed generation as its text comes); a
-        failure is answered, the stream goes on. A caller that goes away cancels every request still running."""
+        failure is answered, the stream goes on, also for a message that does not parse (it has no id to answer
+        with: its error response has an empty one). A caller that goes away cancels every request still running."""
 
-        async def answer(request: pb.ModelInferRequest) -> AsyncGenerator[pb.ModelStreamInferResponse, None]:
+        async def answer(
+            request: pb.ModelInferRequest | Undecodable,
+        ) -> AsyncGenerator[pb.ModelStreamInferResponse, None]:
+            if isinstance(request, Undecodable):  # answered in its place; the requests around it go on
+                yield converters.stream_error(pb.ModelInferRequest(), request.to_error())
+                return
             try:
                 call = converters.infer_call(request)
                 deadline = self.plane.deadline(context.time_remaining())

@@ -43,6 +43,7 @@ import numpy.typing as npt
 
 from services.common import errors
 from services.common.errors import Reason
+from services.common.references import check_name, check_reference, check_version
 from tandem.model.v1 import model_pb2
 
 BYTES, FP32, INT64, INT32, UINT64, BOOL = "BYTES", "FP32", "INT64", "INT32", "UINT64", "BOOL"
@@ -208,9 +209,9 @@ def model_reference(name: str, version: str, name_field: str, version_field: str
         hint = f"; give the version in {version_field}" if version_field else ""
         raise errors.invalid_argument(f"model name {name!r} must not contain ':'{hint}", name_field)
     if not version:
-        return name
-    if not (version.isascii() and version.isdigit()):
-        raise errors.invalid_argument(f"{version_field} must be a number, got {version!r}", version_field)
+        return check_reference(name, name_field)  # a name, or name@alias
+    check_name(name, name_field)
+    check_version(version, version_field)
     return f"{name}:{version}"
 
 

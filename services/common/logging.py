@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
 
@@ -22,6 +23,42 @@ def _record_with_request_id(*args: object, **kwargs: object) -> logging.LogRecor
 
 
 logging.setLogRecordFactory(_record_with_request_id)
+
+
+# What a value may not carry into a text log line as is: control characters (a forged line, a NUL, terminal escapes),
+# the separators of `key=value` fields, and the invisible or direction-changing characters that make a line read
+# other than it is.
+_UNSAFE_IN_VALUE = re.compile(r'[\x00-\x20\x7f-\xa0"=\\\u200b-\u200f\u2028-\u202e\u2066-\u2069]')
+_UNSAFE_IN_LINE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def log_value(value: object) -> str:
+    """A value for a text log line: as is when it is plain, else quoted with every control character escaped (JSON
+    string syntax), so a value a caller chose (a model name, a request id) can never split, forge or garble a line."""
+    text = str(value)
+    if text and not _UNSAFE_IN_VALUE.search(text):
+        return text
+    return json.dumps(text)
+
+
+def _escape_line(text: str) -> str:
+    return _UNSAFE_IN_LINE.sub(lambda m: json.dumps(m.group())[1:-1], text)
+
+
+class _TextFormatter(logging.Formatter):
+    """One line per record: control characters in the message and in the request id are escaped (a traceback,
+    appended after the message by the base class, keeps its lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802
+        record.message = _escape_line(record.message)
+        rid = getattr(record, "request_id", "-")
+        if not _UNSAFE_IN_VALUE.search(rid):
+            return super().formatMessage(record)
+        record.request_id = log_value(rid)  # for this line only: other handlers get the id as it came
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.request_id = rid
 
 
 class _JsonFormatter(logging.Formatter):
@@ -48,7 +85,7 @@ def configure(level: str = "INFO", json_logs: bool = False, service: str = "tand
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter(f"%(asctime)s %(levelname)s {service} [%(request_id)s] %(name)s: %(message)s")
+            _TextFormatter(f"%(asctime)s %(levelname)s {service} [%(request_id)s] %(name)s: %(message)s")
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -22,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from services.common import timing
+from services.common.logging import log_value
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("tandem.access")
@@ -278,7 +279,7 @@ class GatewayMetrics:
             **stages,
             "total_ms": round(seconds * 1000, 3),
         }
-        text = " ".join(f"{k}={v}" for k, v in fields.items())
+        text = " ".join(f"{k}={log_value(v)}" for k, v in fields.items())
         access_log.info("%s", text, extra={"fields": fields})
 
 

@@ -1,5 +1,9 @@
 """What requests and management calls name: 'name', 'name:version' or 'name@alias', and the checks that keep a
-name one plain folder of the repository."""
+name one plain folder of the repository.
+
+One rule for model names everywhere (requests, management calls, the CLI, folders in the repository): 1-128
+characters of ASCII letters, digits, '_', '-' and '.', starting with a letter or a digit. The gateway and every
+stage check it before anything touches the file system, so no name a caller sends can reach a path."""
 
 from __future__ import annotations
 
@@ -21,29 +25,44 @@ class Reference(NamedTuple):
     alias: str | None = None
 
 
-def parse_reference(ref: str) -> Reference:
-    """'name', 'name:version' or 'name@alias'."""
+def _shown(text: str, limit: int = 80) -> str:
+    """A caller's text for an error message: quoted and escaped by repr, cut to `limit` characters."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def parse_reference(ref: str, field_name: str = "model") -> Reference:
+    """'name', 'name:version' or 'name@alias' (an empty name: the default model); INVALID_ARGUMENT on `field_name`
+    for anything outside the name, version and alias rules."""
     if "@" in ref:
         name, _, alias = ref.partition("@")
         if ":" in name:
-            raise errors.invalid_argument(f"name a version or an alias, not both: {ref!r}", "model")
-        if not ALIAS_PATTERN.fullmatch(alias):
+            raise errors.invalid_argument(f"name a version or an alias, not both: {_shown(ref)}", field_name)
+        check_alias(alias, field_name)
+        version = None
+    else:
+        name, sep, text = ref.partition(":")
+        if sep and not VERSION_PATTERN.fullmatch(text):
             raise errors.invalid_argument(
-                f"alias must be a letter followed by letters, digits, '_', '-' or '.', got {alias!r}", "model"
+                f"model version must be a number from 1 to 999999999, got {_shown(text)}", field_name
             )
-        return Reference(name, alias=alias)
-    name, sep, version = ref.partition(":")
-    if sep and not version.isdigit():
-        raise errors.invalid_argument(f"model version must be a number, got {version!r}", "model")
-    return Reference(name, version if sep else None)
+        version, alias = (text if sep else None), None
+    if name:
+        check_name(name, field_name)
+    return Reference(name, version, alias)
+
+
+def check_reference(ref: str, field_name: str = "model") -> str:
+    """The reference unchanged when it follows the rules (see parse_reference), else INVALID_ARGUMENT."""
+    parse_reference(ref, field_name)
+    return ref
 
 
 def check_name(name: str, field_name: str = "name") -> str:
     """A model name that is one plain folder name (no separators, no '..', not absolute): INVALID_ARGUMENT if not."""
     if not NAME_PATTERN.fullmatch(name):
         raise errors.invalid_argument(
-            f"model name must be one folder name of letters, digits, '_', '-' or '.' (at most 128, not starting with"
-            f" '.' or '-'), got {name!r}",
+            f"model name must be 1-128 ASCII letters, digits, '_', '-' or '.', starting with a letter or a digit; got"
+            f" {_shown(name)}",
             field_name,
         )
     return name
@@ -51,14 +70,16 @@ def check_name(name: str, field_name: str = "name") -> str:
 
 def check_version(version: str, field_name: str = "version") -> str:
     if not VERSION_PATTERN.fullmatch(version):
-        raise errors.invalid_argument(f"version must be a positive number, got {version!r}", field_name)
+        raise errors.invalid_argument(
+            f"version must be a number from 1 to 999999999, got {_shown(version)}", field_name
+        )
     return version
 
 
 def check_alias(alias: str, field_name: str = "alias") -> str:
     if not ALIAS_PATTERN.fullmatch(alias):
         raise errors.invalid_argument(
-            f"alias must be a letter followed by letters, digits, '_', '-' or '.' (at most 64), got {alias!r}",
+            f"alias must be a letter followed by letters, digits, '_', '-' or '.' (at most 64), got {_shown(alias)}",
             field_name,
         )
     return alias

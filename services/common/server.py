@@ -18,11 +18,10 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from services.common import errors
+from services.common import errors, protocols
 from services.common.logging import request_id
 
 log = logging.getLogger(__name__)
@@ -70,10 +69,20 @@ async def _error_table(
 
 
 @dataclass(frozen=True)
-class _Undecodable:
-    """Stands in for a request message that does not parse, so that the error table, not grpc, answers it."""
+class Undecodable:
+    """Stands in for a request message that does not parse, so that the error table, not grpc, answers it (or, in
+    the streams of ANSWERED_IN_STREAM, the servicer, as one failed request among others)."""
 
     error: str
+
+    def to_error(self) -> errors.TandemError:
+        return errors.invalid_argument(f"the request does not parse: {self.error}", "request")
+
+
+# Streams whose protocol answers each request on its own, failures included (the Open Inference Protocol's
+# ModelStreamInfer: an error response carries `error_message`): a message that does not parse reaches the servicer
+# as an Undecodable and is answered in the stream, which goes on, instead of ending the stream for every request.
+ANSWERED_IN_STREAM = frozenset({f"/{protocols.OIP_SERVICE}/ModelStreamInfer"})
 
 
 @functools.cache  # one wrapper per message type, not one per call: the interceptor runs on every RPC
@@ -87,14 +96,14 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
         try:
             return deserializer(raw)
         except DecodeError as exc:
-            return _Undecodable(str(exc))
+            return Undecodable(str(exc))
 
     return parse
 
 
 def _parsed(request: Any) -> Any:
-    if isinstance(request, _Undecodable):
-        raise errors.invalid_argument(f"the request does not parse: {request.error}", "request")
+    if isinstance(request, Undecodable):
+        raise request.to_error()
     return request
 
 
@@ -139,9 +148,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler.stream_stream is not None:
             inner_ss: Any = handler.stream_stream
 
+            answered_in_stream = method in ANSWERED_IN_STREAM
+
             async def stream_stream(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 async with _error_table(context, rid, method, echo):
-                    async for response in inner_ss(_parsed_stream(request_iterator), context):
+                    requests = request_iterator if answered_in_stream else _parsed_stream(request_iterator)
+                    async for response in inner_ss(requests, context):
                         yield response
 
             return grpc.stream_stream_rpc_method_handler(
@@ -203,11 +215,15 @@ class RunningServer:
     address: str
     health: Any  # grpc_health.v1.health.aio.HealthServicer (untyped)
     service_names: tuple[str, ...]
+    # Told every health change (the `tandem_serving` gauge, which the stage-down alert reads).
+    on_serving: Callable[[bool], None] | None = None
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *self.service_names):
             await self.health.set(name, status)
+        if self.on_serving is not None:
+            self.on_serving(serving)
 
     async def stop(self, grace_s: float) -> None:
         """NOT_SERVING first so balancers move away, then finish in-flight calls within the grace period."""
@@ -235,6 +251,7 @@ async def start_server(
     options: Sequence[tuple[str, Any]] = (),
     credentials: grpc.ServerCredentials | None = None,
     echo_request_id: bool = True,
+    on_serving: Callable[[bool], None] | None = None,
 ) -> RunningServer:
     """Builds the server, registers health and reflection, binds `listen` (port 0 picks one) and starts it.
 
@@ -242,6 +259,7 @@ async def start_server(
     `options` are more gRPC channel arguments (e.g. `grpc.max_concurrent_streams`), added after the defaults.
     `credentials` (services.common.tls) serve TLS or mTLS, on TCP and on Unix sockets alike; None is plaintext.
     `echo_request_id` sends each call's x-request-id back in its initial metadata (see ErrorInterceptor).
+    `on_serving` is called with every health change, the first one included.
     """
     server = grpc.aio.server(
         interceptors=[*interceptors, ErrorInterceptor(echo_request_id)],
@@ -250,17 +268,16 @@ async def start_server(
     names = tuple(name for _, name in registrars)
     for register, _ in registrars:
         register(server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = protocols.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if reflection_enabled:
-        reflection.enable_server_reflection(
-            (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-        )
+        protocols.enable_reflection((*names, protocols.HEALTH_SERVICE), server)
+    server.add_generic_rpc_handlers((protocols.UnsupportedMethods(),))  # last: what no other handler took
     port = server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)
     if port == 0 and not listen.startswith("unix:"):
         raise OSError(f"could not bind {listen}")
     await server.start()
-    running = RunningServer(server, port, bound_address(listen, port), health_servicer, names)
+    running = RunningServer(server, port, bound_address(listen, port), health_servicer, names, on_serving)
     await running.set_serving(serving)
     if address_file is not None:
         tmp = address_file.with_name(address_file.name + ".tmp")

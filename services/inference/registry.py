@@ -192,12 +192,31 @@ class ModelRegistry:
         entry.listing, entry.error, entry.models, entry.broken = scan.listing, scan.error, scan.models, scan.broken
         self.route(entry)
         self.converge(entry)
+        if entry.listing is None and not self._holds(entry):
+            # Not a model (any more) and nothing of it in memory: forgotten, so that names callers make up are not
+            # kept and rescanned every second (the repository's bounded negative cache remembers them briefly).
+            del self.entries[scan.name]
+            for key in [k for k, slot in self.slots.items() if k[0] == scan.name]:
+                del self.slots[key]
+            self.repository.unknown.add(scan.name)
         return entry
+
+    def _holds(self, entry: ModelEntry) -> bool:
+        """Whether the stage still keeps state of the model: a version in memory, or a LoadModel/UnloadModel."""
+        return bool(
+            entry.requested
+            or entry.held
+            or entry.held_all
+            or entry.pending
+            or any(key[0] == entry.name and slot.state is not ModelState.UNLOADED for key, slot in self.slots.items())
+        )
 
     def _entry(self, name: str) -> ModelEntry:
         """The entry of a model the stage may not have read yet (read now: NOT_FOUND for unknown models)."""
         entry = self.entries.get(name)
         if entry is None or entry.listing is None:
+            if entry is None and name in self.repository.unknown:
+                raise errors.not_found(f"model {name!r} not found", model=name)
             entry = self._apply(self._scan(name))
             if entry.listing is None:
                 raise errors.not_found(f"model {name!r} not found", model=name)

@@ -300,3 +300,46 @@ async def test_a_stream_counts_once_when_it_ends(observed: Observed) -> None:
         == 1
     )
     assert value(after, "tandem_requests_in_flight", **labels) == 0
+
+
+async def test_text_logs_escape_and_quote_what_callers_choose(
+    observed: Observed, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model name with a line break, a NUL and a forged field, and a request id with spaces, quotes and '=': the
+    text access line stays one line whose fields cannot be forged; the JSON line stays valid JSON with the raw text."""
+    from services.common.logging import _JsonFormatter, _TextFormatter
+
+    evil_model = 'x\nFORGED INFO tandem.access: code=OK\x00 "'
+    evil_id = 'id" code=OK model="tiny-embed'
+    with caplog.at_level(logging.INFO, logger="tandem.access"), pytest.raises(grpc.aio.AioRpcError) as caught:
+        await observed.stack.stub.Embed(
+            gateway_pb2.EmbedRequest(model=evil_model, inputs=["x"]), metadata=(("x-request-id", evil_id),)
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    (record,) = [r for r in caplog.records if r.name == "tandem.access"]
+    text = _TextFormatter("[%(request_id)s] %(message)s").format(record)
+    assert "\n" not in text and "\x00" not in text
+    assert text.startswith(f"[{json.dumps(evil_id)}] ")  # quoted: its 'code=OK' is inside the quotes
+    fields = text.removeprefix(f"[{json.dumps(evil_id)}] ")
+    assert f" model={json.dumps(evil_model)} " in fields  # quoted, with \n and \u0000 escaped
+    assert fields.replace(json.dumps(evil_model), "").count("code=") == 1 and " code=INVALID_ARGUMENT " in fields
+    line = json.loads(_JsonFormatter().format(record))
+    assert (line["model"], line["request_id"], line["code"]) == (evil_model, evil_id, "INVALID_ARGUMENT")
+
+
+def test_text_log_lines_escape_control_characters_in_any_message() -> None:
+    """Any log call that formats a caller's value into its message (not only the access log) stays one line; a
+    traceback keeps its own lines."""
+    from services.common.logging import _TextFormatter
+
+    formatter = _TextFormatter("%(message)s")
+    record = logging.LogRecord("t", logging.WARNING, __file__, 1, "key %s refused", ("a\r\nb\x1b[31m",), None)
+    assert formatter.format(record) == "key a\\r\\nb\\u001b[31m refused"
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        failed = logging.LogRecord("t", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    lines = formatter.format(failed).splitlines()
+    assert lines[0] == "failed" and lines[1] == "Traceback (most recent call last):"

@@ -210,7 +210,7 @@ def test_alias_and_remove(built: Built, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["add", "../x", "--from", "SOURCE", "--task", "embedding"], "model name must be one folder name"),
+        (["add", "../x", "--from", "SOURCE", "--task", "embedding"], "model name must be 1-128 ASCII letters"),
         (["add", "x", "--from", "/no/such/folder", "--task", "embedding"], "neither a folder nor an installed package"),
         (["add", "x", "--from", "no_such_package_xyz", "--task", "embedding"], "no folder or installed package"),
         (["add", "x", "--from", "EMPTY", "--task", "embedding"], "not a Hugging Face model folder"),
@@ -220,7 +220,7 @@ def test_alias_and_remove(built: Built, tmp_path: Path) -> None:
         (["export", "emb:3"], "emb:3 has no Hugging Face weights to export"),
         (["quantize", "emb:3", "--mode", "int8"], "emb:3 is already int8"),
         (["remove", "emb:9"], "has no version 9"),
-        (["remove", "/etc"], "model name must be one folder name"),
+        (["remove", "/etc"], "model name must be 1-128 ASCII letters"),
         (["remove", "emb@stable"], "not an alias"),
         (["alias", "emb", "9x", "1"], "alias must be a letter"),
         (["alias", "emb", "canary", "9"], "has no version 9"),

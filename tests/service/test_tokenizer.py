@@ -119,7 +119,13 @@ async def test_too_long_without_truncation_names_the_input(stub: tokenizer_pb2_g
             ["model"],
             "must be a number",
         ),
-        ({"texts": ["a"], "model": "../etc"}, grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", [], "not found"),
+        (
+            {"texts": ["a"], "model": "../etc"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_INPUT",
+            ["model"],
+            "model name must be 1-128 ASCII letters",
+        ),
     ],
 )
 async def test_bad_requests(

@@ -2,9 +2,18 @@
 Hugging Face files, aliases (aliases.json) and per-version metadata (metadata.json).
 
 The package's API is re-exported here; its rooms are config (schemas), files (JSON IO and locks), fingerprint
-(tokenizer hashes), versions (reading a version folder), refs (names, versions, aliases) and store (the repository).
+(tokenizer hashes), versions (reading a version folder) and store (the repository); names, versions and aliases
+follow the rules of services.common.references.
 """
 
+from services.common.references import (
+    Reference,
+    check_alias,
+    check_name,
+    check_reference,
+    check_version,
+    parse_reference,
+)
 from services.common.repository.config import (
     ALIASES_FILE,
     CONFIG_FILE,
@@ -20,7 +29,6 @@ from services.common.repository.config import (
 )
 from services.common.repository.files import locked, read_json, write_json_atomic
 from services.common.repository.fingerprint import tokenizer_fingerprint
-from services.common.repository.refs import Reference, check_alias, check_name, check_version, parse_reference
 from services.common.repository.store import DEFAULT_ALIAS, Listing, ModelRepository
 from services.common.repository.versions import load_version, read_metadata
 
@@ -42,6 +50,7 @@ __all__ = [
     "VersionPolicy",
     "check_alias",
     "check_name",
+    "check_reference",
     "check_version",
     "load_version",
     "locked",

@@ -8,6 +8,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,16 +17,17 @@ from pydantic import ValidationError
 
 from services.common import errors
 from services.common.errors import Reason
-from services.common.repository import files
-from services.common.repository.config import ALIASES_FILE, CONFIG_FILE, ModelConfig, ModelVersion, VersionPolicy
-from services.common.repository.refs import (
+from services.common.references import (
     ALIAS_PATTERN,
+    NAME_PATTERN,
     VERSION_PATTERN,
     check_alias,
     check_name,
     check_version,
     parse_reference,
 )
+from services.common.repository import files
+from services.common.repository.config import ALIASES_FILE, CONFIG_FILE, ModelConfig, ModelVersion, VersionPolicy
 from services.common.repository.versions import load_version
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,42 @@ class Listing:
     aliases_error: str = ""
 
 
+class UnknownNames:
+    """Names recently found not to be models, each remembered for `ttl_s` and at most `max_names` of them (the
+    oldest go first): asking for one again soon costs no file-system lookup, and callers who invent names cannot make
+    the memory or the work of a stage grow."""
+
+    def __init__(self, ttl_s: float = 2.0, max_names: int = 1024) -> None:
+        self.ttl_s = ttl_s
+        self.max_names = max_names
+        self._until: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, name: object) -> bool:
+        with self._lock:
+            until = self._until.get(name)  # type: ignore[call-overload]
+            if until is None:
+                return False
+            if until > time.monotonic():
+                return True
+            del self._until[name]  # type: ignore[arg-type]
+            return False
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            self._until.pop(name, None)
+            self._until[name] = time.monotonic() + self.ttl_s
+            while len(self._until) > self.max_names:
+                self._until.popitem(last=False)
+
+    def discard(self, name: str) -> None:
+        with self._lock:
+            self._until.pop(name, None)
+
+
 class ModelRepository:
     """Reads models from a repository folder; resolves 'name', 'name:version' and 'name@alias'."""
 
@@ -64,6 +102,7 @@ class ModelRepository:
         # Listings are reused for `rescan_s`, so a request costs no directory scan on the event loop, while a
         # version folder or alias added to the repository is still seen within a second.
         self._listings: dict[str, tuple[float, Listing | None]] = {}
+        self.unknown = UnknownNames(ttl_s=max(rescan_s, 1.0))
         self.default_model = default_model or self._marked_default()
 
     def _marked_default(self) -> str | None:
@@ -85,7 +124,10 @@ class ModelRepository:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if (p / CONFIG_FILE).is_file())
+        # A folder whose name breaks the naming rule could never be named by a request: it is not listed.
+        return sorted(
+            p.name for p in self.root.iterdir() if NAME_PATTERN.fullmatch(p.name) and (p / CONFIG_FILE).is_file()
+        )
 
     def versions(self, name: str) -> list[str]:
         folder = self._model_folder(name)
@@ -93,14 +135,10 @@ class ModelRepository:
         return [str(v) for v in sorted(found) if (folder / str(v)).is_dir()]
 
     def _model_folder(self, name: str) -> Path:
-        # Names are single path components: nothing outside the root can be named.
-        if (
-            not name
-            or "/" in name
-            or "\\" in name
-            or name in (".", "..")
-            or not (self.root / name / CONFIG_FILE).is_file()
-        ):
+        # Names follow the one rule (a single plain path component, short enough for any file system) before the
+        # file system is asked anything: nothing outside the root can be named, no name can make an OSError.
+        check_name(name, "model")
+        if not (self.root / name / CONFIG_FILE).is_file():
             raise errors.not_found(f"model {name!r} not found", model=name)
         return self.root / name
 
@@ -209,13 +247,20 @@ class ModelRepository:
         now = time.monotonic()
         with self._lock:
             hit = self._listings.get(name)
+        if not fresh and hit is None and name in self.unknown:
+            raise errors.not_found(f"model {name!r} not found", model=name)
         if fresh or hit is None or hit[0] <= now:
             try:
                 listing: Listing | None = self.listing(name)
             except errors.TandemError:
                 listing = None
             hit = (now + self.rescan_s, listing)
-            if listing is not None:  # unknown names are not kept: callers choose them, memory must not grow
+            if listing is None:  # unknown names go to the bounded negative cache: callers choose them
+                self.unknown.add(name)
+                with self._lock:
+                    self._listings.pop(name, None)
+            else:
+                self.unknown.discard(name)
                 with self._lock:
                     self._listings[name] = hit
         if hit[1] is None:
