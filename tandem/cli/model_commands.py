@@ -3,6 +3,7 @@ repository folder (tandem/cli/model_folders.py) and the inference stage's public
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,8 +19,10 @@ from services.common import errors
 from services.common.repository import (
     ALIASES_FILE,
     CONFIG_FILE,
+    DEFAULT_ALIAS,
     METADATA_FILE,
     AccuracyReport,
+    ModelRepository,
     ModelVersion,
     Precision,
     check_alias,
@@ -83,13 +86,62 @@ def _derive(
     build: Callable[[ModelVersion, Path], tuple[Precision, list[str]]],
 ) -> int:
     """Makes a new ONNX version from `ref` with `build(source, staging) -> (precision, notes)`, measures it against
-    the source's Hugging Face weights, and writes the report into its metadata."""
-    from services.inference.backends.onnx import cpu_backend
-    from services.inference.export.accuracy import accuracy_report
-
+    the source's Hugging Face weights, and writes the report into its metadata. The new version takes no traffic
+    until promoted (see _pin_served_version)."""
     source = resolve(ctx, ref)
     reference = reference_version(ctx, source)
     texts = read_texts(texts_file)
+    aliases_file = ctx.root / source.name / ALIASES_FILE
+    had_aliases = aliases_file.exists()
+    pinned = _pin_served_version(ctx, source.name)
+    try:
+        version = _build_derived(ctx, source, reference, kind, texts, build)
+    except BaseException:
+        if pinned is not None:  # the repository as it was: the pin only existed for the version that failed
+            with contextlib.suppress(errors.TandemError, OSError):
+                if ctx.repository.delete_alias(source.name, DEFAULT_ALIAS) == {} and not had_aliases:
+                    aliases_file.unlink()
+        raise
+    if pinned is not None:
+        print(
+            f"{source.name}@{DEFAULT_ALIAS} now pins version {pinned}, which requests naming {source.name} got until"
+            f" now: they keep getting it; `tandem models promote {source.name} {version}` moves them after the"
+            " accuracy gate"
+        )
+    else:
+        stable = ctx.repository.aliases(source.name).get(DEFAULT_ALIAS)
+        print(f"requests naming {source.name} keep getting version {stable} ({source.name}@{DEFAULT_ALIAS})")
+    return 0
+
+
+def _pin_served_version(ctx: Context, name: str) -> str | None:
+    """Before a derived version appears, points `stable` at the version requests naming the model get now, unless
+    `stable` exists: a derived version is a candidate that takes traffic only through `promote`, never because the
+    version policy prefers the newest. Returns the pinned version, or None when nothing was pinned."""
+    try:
+        listing = ctx.repository.listing(name)
+        if DEFAULT_ALIAS in listing.aliases:
+            return None
+        served = ModelRepository.default_version(listing)
+        if served is None:
+            return None
+        ctx.repository.set_alias(name, DEFAULT_ALIAS, served)
+    except errors.TandemError as err:
+        raise refused(err) from None
+    return served
+
+
+def _build_derived(
+    ctx: Context,
+    source: ModelVersion,
+    reference: ModelVersion,
+    kind: str,
+    texts: Sequence[str],
+    build: Callable[[ModelVersion, Path], tuple[Precision, list[str]]],
+) -> str:
+    from services.inference.backends.onnx import cpu_backend
+    from services.inference.export.accuracy import accuracy_report
+
     with new_version(ctx, source.name) as (version, staging):
         copy_files(source.path, staging, link=False, skip=NOT_DERIVED)
         precision, notes = build(source, staging)
@@ -114,7 +166,7 @@ def _derive(
         write_json_atomic(staging / METADATA_FILE, metadata)
     print(f"created {source.name}:{version} ({kind} of {source.ref}, {precision})")
     print(_describe_report(report, notes))
-    return 0
+    return version
 
 
 def _describe_report(report: AccuracyReport | None, notes: Sequence[str] = ()) -> str:

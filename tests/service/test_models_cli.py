@@ -3,6 +3,7 @@ behind the accuracy gate, remove; and the inference stage serving what it made."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import itertools
@@ -23,6 +24,7 @@ from services.common.repository import ModelRepository, read_metadata, tokenizer
 from services.inference.core import Inference
 from services.inference.export.accuracy import DEFAULT_TEXTS
 from tandem.cli import models as models_cli
+from tandem.management.v1 import management_pb2
 from tests import ROOT
 from tests.fixtures import reference, tiny_models
 
@@ -65,6 +67,49 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
         "fp16": run(repo, home, "quantize", "emb:2", "--mode", "fp16"),
     }
     return Built(repo, home, source, steps)
+
+
+def test_the_first_derivation_pins_what_requests_got(built: Built) -> None:
+    assert "emb@stable now pins version 1, which requests naming emb got until now" in built.steps["export"].out
+    assert "requests naming emb keep getting version 1 (emb@stable)" in built.steps["int8"].out
+
+
+async def test_derived_versions_take_traffic_only_once_promoted(built: Built, tmp_path: Path) -> None:
+    """Over gRPC against a running stack: a lossier quantized version is where the version policy points (the
+    newest), yet requests naming the model keep getting the version they got before it was made, until `promote`;
+    and the gate refuses it without --force."""
+    from tandem.gateway.v1 import gateway_pb2
+    from tests.harness import serve_stack
+
+    repo = tmp_path / "repo"
+    shutil.copytree(built.repo / "emb", repo / "emb", ignore=shutil.ignore_patterns("aliases.json"))
+    shutil.rmtree(repo / "emb" / "2")
+    shutil.rmtree(repo / "emb" / "3")
+    shutil.rmtree(repo / "emb" / "4")
+    home = tmp_path / "home"
+    async with serve_stack(repo, home, inference_options={"watch_s": 0.2}) as stack:
+
+        async def served() -> str:
+            reply = await stack.stub.Embed(gateway_pb2.EmbedRequest(model="emb", inputs=["a text"]))
+            return reply.model_version
+
+        assert await served() == "1"
+        assert run(repo, built.home, "export", "emb").code == 0
+        made = run(repo, built.home, "quantize", "emb:2", "--mode", "int8")
+        assert made.code == 0 and "created emb:3" in made.out
+        await asyncio.sleep(2.5)  # the stage has seen versions 2 and 3 (it reads the folder every 0.2 s)
+        status = await stack.management.ListModels(management_pb2.ListModelsRequest())
+        (emb,) = [m for m in status.models if m.name == "emb"]
+        assert {"2", "3"} <= {v.version for v in emb.versions}
+        assert {await served() for _ in range(5)} == {"1"}
+        refused = run(repo, built.home, "promote", "emb", "3", "--min-cosine", "1.01")
+        assert refused.code == 1 and {await served() for _ in range(3)} == {"1"}
+        assert run(repo, built.home, "promote", "emb", "3").code == 0
+        for _ in range(100):  # the alias moves once version 3 is warm, and the gateway's model cache expires
+            if await served() == "3":
+                break
+            await asyncio.sleep(0.1)
+        assert await served() == "3"
 
 
 def test_every_step_succeeds(built: Built) -> None:
@@ -121,7 +166,8 @@ def test_list_shows_versions_and_reports(built: Built) -> None:
     result = run(built.repo, built.home, "list", "--json")
     assert result.code == 0
     (model,) = json.loads(result.out)
-    assert (model["name"], model["policy"], model["default"]) == ("emb", "the latest 1", "4")
+    # The first derived version pinned `stable` to the version served until then: derived ones wait for promote.
+    assert (model["name"], model["policy"], model["default"]) == ("emb", "the latest 1", "1")
     assert [(v["version"], v["precision"]) for v in model["versions"]] == [
         ("1", "fp32"),
         ("2", "fp32"),
@@ -129,7 +175,7 @@ def test_list_shows_versions_and_reports(built: Built) -> None:
         ("4", "fp16"),
     ]
     text = run(built.repo, built.home, "list").out
-    assert "emb  (policy: the latest 1; default version 4; aliases: none)" in text
+    assert "emb  (policy: the latest 1; default version 1; aliases: stable=1)" in text
     assert "int8  emb:2 (quantize int8)  accuracy: min cosine" in text
 
 
@@ -160,7 +206,7 @@ def test_promote_is_gated_by_the_accuracy_report(built: Built) -> None:
     refused = run(built.repo, built.home, "promote", "emb", "3", "--min-cosine", "1.01")
     assert refused.code == 1
     assert "refusing to promote emb:3: min cosine" in refused.err and "below 1.01" in refused.err
-    assert not aliases.exists()
+    assert json.loads(aliases.read_text()) == {"stable": "1"}  # as the first derivation pinned it
 
     forced = run(built.repo, built.home, "promote", "emb", "3", "--min-cosine", "1.01", "--force")
     assert (forced.code, forced.out) == (0, "promoted emb:3: emb@stable -> 3\n")
