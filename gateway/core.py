@@ -126,6 +126,9 @@ class EmbedKey:
     model: str
     normalize: bool
     truncate: bool
+    dimensions: int = 0  # 0: the model's own size
+    force_dimensions: bool = False
+    prompt_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,36 @@ class ClassifyKey:
     model: str
     top_k: int
     truncate: bool
+
+
+def _check_dimensions(info: model_pb2.ModelInfo, dimensions: int, force: bool) -> None:
+    """EmbedRequest.dimensions against the model: at most its size, and for a model that declares no Matryoshka
+    training only with force_dimensions (its shorter vectors are not what it was trained to give)."""
+    if not dimensions:
+        return
+    if dimensions > info.embedding_dimension:
+        raise errors.invalid_argument(
+            f"dimensions {dimensions} is larger than model {info.name!r}'s embedding size {info.embedding_dimension}",
+            "dimensions",
+        )
+    if not info.matryoshka_dimensions and not force:
+        raise errors.invalid_argument(
+            f"model {info.name!r} declares no Matryoshka training (tandem.json matryoshka_dimensions), so its"
+            " embeddings cut short may lose much of their quality; set force_dimensions to cut them anyway",
+            "dimensions",
+        )
+
+
+def _prompt(info: model_pb2.ModelInfo, name: str) -> str:
+    """The text put before every input: the named prompt, or the model's default one when no name is given."""
+    if not name:
+        return info.prompts.get(info.default_prompt_name, "") if info.default_prompt_name else ""
+    if name not in info.prompts:
+        known = ", ".join(repr(p) for p in sorted(info.prompts)) or "none"
+        raise errors.invalid_argument(
+            f"model {info.name!r} has no prompt {name[:64]!r}; its prompts: {known}", "prompt_name"
+        )
+    return info.prompts[name]
 
 
 class ModelCatalog:
@@ -306,11 +339,22 @@ class Pipeline:
         return self.coalesce and truncate
 
     async def embed(
-        self, ref: str, inputs: Sequence[str], normalize: bool, truncate: bool, deadline: float
+        self,
+        ref: str,
+        inputs: Sequence[str],
+        normalize: bool,
+        truncate: bool,
+        deadline: float,
+        *,
+        dimensions: int | None = None,
+        force_dimensions: bool = False,
+        prompt_name: str = "",
     ) -> Embeddings:
         _asked(ref)
         self._check_inputs(inputs, "inputs")
-        key = EmbedKey(ref, normalize, truncate)
+        if dimensions is not None and dimensions < 1:
+            raise errors.invalid_argument(f"dimensions must be at least 1, got {dimensions}", "dimensions")
+        key = EmbedKey(ref, normalize, truncate, dimensions or 0, force_dimensions, prompt_name)
         if self._coalescing(truncate):
             result = await self._embeds.submit(key, inputs, deadline)
         else:
@@ -321,11 +365,18 @@ class Pipeline:
     async def _embed_run(self, key: EmbedKey, inputs: list[str], deadline: float) -> Embeddings:
         ref, normalize, truncate = key.model, key.normalize, key.truncate
         info = await self._model_for(ref, model_pb2.TASK_EMBEDDING, "Embed", deadline)
+        _check_dimensions(info, key.dimensions, key.force_dimensions)
+        prefix = _prompt(info, key.prompt_name)
+        texts = [prefix + text for text in inputs] if prefix else inputs
         # Pooled in the inference stage: one row per text crosses the next two hops instead of one per token. An
         # inference stage that predates InferRequest.pool answers token rows (pooled unset), pooled by postprocess.
-        tokenized, inferred, served = await self._tokenize_and_infer(info, inputs, truncate, deadline, pool=True)
+        tokenized, inferred, served = await self._tokenize_and_infer(info, texts, truncate, deadline, pool=True)
         request = postprocess_pb2.PoolRequest(
-            model=served.model, version=served.version, cu_seqlens=tokenized.batch.cu_seqlens, normalize=normalize
+            model=served.model,
+            version=served.version,
+            cu_seqlens=tokenized.batch.cu_seqlens,
+            normalize=normalize,
+            dimensions=key.dimensions,
         )
         if inferred.pooled:
             request.pooled_embeddings.CopyFrom(inferred.output)

@@ -21,6 +21,14 @@ def _flag(request: Any, name: str, default: bool) -> bool:
     return bool(getattr(request, name)) if request.HasField(name) else default
 
 
+def _embed_options(request: gateway_pb2.EmbedRequest) -> dict[str, Any]:
+    return {
+        "dimensions": request.dimensions if request.HasField("dimensions") else None,
+        "force_dimensions": request.force_dimensions,
+        "prompt_name": request.prompt_name,
+    }
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, pipeline: Pipeline, stream_window: int = 64) -> None:
         self.pipeline = pipeline
@@ -33,6 +41,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             _flag(request, "normalize", True),
             _flag(request, "truncate", True),
             self.pipeline.deadline(context.time_remaining()),
+            **_embed_options(request),
         )
         return converters.embed_response(result)
 
@@ -49,6 +58,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 _flag(request, "normalize", True),
                 _flag(request, "truncate", True),
                 self.pipeline.deadline(None if stream_deadline is None else context.time_remaining()),
+                **_embed_options(request),
             )
             return converters.embed_response(result)
 

@@ -84,6 +84,9 @@ def model_info(description: ModelDescription) -> model_pb2.ModelInfo:
         multi_label=description.multi_label,
         context_length=description.context_length,
         chat_template=description.chat_template,
+        prompts=description.prompts,
+        default_prompt_name=description.default_prompt_name,
+        matryoshka_dimensions=description.matryoshka_dimensions,
     )
 
 

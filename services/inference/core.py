@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,10 @@ class ModelDescription:
     chat_template: bool = False
     # Why the model is not ready (loading, or the failure); empty when it is.
     reason: str = ""
+    # Embedding models: named prompts, the default one, and the Matryoshka sizes the model declares.
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str = ""
+    matryoshka_dimensions: tuple[int, ...] = ()
 
 
 class Inference:
@@ -342,6 +346,9 @@ class Inference:
             context_length=model.max_length if model.task is Task.TEXT_GENERATION else 0,
             chat_template=model.chat_template,
             reason=reason,
+            prompts=model.prompts,
+            default_prompt_name=model.default_prompt_name,
+            matryoshka_dimensions=tuple(model.config.matryoshka_dimensions or ()),
         )
 
     @staticmethod

@@ -102,9 +102,26 @@ class EmbeddingPostprocessor:
     def __init__(self, pooling: str) -> None:
         self.pooling = check_pooling(pooling)
 
-    def pool(self, token_embeddings: FloatArray, cu_seqlens: IntArray, normalize: bool = False) -> FloatArray:
+    def pool(
+        self, token_embeddings: FloatArray, cu_seqlens: IntArray, normalize: bool = False, dimensions: int = 0
+    ) -> FloatArray:
         pooled = pool_ragged(token_embeddings, cu_seqlens, self.pooling)
-        return l2_normalize(pooled) if normalize else pooled
+        return finish_embeddings(pooled, normalize, dimensions)
+
+
+def finish_embeddings(pooled: FloatArray, normalize: bool, dimensions: int = 0) -> FloatArray:
+    """Sentence embeddings cut to their first `dimensions` values (Matryoshka truncation; 0 keeps all), then scaled
+    to unit norm with `normalize`, as sentence-transformers' truncate_dim does."""
+    if 0 < dimensions < pooled.shape[1]:
+        pooled = np.ascontiguousarray(pooled[:, :dimensions])
+    return l2_normalize(pooled) if normalize else pooled
+
+
+def _check_dimensions(dimensions: int, size: int) -> None:
+    if dimensions < 0 or (size and dimensions > size):
+        raise errors.invalid_argument(
+            f"dimensions must be between 1 and the model's embedding size {size}, got {dimensions}", "dimensions"
+        )
 
 
 class SequenceClassificationPostprocessor:
@@ -350,7 +367,13 @@ class Postprocessor:
         return await asyncio.to_thread(work)
 
     async def pool(
-        self, model: str, version: str, token_embeddings: FloatArray, cu_seqlens: IntArray, normalize: bool
+        self,
+        model: str,
+        version: str,
+        token_embeddings: FloatArray,
+        cu_seqlens: IntArray,
+        normalize: bool,
+        dimensions: int = 0,
     ) -> FloatArray:
         """Sentence embeddings [n, dim] from token embeddings [total_tokens, dim], pooled as the model says."""
 
@@ -362,12 +385,19 @@ class Postprocessor:
                     "cu_seqlens has an empty sequence; every sequence needs at least one token", "cu_seqlens"
                 )
             _require_embeddings(token_embeddings, int(cu[-1]), resolved, "token_embeddings")
-            return EmbeddingPostprocessor(resolved.pooling).pool(token_embeddings, cu, normalize)
+            _check_dimensions(dimensions, resolved.hidden_size)
+            return EmbeddingPostprocessor(resolved.pooling).pool(token_embeddings, cu, normalize, dimensions)
 
         return await self._run(token_embeddings.size <= _INLINE_ELEMENTS, work)
 
     async def finish_pooled(
-        self, model: str, version: str, embeddings: FloatArray, cu_seqlens: IntArray, normalize: bool
+        self,
+        model: str,
+        version: str,
+        embeddings: FloatArray,
+        cu_seqlens: IntArray,
+        normalize: bool,
+        dimensions: int = 0,
     ) -> FloatArray:
         """Sentence embeddings [n, dim] the inference stage already pooled: checked, and scaled with normalize."""
 
@@ -375,7 +405,8 @@ class Postprocessor:
             resolved = self._model(model, version, Task.EMBEDDING)
             cu = _check_cu_seqlens(cu_seqlens, "cu_seqlens")
             _require_embeddings(embeddings, len(cu) - 1, resolved, "pooled_embeddings")
-            return l2_normalize(embeddings) if normalize else embeddings
+            _check_dimensions(dimensions, resolved.hidden_size)
+            return finish_embeddings(embeddings, normalize, dimensions)
 
         return await self._run(embeddings.size <= _INLINE_ELEMENTS, work)
 

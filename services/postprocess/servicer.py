@@ -33,6 +33,7 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServiceServicer):
             converters.floats(request, field, field),
             converters.int32s(request, "cu_seqlens", "cu_seqlens", ndim=1),
             request.normalize,
+            request.dimensions,
         )
         return converters.pool_response(embeddings)
 

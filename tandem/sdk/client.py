@@ -120,10 +120,17 @@ class TandemClient:
         model: str = "",
         normalize: bool = True,
         truncate: bool = True,
+        dimensions: int | None = None,
+        force_dimensions: bool = False,
+        prompt_name: str = "",
         timeout: float | None = None,
     ) -> Vectors:
-        """Embeddings as a float32 array of shape (len(inputs), dimension), in input order."""
-        request = converters.embed_request(inputs, model, normalize, truncate)
+        """Embeddings as a float32 array of shape (len(inputs), dimension), in input order. `dimensions` cuts each
+        to its first values (then normalizes) for Matryoshka-trained models (`force_dimensions` for others);
+        `prompt_name` puts one of the model's named prompts before every input."""
+        request = converters.embed_request(
+            inputs, model, normalize, truncate, dimensions, force_dimensions, prompt_name
+        )
         return converters.vectors(self._call(self.stub.Embed, request, timeout))
 
     def classify(

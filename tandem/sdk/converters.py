@@ -38,8 +38,26 @@ def texts(inputs: Sequence[str], name: str = "inputs") -> list[str]:
 # Requests
 
 
-def embed_request(inputs: Sequence[str], model: str, normalize: bool, truncate: bool) -> gateway_pb2.EmbedRequest:
-    return gateway_pb2.EmbedRequest(model=model, inputs=texts(inputs), normalize=normalize, truncate=truncate)
+def embed_request(
+    inputs: Sequence[str],
+    model: str,
+    normalize: bool,
+    truncate: bool,
+    dimensions: int | None = None,
+    force_dimensions: bool = False,
+    prompt_name: str = "",
+) -> gateway_pb2.EmbedRequest:
+    request = gateway_pb2.EmbedRequest(
+        model=model,
+        inputs=texts(inputs),
+        normalize=normalize,
+        truncate=truncate,
+        force_dimensions=force_dimensions,
+        prompt_name=prompt_name,
+    )
+    if dimensions is not None:
+        request.dimensions = dimensions
+    return request
 
 
 def classify_request(inputs: Sequence[str], model: str, top_k: int, truncate: bool) -> gateway_pb2.ClassifyRequest:

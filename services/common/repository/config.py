@@ -141,6 +141,12 @@ class ModelConfig(BaseModel):
     generation: GenerationSettings | None = Field(
         None, description="text-generation models: engine sizes and defaults (defaults when absent)"
     )
+    matryoshka_dimensions: list[int] | None = Field(
+        None,
+        description="embedding models trained with Matryoshka representation learning: the sizes their embeddings "
+        "may be cut to (EmbedRequest.dimensions takes any size up to the model's for such a model, and needs "
+        "force_dimensions for others)",
+    )
     gguf_file: str | None = Field(
         None,
         description="text-generation models: the .gguf file in each version folder that is the model (converted "
@@ -165,6 +171,16 @@ class ModelConfig(BaseModel):
                 self.generation = GenerationSettings()
         elif self.generation is not None:
             raise ValueError(f"a generation block is for text-generation models, not {self.task.value}")
+        return self
+
+    @model_validator(mode="after")
+    def _matryoshka_fits_task(self) -> ModelConfig:
+        if self.matryoshka_dimensions is None:
+            return self
+        if self.task is not Task.EMBEDDING:
+            raise ValueError(f"matryoshka_dimensions is for embedding models, not {self.task.value}")
+        if not self.matryoshka_dimensions or min(self.matryoshka_dimensions) < 1:
+            raise ValueError("matryoshka_dimensions must list sizes of at least 1")
         return self
 
     @model_validator(mode="after")
@@ -235,6 +251,9 @@ class ModelVersion:
     chat_template: bool = False
     # The version folder in the repository when `path` is elsewhere (a GGUF version: `path` is its converted folder).
     source_path: Path | None = None
+    # Embedding models: named instruction prefixes (config_sentence_transformers.json), and the one used by default.
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str = ""
 
     @property
     def task(self) -> Task:

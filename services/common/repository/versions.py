@@ -93,6 +93,11 @@ def load_version(
     id2label = hf_config.get("id2label") or {}
     labels = tuple(str(id2label[k]) for k in sorted(id2label, key=lambda k: int(k)))
     max_length = config.max_length or _max_length_from_files(path, hf_config)
+    prompts, default_prompt = _sentence_transformers_prompts(path) if config.task is Task.EMBEDDING else ({}, "")
+    hidden_size = int(hf_config.get("hidden_size", 0))
+    too_large = [d for d in config.matryoshka_dimensions or () if hidden_size and d > hidden_size]
+    if too_large:
+        raise ValueError(f"{CONFIG_FILE} matryoshka_dimensions {too_large} exceed the model's size {hidden_size}")
     return ModelVersion(
         name=name,
         version=version,
@@ -102,9 +107,27 @@ def load_version(
         max_length=max_length,
         labels=labels,
         multi_label=hf_config.get("problem_type") == "multi_label_classification",
-        hidden_size=int(hf_config.get("hidden_size", 0)),
+        hidden_size=hidden_size,
         pooling=config.pooling or _pooling_from_files(path),
         metadata=metadata,
         chat_template=config.task is Task.TEXT_GENERATION and _has_chat_template(path),
         source_path=source_path,
+        prompts=prompts,
+        default_prompt_name=default_prompt,
     )
+
+
+def _sentence_transformers_prompts(path: Path) -> tuple[dict[str, str], str]:
+    """(prompts, default prompt name) from config_sentence_transformers.json, as sentence-transformers reads them;
+    ValueError when the file is unreadable or names a default prompt it does not define."""
+    file = path / "config_sentence_transformers.json"
+    if not file.is_file():
+        return {}, ""
+    data = files.read_json(file)
+    prompts = data.get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+        raise ValueError(f"{file.name}: prompts must map names to texts")
+    default = data.get("default_prompt_name") or ""
+    if default and default not in prompts:
+        raise ValueError(f"{file.name}: default_prompt_name {default!r} is not one of its prompts")
+    return dict(prompts), str(default)

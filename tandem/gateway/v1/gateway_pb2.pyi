@@ -60,12 +60,30 @@ class EmbedRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     NORMALIZE_FIELD_NUMBER: _builtins.int
     TRUNCATE_FIELD_NUMBER: _builtins.int
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
+    FORCE_DIMENSIONS_FIELD_NUMBER: _builtins.int
+    PROMPT_NAME_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name, "name:version", or empty for the default model."""
     normalize: _builtins.bool
     """Scale each embedding to unit L2 norm; default true."""
     truncate: _builtins.bool
     """Cut inputs longer than the model's limit; default true. When false, such inputs fail with INVALID_ARGUMENT."""
+    dimensions: _builtins.int
+    """Keep only the first `dimensions` values of each embedding, then normalize again (with normalize): for models
+    trained with Matryoshka representation learning (ModelInfo.matryoshka_dimensions). Unset: the model's own size.
+    INVALID_ARGUMENT when larger than the model's size, or when the model declares no Matryoshka training and
+    force_dimensions is false.
+    """
+    force_dimensions: _builtins.bool
+    """Cut to `dimensions` even though the model declares no Matryoshka training (its shorter vectors may be much
+    worse than a model trained for them).
+    """
+    prompt_name: _builtins.str
+    """A named instruction prefix from the model's prompts (ModelInfo.prompts, as sentence-transformers'
+    prompt_name), put before every input. Empty: the model's default prompt, if it has one. An unknown name is
+    INVALID_ARGUMENT.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Texts to embed; at least one."""
@@ -77,15 +95,22 @@ class EmbedRequest(_message.Message):
         inputs: _abc.Iterable[_builtins.str] | None = ...,
         normalize: _builtins.bool | None = ...,
         truncate: _builtins.bool | None = ...,
+        dimensions: _builtins.int | None = ...,
+        force_dimensions: _builtins.bool = ...,
+        prompt_name: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "_truncate", b"_truncate", "normalize", b"normalize", "truncate", b"truncate"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_normalize", b"_normalize", "_truncate", b"_truncate", "dimensions", b"dimensions", "normalize", b"normalize", "truncate", b"truncate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "_truncate", b"_truncate", "inputs", b"inputs", "model", b"model", "normalize", b"normalize", "truncate", b"truncate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_normalize", b"_normalize", "_truncate", b"_truncate", "dimensions", b"dimensions", "force_dimensions", b"force_dimensions", "inputs", b"inputs", "model", b"model", "normalize", b"normalize", "prompt_name", b"prompt_name", "truncate", b"truncate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__dimensions: _TypeAlias = _typing.Literal["dimensions"]  # noqa: Y015
+    _WhichOneofArgType__dimensions: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions"]  # noqa: Y015
     _WhichOneofReturnType__normalize: _TypeAlias = _typing.Literal["normalize"]  # noqa: Y015
     _WhichOneofArgType__normalize: _TypeAlias = _typing.Literal["_normalize", b"_normalize"]  # noqa: Y015
     _WhichOneofReturnType__truncate: _TypeAlias = _typing.Literal["truncate"]  # noqa: Y015
     _WhichOneofArgType__truncate: _TypeAlias = _typing.Literal["_truncate", b"_truncate"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dimensions) -> _WhichOneofReturnType__dimensions | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__normalize) -> _WhichOneofReturnType__normalize | None: ...
     @_typing.overload

@@ -61,6 +61,26 @@ class ModelInfo(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class PromptsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     TASK_FIELD_NUMBER: _builtins.int
     VERSIONS_FIELD_NUMBER: _builtins.int
@@ -73,6 +93,9 @@ class ModelInfo(_message.Message):
     MULTI_LABEL_FIELD_NUMBER: _builtins.int
     CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
     CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
+    PROMPTS_FIELD_NUMBER: _builtins.int
+    DEFAULT_PROMPT_NAME_FIELD_NUMBER: _builtins.int
+    MATRYOSHKA_DIMENSIONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the model in the model repository."""
     task: Global___Task.ValueType
@@ -93,6 +116,10 @@ class ModelInfo(_message.Message):
     """Most tokens a sequence holds, prompt and generated tokens together (text-generation models only)."""
     chat_template: _builtins.bool
     """True when the model has a chat template, so Generate takes messages (text-generation models only)."""
+    default_prompt_name: _builtins.str
+    """The prompt applied when a request names none (config_sentence_transformers.json "default_prompt_name"); empty
+    when inputs are embedded as they are.
+    """
     @_builtins.property
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Versions present in the repository, ascending."""
@@ -100,6 +127,18 @@ class ModelInfo(_message.Message):
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Labels in index order (classification and token-classification models), from the model's id2label."""
+
+    @_builtins.property
+    def prompts(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Named instruction prefixes EmbedRequest.prompt_name can pick, from the model's
+        config_sentence_transformers.json "prompts" (embedding models only): name -> text put before each input.
+        """
+
+    @_builtins.property
+    def matryoshka_dimensions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Sizes the model was trained to be cut to (Matryoshka representation learning), from tandem.json
+        "matryoshka_dimensions"; EmbedRequest.dimensions is checked against them (embedding models only).
+        """
 
     def __init__(
         self,
@@ -116,10 +155,13 @@ class ModelInfo(_message.Message):
         multi_label: _builtins.bool = ...,
         context_length: _builtins.int = ...,
         chat_template: _builtins.bool = ...,
+        prompts: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        default_prompt_name: _builtins.str = ...,
+        matryoshka_dimensions: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "chat_template", b"chat_template", "context_length", b"context_length", "embedding_dimension", b"embedding_dimension", "labels", b"labels", "max_input_length", b"max_input_length", "multi_label", b"multi_label", "name", b"name", "ready", b"ready", "task", b"task", "version", b"version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "chat_template", b"chat_template", "context_length", b"context_length", "default_prompt_name", b"default_prompt_name", "embedding_dimension", b"embedding_dimension", "labels", b"labels", "matryoshka_dimensions", b"matryoshka_dimensions", "max_input_length", b"max_input_length", "multi_label", b"multi_label", "name", b"name", "prompts", b"prompts", "ready", b"ready", "task", b"task", "version", b"version", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tandem.tensor.v1 import tensor_pb2 as tandem_dot_tensor_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'tandem/postprocess/v1/postprocess.proto\x12\x15tandem.postprocess.v1\x1a\x1dtandem/tensor/v1/tensor.proto\"\xd7\x01\n\x0bPoolRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x32\n\x10token_embeddings\x18\x03 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12,\n\ncu_seqlens\x18\x04 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12\x11\n\tnormalize\x18\x05 \x01(\x08\x12\x33\n\x11pooled_embeddings\x18\x06 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\"<\n\x0cPoolResponse\x12,\n\nembeddings\x18\x01 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\"j\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\x06logits\x18\x03 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12\r\n\x05top_k\x18\x04 \x01(\x05\"9\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05index\x18\x03 \x01(\x05\"C\n\x0e\x43lassification\x12\x31\n\x06labels\x18\x01 \x03(\x0b\x32!.tandem.postprocess.v1.LabelScore\"J\n\x10\x43lassifyResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.tandem.postprocess.v1.Classification\"\x9d\x01\n\x15\x43lassifyTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\x06logits\x18\x03 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12+\n\x05\x62\x61tch\x18\x04 \x01(\x0b\x32\x1c.tandem.tensor.v1.TokenBatch\x12\r\n\x05texts\x18\x05 \x03(\t\"P\n\x06\x45ntity\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x05\x12\x0c\n\x04text\x18\x05 \x01(\t\"F\n\x13TokenClassification\x12/\n\x08\x65ntities\x18\x01 \x03(\x0b\x32\x1d.tandem.postprocess.v1.Entity\"U\n\x16\x43lassifyTokensResponse\x12;\n\x07results\x18\x01 \x03(\x0b\x32*.tandem.postprocess.v1.TokenClassification\"h\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\x06logits\x18\x03 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12\r\n\x05top_n\x18\x04 \x01(\x05\".\n\x0eRankedDocument\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x02\"H\n\x0eRerankResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.tandem.postprocess.v1.RankedDocument\"\x95\x01\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nprompt_ids\x18\x03 \x03(\x03\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x1b\n\x13keep_special_tokens\x18\x05 \x01(\x08\x12\x11\n\ttoken_ids\x18\x06 \x03(\x03\x12\x0e\n\x06\x66inish\x18\x07 \x01(\x08\"J\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0c\n\x04stop\x18\x02 \x01(\t\x12\x18\n\x10stop_token_count\x18\x03 \x01(\x05\x32\xef\x03\n\x12PostprocessService\x12O\n\x04Pool\x12\".tandem.postprocess.v1.PoolRequest\x1a#.tandem.postprocess.v1.PoolResponse\x12[\n\x08\x43lassify\x12&.tandem.postprocess.v1.ClassifyRequest\x1a\'.tandem.postprocess.v1.ClassifyResponse\x12m\n\x0e\x43lassifyTokens\x12,.tandem.postprocess.v1.ClassifyTokensRequest\x1a-.tandem.postprocess.v1.ClassifyTokensResponse\x12U\n\x06Rerank\x12$.tandem.postprocess.v1.RerankRequest\x1a%.tandem.postprocess.v1.RerankResponse\x12\x65\n\nDetokenize\x12(.tandem.postprocess.v1.DetokenizeRequest\x1a).tandem.postprocess.v1.DetokenizeResponse(\x01\x30\x01\x42z\n\x19\x64\x65v.tandem.postprocess.v1B\x10PostprocessProtoP\x01Z1tandem.dev/go/tandem/postprocess/v1;postprocessv1\xaa\x02\x15Tandem.Postprocess.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'tandem/postprocess/v1/postprocess.proto\x12\x15tandem.postprocess.v1\x1a\x1dtandem/tensor/v1/tensor.proto\"\xeb\x01\n\x0bPoolRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x32\n\x10token_embeddings\x18\x03 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12,\n\ncu_seqlens\x18\x04 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12\x11\n\tnormalize\x18\x05 \x01(\x08\x12\x33\n\x11pooled_embeddings\x18\x06 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12\x12\n\ndimensions\x18\x07 \x01(\x05\"<\n\x0cPoolResponse\x12,\n\nembeddings\x18\x01 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\"j\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\x06logits\x18\x03 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12\r\n\x05top_k\x18\x04 \x01(\x05\"9\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05index\x18\x03 \x01(\x05\"C\n\x0e\x43lassification\x12\x31\n\x06labels\x18\x01 \x03(\x0b\x32!.tandem.postprocess.v1.LabelScore\"J\n\x10\x43lassifyResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.tandem.postprocess.v1.Classification\"\x9d\x01\n\x15\x43lassifyTokensRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\x06logits\x18\x03 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12+\n\x05\x62\x61tch\x18\x04 \x01(\x0b\x32\x1c.tandem.tensor.v1.TokenBatch\x12\r\n\x05texts\x18\x05 \x03(\t\"P\n\x06\x45ntity\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05start\x18\x03 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x05\x12\x0c\n\x04text\x18\x05 \x01(\t\"F\n\x13TokenClassification\x12/\n\x08\x65ntities\x18\x01 \x03(\x0b\x32\x1d.tandem.postprocess.v1.Entity\"U\n\x16\x43lassifyTokensResponse\x12;\n\x07results\x18\x01 \x03(\x0b\x32*.tandem.postprocess.v1.TokenClassification\"h\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\x06logits\x18\x03 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12\r\n\x05top_n\x18\x04 \x01(\x05\".\n\x0eRankedDocument\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x02\"H\n\x0eRerankResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.tandem.postprocess.v1.RankedDocument\"\x95\x01\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nprompt_ids\x18\x03 \x03(\x03\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x1b\n\x13keep_special_tokens\x18\x05 \x01(\x08\x12\x11\n\ttoken_ids\x18\x06 \x03(\x03\x12\x0e\n\x06\x66inish\x18\x07 \x01(\x08\"J\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0c\n\x04stop\x18\x02 \x01(\t\x12\x18\n\x10stop_token_count\x18\x03 \x01(\x05\x32\xef\x03\n\x12PostprocessService\x12O\n\x04Pool\x12\".tandem.postprocess.v1.PoolRequest\x1a#.tandem.postprocess.v1.PoolResponse\x12[\n\x08\x43lassify\x12&.tandem.postprocess.v1.ClassifyRequest\x1a\'.tandem.postprocess.v1.ClassifyResponse\x12m\n\x0e\x43lassifyTokens\x12,.tandem.postprocess.v1.ClassifyTokensRequest\x1a-.tandem.postprocess.v1.ClassifyTokensResponse\x12U\n\x06Rerank\x12$.tandem.postprocess.v1.RerankRequest\x1a%.tandem.postprocess.v1.RerankResponse\x12\x65\n\nDetokenize\x12(.tandem.postprocess.v1.DetokenizeRequest\x1a).tandem.postprocess.v1.DetokenizeResponse(\x01\x30\x01\x42z\n\x19\x64\x65v.tandem.postprocess.v1B\x10PostprocessProtoP\x01Z1tandem.dev/go/tandem/postprocess/v1;postprocessv1\xaa\x02\x15Tandem.Postprocess.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,35 +34,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\031dev.tandem.postprocess.v1B\020PostprocessProtoP\001Z1tandem.dev/go/tandem/postprocess/v1;postprocessv1\252\002\025Tandem.Postprocess.V1'
   _globals['_POOLREQUEST']._serialized_start=98
-  _globals['_POOLREQUEST']._serialized_end=313
-  _globals['_POOLRESPONSE']._serialized_start=315
-  _globals['_POOLRESPONSE']._serialized_end=375
-  _globals['_CLASSIFYREQUEST']._serialized_start=377
-  _globals['_CLASSIFYREQUEST']._serialized_end=483
-  _globals['_LABELSCORE']._serialized_start=485
-  _globals['_LABELSCORE']._serialized_end=542
-  _globals['_CLASSIFICATION']._serialized_start=544
-  _globals['_CLASSIFICATION']._serialized_end=611
-  _globals['_CLASSIFYRESPONSE']._serialized_start=613
-  _globals['_CLASSIFYRESPONSE']._serialized_end=687
-  _globals['_CLASSIFYTOKENSREQUEST']._serialized_start=690
-  _globals['_CLASSIFYTOKENSREQUEST']._serialized_end=847
-  _globals['_ENTITY']._serialized_start=849
-  _globals['_ENTITY']._serialized_end=929
-  _globals['_TOKENCLASSIFICATION']._serialized_start=931
-  _globals['_TOKENCLASSIFICATION']._serialized_end=1001
-  _globals['_CLASSIFYTOKENSRESPONSE']._serialized_start=1003
-  _globals['_CLASSIFYTOKENSRESPONSE']._serialized_end=1088
-  _globals['_RERANKREQUEST']._serialized_start=1090
-  _globals['_RERANKREQUEST']._serialized_end=1194
-  _globals['_RANKEDDOCUMENT']._serialized_start=1196
-  _globals['_RANKEDDOCUMENT']._serialized_end=1242
-  _globals['_RERANKRESPONSE']._serialized_start=1244
-  _globals['_RERANKRESPONSE']._serialized_end=1316
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1319
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1468
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1470
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1544
-  _globals['_POSTPROCESSSERVICE']._serialized_start=1547
-  _globals['_POSTPROCESSSERVICE']._serialized_end=2042
+  _globals['_POOLREQUEST']._serialized_end=333
+  _globals['_POOLRESPONSE']._serialized_start=335
+  _globals['_POOLRESPONSE']._serialized_end=395
+  _globals['_CLASSIFYREQUEST']._serialized_start=397
+  _globals['_CLASSIFYREQUEST']._serialized_end=503
+  _globals['_LABELSCORE']._serialized_start=505
+  _globals['_LABELSCORE']._serialized_end=562
+  _globals['_CLASSIFICATION']._serialized_start=564
+  _globals['_CLASSIFICATION']._serialized_end=631
+  _globals['_CLASSIFYRESPONSE']._serialized_start=633
+  _globals['_CLASSIFYRESPONSE']._serialized_end=707
+  _globals['_CLASSIFYTOKENSREQUEST']._serialized_start=710
+  _globals['_CLASSIFYTOKENSREQUEST']._serialized_end=867
+  _globals['_ENTITY']._serialized_start=869
+  _globals['_ENTITY']._serialized_end=949
+  _globals['_TOKENCLASSIFICATION']._serialized_start=951
+  _globals['_TOKENCLASSIFICATION']._serialized_end=1021
+  _globals['_CLASSIFYTOKENSRESPONSE']._serialized_start=1023
+  _globals['_CLASSIFYTOKENSRESPONSE']._serialized_end=1108
+  _globals['_RERANKREQUEST']._serialized_start=1110
+  _globals['_RERANKREQUEST']._serialized_end=1214
+  _globals['_RANKEDDOCUMENT']._serialized_start=1216
+  _globals['_RANKEDDOCUMENT']._serialized_end=1262
+  _globals['_RERANKRESPONSE']._serialized_start=1264
+  _globals['_RERANKRESPONSE']._serialized_end=1336
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1339
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1488
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1490
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1564
+  _globals['_POSTPROCESSSERVICE']._serialized_start=1567
+  _globals['_POSTPROCESSSERVICE']._serialized_end=2062
 # @@protoc_insertion_point(module_scope)

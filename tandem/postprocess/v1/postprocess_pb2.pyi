@@ -31,12 +31,15 @@ class PoolRequest(_message.Message):
     CU_SEQLENS_FIELD_NUMBER: _builtins.int
     NORMALIZE_FIELD_NUMBER: _builtins.int
     POOLED_EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model whose pooling configuration applies."""
     version: _builtins.str
     """Version of the model that produced the embeddings."""
     normalize: _builtins.bool
     """Scale each embedding to unit L2 norm."""
+    dimensions: _builtins.int
+    """Keep the first `dimensions` values of each embedding before normalizing (Matryoshka truncation); 0 keeps all."""
     @_builtins.property
     def token_embeddings(self) -> _tensor_pb2.Tensor:
         """FLOAT32 [total_tokens, dim]: token embeddings, rows aligned with cu_seqlens. Set this or pooled_embeddings."""
@@ -60,10 +63,11 @@ class PoolRequest(_message.Message):
         cu_seqlens: _tensor_pb2.Tensor | None = ...,
         normalize: _builtins.bool = ...,
         pooled_embeddings: _tensor_pb2.Tensor | None = ...,
+        dimensions: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cu_seqlens", b"cu_seqlens", "pooled_embeddings", b"pooled_embeddings", "token_embeddings", b"token_embeddings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cu_seqlens", b"cu_seqlens", "model", b"model", "normalize", b"normalize", "pooled_embeddings", b"pooled_embeddings", "token_embeddings", b"token_embeddings", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cu_seqlens", b"cu_seqlens", "dimensions", b"dimensions", "model", b"model", "normalize", b"normalize", "pooled_embeddings", b"pooled_embeddings", "token_embeddings", b"token_embeddings", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
