@@ -32,6 +32,16 @@ if [ "${1:-}" = "--dev" ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]
   fi
 fi
 
+if [ "${1:-}" = "--dev" ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  # promtool and prometheus: the alerting rules' unit tests (tests/deploy/test_alerts.py) and the e2e test that runs
+  # them in a real Prometheus of its own (tests/e2e/test_alerts_e2e.py). On a host run by systemd the package also
+  # starts a prometheus service on :9090, which the tests do not need (systemctl disable --now prometheus).
+  if ! dpkg -s prometheus >/dev/null 2>&1; then
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  fi
+fi
+
 if [ "${1:-}" = "--dev" ] && command -v npm >/dev/null; then
   # buf (lint and breaking-change checks of the protos) comes from the npm registry.
   [ -x .tools/node_modules/.bin/buf ] || npm install --silent --prefix .tools @bufbuild/buf@1.75.0 >/dev/null

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jsonschema  # type: ignore[import-untyped]
 import kubernetes_validate
 import yaml
 from kubernetes_validate.utils import InvalidSchemaError, SchemaNotFoundError
@@ -41,6 +42,64 @@ COMPONENTS = ROOT / "deploy" / "components"
 DEFAULT_VERSIONS = ("1.30", kubernetes_validate.latest_version())
 
 Manifest = dict[str, Any]
+
+# Custom resources that components add: kubernetes-validate bundles only Kubernetes' own kinds, so these are checked
+# against the schema their CRD publishes (Prometheus Operator v0.82's PrometheusRule), unknown fields refused too.
+_DURATION = {
+    "type": "string",
+    "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+}
+_STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}
+_RULE = {
+    "type": "object",
+    "required": ["expr"],
+    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+    "additionalProperties": False,
+    "properties": {
+        "alert": {"type": "string"},
+        "record": {"type": "string"},
+        "expr": {"anyOf": [{"type": "integer"}, {"type": "string"}]},
+        "for": _DURATION,
+        "keep_firing_for": _DURATION,
+        "labels": _STRINGS,
+        "annotations": _STRINGS,
+    },
+}
+_RULE_GROUP = {
+    "type": "object",
+    "required": ["name"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "interval": _DURATION,
+        "query_offset": _DURATION,
+        "limit": {"type": "integer"},
+        "labels": _STRINGS,
+        "partial_response_strategy": {"type": "string"},
+        "rules": {"type": "array", "items": _RULE},
+    },
+}
+CUSTOM_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("monitoring.coreos.com/v1", "PrometheusRule"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": {"type": "string"}, "labels": _STRINGS, "annotations": _STRINGS},
+            },
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"groups": {"type": "array", "items": _RULE_GROUP}},
+            },
+        },
+    },
+}
 
 
 class RenderError(RuntimeError):
@@ -139,6 +198,13 @@ def describe(obj: Manifest) -> str:
 
 def schema_errors(obj: Manifest, versions: Sequence[str]) -> list[str]:
     """Why the object is invalid, per Kubernetes version; empty when it is valid for every one."""
+    custom = CUSTOM_SCHEMAS.get((str(obj.get("apiVersion")), str(obj.get("kind"))))
+    if custom is not None:
+        return [
+            f"{describe(obj)} is invalid at {'.'.join(str(part) for part in error.path) or '(top level)'}: "
+            f"{error.message}"
+            for error in jsonschema.Draft202012Validator(custom).iter_errors(obj)
+        ]
     problems: list[str] = []
     for version in versions:
         try:

@@ -56,7 +56,7 @@ CallObserver = Callable[[str, str, float, timing.CallRecord], None]
 
 
 class ServiceMetrics:
-    """The three request metrics every service has, labelled with the service name."""
+    """The request metrics every service has, labelled with the service name, and its health status."""
 
     def __init__(self, service: str, registry: CollectorRegistry = REGISTRY) -> None:
         self.service = service
@@ -80,6 +80,18 @@ class ServiceMetrics:
             ["service", "method"],
             registry=registry,
         )
+        # From the start, so that every process says which stage it is even before it serves (the alerting rules
+        # also join process_start_time_seconds to it on job and instance, to name a restarting replica's stage).
+        self.serving = Gauge(
+            "tandem_serving",
+            "1 while the process's gRPC health status is SERVING, 0 while NOT_SERVING (warming up, draining)",
+            ["service"],
+            registry=registry,
+        ).labels(service)
+        self.serving.set(0)
+
+    def set_serving(self, serving: bool) -> None:
+        self.serving.set(1 if serving else 0)
 
 
 # The aio context can report the raw integer code rather than the enum.
@@ -309,9 +321,10 @@ class TokenizerMetrics:
 
 
 class ModelGauges(Protocol):
-    """What the inference core reports at scrape time: (model, version, state, sequences pending) per version."""
+    """What the inference core reports at scrape time, per version: (model, version, state, sequences pending, the
+    most sequences it admits)."""
 
-    def gauges(self) -> list[tuple[str, str, str, int]]: ...
+    def gauges(self) -> list[tuple[str, str, str, int, int]]: ...
 
     def generation_gauges(self) -> Sequence[tuple[str, str, EngineGauges]]: ...
 
@@ -428,19 +441,28 @@ class _InferenceCollector(Collector):
         depth = GaugeMetricFamily(
             "tandem_inference_queue_depth", "Sequences admitted and not yet answered, by model", labels=["model"]
         )
+        capacity = GaugeMetricFamily(
+            "tandem_inference_queue_capacity",
+            "Sequences a model admits before refusing with RESOURCE_EXHAUSTED (its versions in memory together)",
+            labels=["model"],
+        )
         states = GaugeMetricFamily(
             "tandem_model_state",
             "1 for the state each loaded model version is in",
             labels=["model", "version", "state"],
         )
         pending: dict[str, int] = {}
-        for model, version, state, count in self._gauges():
+        limits: dict[str, int] = {}
+        for model, version, state, count, limit in self._gauges():
             pending[model] = pending.get(model, 0) + count
+            limits[model] = limits.get(model, 0) + limit
             for name in InferenceMetrics.STATES:
                 states.add_metric([model, version, name], 1.0 if name == state else 0.0)
         for model, count in sorted(pending.items()):
             depth.add_metric([model], count)
+            capacity.add_metric([model], limits[model])
         yield depth
+        yield capacity
         yield states
         yield from self._generation()
 
@@ -478,7 +500,7 @@ class _InferenceCollector(Collector):
         yield from families.values()
         yield from _gpu_memory()
 
-    def _gauges(self) -> list[tuple[str, str, str, int]]:
+    def _gauges(self) -> list[tuple[str, str, str, int, int]]:
         # Scrapes run in the HTTP server's thread while the event loop changes the model table: retry a torn read.
         for _ in range(3):
             try:

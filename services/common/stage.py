@@ -53,6 +53,7 @@ async def serve(
     and connections are never recycled. `options` are more gRPC server arguments.
     """
     security = security or tls.load(settings)
+    service_metrics = ServiceMetrics(role)
     running = await start_server(
         settings.listen,
         registrars,
@@ -63,12 +64,13 @@ async def serve(
         max_connection_age_s=None if public else 60.0,
         interceptors=[
             *tracing.server_interceptors(role),
-            MetricsInterceptor(ServiceMetrics(role), observers),
+            MetricsInterceptor(service_metrics, observers),
             *interceptors,
         ],
         options=options,
         credentials=security.server,
         echo_request_id=public,  # a stage's only caller, the gateway, sent the id itself
+        on_serving=service_metrics.set_serving,
     )
     metrics_server = serve_metrics(REGISTRY, settings.listen, settings.metrics_port)
     if warm_up is not None:

@@ -116,8 +116,9 @@ class Inference:
         """Stops watching, fails what is still queued, frees every backend."""
         await self.registry.close()
 
-    def gauges(self) -> list[tuple[str, str, str, int]]:
-        """(model, version, state, sequences pending) of every version in the table, for the metrics scrape."""
+    def gauges(self) -> list[tuple[str, str, str, int, int]]:
+        """(model, version, state, sequences pending, sequences admitted at most) of every version in the table, for
+        the metrics scrape."""
         return self.registry.gauges()
 
     def generation_gauges(self) -> list[tuple[str, str, EngineStats]]:

@@ -78,6 +78,14 @@ class LoadedModel:
             return self.engine.in_flight
         return self.batcher.pending if self.batcher is not None else 0
 
+    @property
+    def capacity(self) -> int:
+        """The most sequences admitted at once, beyond which requests are refused with RESOURCE_EXHAUSTED; 0 while
+        nothing can take them."""
+        if self.engine is not None:
+            return self.engine.settings.max_running + self.engine.settings.max_waiting
+        return self.model.config.max_queue_size if self.batcher is not None else 0
+
 
 def create_backend(model: ModelVersion, options: BackendOptions) -> Backend:
     """The backend tandem.json names, on the device the settings and the model allow."""

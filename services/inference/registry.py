@@ -430,9 +430,12 @@ class ModelRegistry:
             version=model.version,
         )
 
-    def gauges(self) -> list[tuple[str, str, str, int]]:
-        """(model, version, state, sequences pending) of every version in the table, for the metrics scrape."""
-        return [(s.model.name, s.model.version, s.state.value, s.pending) for s in list(self.slots.values())]
+    def gauges(self) -> list[tuple[str, str, str, int, int]]:
+        """(model, version, state, sequences pending, sequences admitted at most) of every version in the table, for
+        the metrics scrape."""
+        return [
+            (s.model.name, s.model.version, s.state.value, s.pending, s.capacity) for s in list(self.slots.values())
+        ]
 
     def generation_gauges(self) -> list[tuple[str, str, EngineStats]]:
         """(model, version, engine stats) of every text-generation version in memory, for the metrics scrape."""
