@@ -42,6 +42,19 @@ if [ "${1:-}" = "--dev" ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]
   fi
 fi
 
+if [ "${1:-}" = "--dev" ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  # The Go client's toolchain (clients/go/build.sh: GOPATH mode, offline, against Debian's Go libraries; the
+  # e2e test builds it against a live deployment).
+  go_packages="golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev
+    golang-google-genproto-dev protoc-gen-go protoc-gen-go-grpc"
+  # shellcheck disable=SC2086
+  if ! dpkg -s $go_packages >/dev/null 2>&1; then
+    apt-get update -qq >/dev/null
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $go_packages >/dev/null
+  fi
+fi
+
 if [ "${1:-}" = "--dev" ] && command -v npm >/dev/null; then
   # buf (lint and breaking-change checks of the protos) comes from the npm registry.
   [ -x .tools/node_modules/.bin/buf ] || npm install --silent --prefix .tools @bufbuild/buf@1.75.0 >/dev/null

@@ -1,10 +1,11 @@
-"""The Node.js and C++ clients (clients/) built from protos/ and run against a live `tandem serve`: they must agree
-with the Python client on vectors, keep stream order, and decode the same google.rpc error details. The Node.js
-client also streams a generation, which must be the Python client's text."""
+"""The Node.js, C++ and Go clients (clients/) built from protos/ and run against a live `tandem serve`: they must
+agree with the Python client on vectors, keep stream order, and decode the same google.rpc error details. The Node.js
+client also streams a generation, which must be the Python client's text; the Go client also lists the models."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -23,6 +24,19 @@ pytestmark = pytest.mark.e2e
 
 NODE_DIR = ROOT / "clients" / "node"
 CPP_DIR = ROOT / "clients" / "cpp"
+GO_DIR = ROOT / "clients" / "go"
+# Debian's Go libraries (GOPATH mode) that the Go client imports, and the packages that install them.
+GO_SYSTEM_PATH = Path("/usr/share/gocode/src")
+GO_LIBRARIES = [
+    "google.golang.org/grpc",
+    "google.golang.org/protobuf/encoding/protojson",
+    "github.com/golang/protobuf/proto",
+    "google.golang.org/genproto/googleapis/rpc/errdetails",
+]
+GO_PACKAGES = (
+    "golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev "
+    "golang-google-genproto-dev protoc-gen-go protoc-gen-go-grpc"
+)
 # Non-ASCII and JSON-special characters too, since each text crosses a command line and a JSON printer.
 TEXTS = [
     "A man is playing a guitar.",
@@ -36,12 +50,15 @@ def missing(*tools: str) -> list[str]:
     return [tool for tool in tools if shutil.which(tool) is None]
 
 
-def run(command: list[str], cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def run(
+    command: list[str], cwd: Path | None = None, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    environ = None if env is None else {**os.environ, **env}
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=environ)
 
 
-def checked(command: list[str], cwd: Path | None = None) -> str:
-    done = run(command, cwd)
+def checked(command: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
+    done = run(command, cwd, env=env)
     assert done.returncode == 0, f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
@@ -70,7 +87,22 @@ def cpp_cli(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return [str(build / "tandem_client")]
 
 
-@pytest.fixture(params=["node", "cpp"])
+def missing_go_toolchain() -> list[str]:
+    lacking = missing("go", "protoc", "protoc-gen-go", "protoc-gen-go-grpc")
+    return lacking + [lib for lib in GO_LIBRARIES if not (GO_SYSTEM_PATH / lib).is_dir()]
+
+
+@pytest.fixture(scope="module")
+def go_cli(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """clients/go built offline in GOPATH mode against Debian's Go packages, with its own build cache."""
+    if lacking := missing_go_toolchain():
+        pytest.skip(f"Go toolchain missing ({', '.join(lacking)}): apt-get install -y {GO_PACKAGES}")
+    build = tmp_path_factory.mktemp("go-build")
+    checked(["bash", str(GO_DIR / "build.sh"), str(build)], env={"GOCACHE": str(build / "cache")})
+    return [str(build / "tandem_client")]
+
+
+@pytest.fixture(params=["node", "cpp", "go"])
 def cli(request: pytest.FixtureRequest) -> list[str]:
     command: list[str] = request.getfixturevalue(f"{request.param}_cli")
     return command
@@ -213,3 +245,40 @@ def test_generate_streams_the_python_clients_text(node_cli: list[str], generatio
     *deltas, last = json_lines(checked([*generate, "--stop", "東京", "--stop", "star", "generate", prompt]))
     assert "".join(d["text"] for d in deltas) == stopped.text == " 猫 "
     assert (last["finish_reason"], last["stop_sequence"]) == ("stop_sequence", "star")
+
+
+def test_go_code_generates_from_every_proto_without_m_options(tmp_path: Path) -> None:
+    """Every proto declares go_package, so protoc --go_out/--go-grpc_out needs no M options (issue 19)."""
+    if lacking := missing("protoc", "protoc-gen-go", "protoc-gen-go-grpc"):
+        pytest.skip(
+            f"protoc Go plugins missing ({', '.join(lacking)}): apt-get install -y protoc-gen-go protoc-gen-go-grpc"
+        )
+    protos = ROOT / "protos"
+    sources = sorted(str(p.relative_to(protos)) for p in protos.rglob("*.proto"))
+    checked(["protoc", "-I.", f"--go_out={tmp_path}", f"--go-grpc_out={tmp_path}", *sources], cwd=protos)
+    generated = {p.relative_to(tmp_path / "tandem.dev" / "go").as_posix() for p in tmp_path.rglob("*.go")}
+    assert {str(Path(s).with_suffix(".pb.go")) for s in sources} <= generated
+    assert "tandem/gateway/v1/gateway_grpc.pb.go" in generated
+
+
+def test_go_lists_the_models_like_the_python_client(go_cli: list[str], gateway: str) -> None:
+    reply = json.loads(checked([*go_cli, "--target", gateway, "models"]))
+    with TandemClient(gateway) as client:
+        expected = client.list_models()
+    # proto3 JSON leaves out fields at their default values, and names enum values (TASK_EMBEDDING).
+    served = [
+        (
+            m["name"],
+            m["task"].removeprefix("TASK_").lower().replace("_", "-"),
+            m.get("version", ""),
+            m.get("versions", []),
+            m.get("embedding_dimension", 0),
+            m.get("max_input_length", 0),
+            m.get("ready", False),
+        )
+        for m in reply["models"]
+    ]
+    assert served == [
+        (m.name, m.task, m.version, m.versions, m.embedding_dimension, m.max_input_length, m.ready) for m in expected
+    ]
+    assert ("all-MiniLM-L6-v2", "embedding", "1", ["1"], 384) in [row[:5] for row in served]
