@@ -287,7 +287,8 @@ class Pipeline:
                 model=info.name,
             )
         if not info.ready:
-            raise errors.unavailable(f"model {info.name!r} is not ready", model=info.name)
+            why = f": {info.reason}" if info.reason else ""
+            raise errors.unavailable(f"model {info.name!r} is not ready{why}", model=info.name)
         return info
 
     async def generate(

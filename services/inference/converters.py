@@ -87,6 +87,7 @@ def model_info(description: ModelDescription) -> model_pb2.ModelInfo:
         prompts=description.prompts,
         default_prompt_name=description.default_prompt_name,
         matryoshka_dimensions=description.matryoshka_dimensions,
+        reason=description.reason,
     )
 
 

@@ -87,7 +87,9 @@ async def test_a_generation_config_no_request_could_ask_for_fails_the_load(stack
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await generate(stack, "broken")
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert caught.value.details() == "model 'broken' is not ready"
+    # The reason comes with it: a caller sees why, not only that it is not ready.
+    assert caught.value.details().startswith("model 'broken' is not ready: ")
+    assert "generation_config.json has top_p 0.0" in caught.value.details()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stack.management.LoadModel(management_pb2.LoadModelRequest(name="broken", version="1", wait=True))
     details = details_of(caught.value)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btandem/model/v1/model.proto\x12\x0ftandem.model.v1\"\xb2\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04task\x18\x02 \x01(\x0e\x32\x15.tandem.model.v1.Task\x12\x10\n\x08versions\x18\x03 \x03(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x18\n\x10max_input_length\x18\x05 \x01(\x05\x12\x1b\n\x13\x65mbedding_dimension\x18\x06 \x01(\x05\x12\x0e\n\x06labels\x18\x07 \x03(\t\x12\r\n\x05ready\x18\x08 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\t \x01(\t\x12\x13\n\x0bmulti_label\x18\n \x01(\x08\x12\x16\n\x0e\x63ontext_length\x18\x0b \x01(\x05\x12\x15\n\rchat_template\x18\x0c \x01(\x08\x12\x38\n\x07prompts\x18\r \x03(\x0b\x32\'.tandem.model.v1.ModelInfo.PromptsEntry\x12\x1b\n\x13\x64\x65\x66\x61ult_prompt_name\x18\x0e \x01(\t\x12\x1d\n\x15matryoshka_dimensions\x18\x0f \x03(\x05\x1a.\n\x0cPromptsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x93\x01\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x12\n\x0eTASK_EMBEDDING\x10\x01\x12\x17\n\x13TASK_CLASSIFICATION\x10\x02\x12\x1d\n\x19TASK_TOKEN_CLASSIFICATION\x10\x03\x12\x0f\n\x0bTASK_RERANK\x10\x04\x12\x18\n\x14TASK_TEXT_GENERATION\x10\x05\x42\\\n\x13\x64\x65v.tandem.model.v1B\nModelProtoP\x01Z%tandem.dev/go/tandem/model/v1;modelv1\xaa\x02\x0fTandem.Model.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btandem/model/v1/model.proto\x12\x0ftandem.model.v1\"\xc2\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04task\x18\x02 \x01(\x0e\x32\x15.tandem.model.v1.Task\x12\x10\n\x08versions\x18\x03 \x03(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x18\n\x10max_input_length\x18\x05 \x01(\x05\x12\x1b\n\x13\x65mbedding_dimension\x18\x06 \x01(\x05\x12\x0e\n\x06labels\x18\x07 \x03(\t\x12\r\n\x05ready\x18\x08 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\t \x01(\t\x12\x13\n\x0bmulti_label\x18\n \x01(\x08\x12\x16\n\x0e\x63ontext_length\x18\x0b \x01(\x05\x12\x15\n\rchat_template\x18\x0c \x01(\x08\x12\x38\n\x07prompts\x18\r \x03(\x0b\x32\'.tandem.model.v1.ModelInfo.PromptsEntry\x12\x1b\n\x13\x64\x65\x66\x61ult_prompt_name\x18\x0e \x01(\t\x12\x1d\n\x15matryoshka_dimensions\x18\x0f \x03(\x05\x12\x0e\n\x06reason\x18\x10 \x01(\t\x1a.\n\x0cPromptsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x93\x01\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x12\n\x0eTASK_EMBEDDING\x10\x01\x12\x17\n\x13TASK_CLASSIFICATION\x10\x02\x12\x1d\n\x19TASK_TOKEN_CLASSIFICATION\x10\x03\x12\x0f\n\x0bTASK_RERANK\x10\x04\x12\x18\n\x14TASK_TEXT_GENERATION\x10\x05\x42\\\n\x13\x64\x65v.tandem.model.v1B\nModelProtoP\x01Z%tandem.dev/go/tandem/model/v1;modelv1\xaa\x02\x0fTandem.Model.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\023dev.tandem.model.v1B\nModelProtoP\001Z%tandem.dev/go/tandem/model/v1;modelv1\252\002\017Tandem.Model.V1'
   _globals['_MODELINFO_PROMPTSENTRY']._loaded_options = None
   _globals['_MODELINFO_PROMPTSENTRY']._serialized_options = b'8\001'
-  _globals['_TASK']._serialized_start=486
-  _globals['_TASK']._serialized_end=633
+  _globals['_TASK']._serialized_start=502
+  _globals['_TASK']._serialized_end=649
   _globals['_MODELINFO']._serialized_start=49
-  _globals['_MODELINFO']._serialized_end=483
-  _globals['_MODELINFO_PROMPTSENTRY']._serialized_start=437
-  _globals['_MODELINFO_PROMPTSENTRY']._serialized_end=483
+  _globals['_MODELINFO']._serialized_end=499
+  _globals['_MODELINFO_PROMPTSENTRY']._serialized_start=453
+  _globals['_MODELINFO_PROMPTSENTRY']._serialized_end=499
 # @@protoc_insertion_point(module_scope)

@@ -96,6 +96,7 @@ class ModelInfo(_message.Message):
     PROMPTS_FIELD_NUMBER: _builtins.int
     DEFAULT_PROMPT_NAME_FIELD_NUMBER: _builtins.int
     MATRYOSHKA_DIMENSIONS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the model in the model repository."""
     task: Global___Task.ValueType
@@ -120,6 +121,8 @@ class ModelInfo(_message.Message):
     """The prompt applied when a request names none (config_sentence_transformers.json "default_prompt_name"); empty
     when inputs are embedded as they are.
     """
+    reason: _builtins.str
+    """Why the model is not ready (still loading, its load failed and why, unloaded on request); empty when ready."""
     @_builtins.property
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Versions present in the repository, ascending."""
@@ -158,10 +161,11 @@ class ModelInfo(_message.Message):
         prompts: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         default_prompt_name: _builtins.str = ...,
         matryoshka_dimensions: _abc.Iterable[_builtins.int] | None = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "chat_template", b"chat_template", "context_length", b"context_length", "default_prompt_name", b"default_prompt_name", "embedding_dimension", b"embedding_dimension", "labels", b"labels", "matryoshka_dimensions", b"matryoshka_dimensions", "max_input_length", b"max_input_length", "multi_label", b"multi_label", "name", b"name", "prompts", b"prompts", "ready", b"ready", "task", b"task", "version", b"version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "chat_template", b"chat_template", "context_length", b"context_length", "default_prompt_name", b"default_prompt_name", "embedding_dimension", b"embedding_dimension", "labels", b"labels", "matryoshka_dimensions", b"matryoshka_dimensions", "max_input_length", b"max_input_length", "multi_label", b"multi_label", "name", b"name", "prompts", b"prompts", "ready", b"ready", "reason", b"reason", "task", b"task", "version", b"version", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
