@@ -171,27 +171,68 @@ def _prompt(info: model_pb2.ModelInfo, name: str) -> str:
 class ModelCatalog:
     """Model descriptions from the inference stage, cached briefly so a request costs no extra hop. Only references
     the stage answered are kept (errors are not cached), and at most `max_entries` of them: callers choose the
-    references, so the memory they take must be bounded."""
+    references, so the memory they take must be bounded.
 
-    def __init__(self, inference: InferenceClient, ttl_s: float, max_entries: int = 1024) -> None:
+    A reference asked for within the last `keep_warm_s` is read again in the background before its entry expires,
+    so a caller who sends a request every few seconds (one search query at a time) never waits for the lookup; an
+    entry is never older than `ttl_s`, so a version switch reaches requests as fast as before. A background read
+    that fails drops the entry: the next request asks the stage itself and gets its answer."""
+
+    def __init__(
+        self, inference: InferenceClient, ttl_s: float, max_entries: int = 1024, keep_warm_s: float = 60.0
+    ) -> None:
         self.inference = inference
         self.ttl_s = ttl_s
         self.max_entries = max_entries
-        self._cache: dict[str, tuple[float, model_pb2.ModelInfo]] = {}
+        self.keep_warm_s = keep_warm_s
+        # ref -> (expires at, info, last asked for)
+        self._cache: dict[str, tuple[float, model_pb2.ModelInfo, float]] = {}
+        self._refresher: asyncio.Task[None] | None = None
 
     async def get(self, ref: str, deadline: float) -> model_pb2.ModelInfo:
         now = time.monotonic()
         hit = self._cache.get(ref)
         if hit is not None and hit[0] > now:
+            self._cache[ref] = (hit[0], hit[1], now)
             return hit[1]
         info = (await self.inference.get_model(ref, deadline)).model
+        self._store(ref, info, now, now)
+        if self._refresher is None and self.keep_warm_s > 0 and self.ttl_s > 0:
+            self._refresher = asyncio.get_running_loop().create_task(self._keep_warm(), name="model-catalog")
+        return info
+
+    def _store(self, ref: str, info: model_pb2.ModelInfo, read_at: float, asked_at: float) -> None:
         self._cache.pop(ref, None)
         if len(self._cache) >= self.max_entries:
-            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+            self._cache = {k: v for k, v in self._cache.items() if v[0] > read_at}
             while len(self._cache) >= self.max_entries:  # the oldest first (dicts keep insertion order)
                 del self._cache[next(iter(self._cache))]
-        self._cache[ref] = (now + self.ttl_s, info)
-        return info
+        self._cache[ref] = (read_at + self.ttl_s, info, asked_at)
+
+    async def _keep_warm(self) -> None:
+        interval = self.ttl_s / 2
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            due = [
+                ref
+                for ref, (expires, _, asked) in list(self._cache.items())
+                if now - asked <= self.keep_warm_s and expires - now <= interval
+            ]
+            for ref, (_, _, asked) in [(r, self._cache[r]) for r in due if r in self._cache]:
+                try:
+                    info = (await self.inference.get_model(ref, time.monotonic() + max(interval, 1.0))).model
+                except Exception as exc:  # the stage's answer waits for the next request to ask it
+                    log.debug("model catalog: reading %s again failed: %s", ref, exc)
+                    self._cache.pop(ref, None)
+                    continue
+                self._store(ref, info, now, self._cache.get(ref, (0.0, info, asked))[2])
+
+    async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
 
     async def all(self, deadline: float) -> Sequence[model_pb2.ModelInfo]:
         return list((await self.inference.list_models(deadline)).models)
@@ -516,5 +557,6 @@ class Pipeline:
         return all(checks)
 
     async def close(self) -> None:
+        await self.catalog.close()
         await asyncio.gather(self._embeds.close(), self._classifies.close(), self._token_classifies.close())
         await asyncio.gather(self.tokenizer.close(), self.inference.close(), self.postprocess.close())

@@ -301,3 +301,32 @@ async def test_a_batch_whose_token_rows_outgrow_the_message_limit_is_embedded(st
     finally:
         await small.stop(0)
         await inference.close()
+
+
+async def test_the_model_catalog_stays_fresh_for_models_in_use(
+    served_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A model asked for recently is read again in the background before its entry expires, so a request arriving
+    after a pause finds a fresh entry; one no longer asked for is left to expire; one that is gone is dropped."""
+    import asyncio
+    import shutil
+    import time
+
+    from tests.harness import serve_stack
+
+    repository = tmp_path_factory.mktemp("catalog-repository")
+    shutil.copytree(served_repository / "tiny-embed", repository / "tiny-embed")
+    shutil.copytree(served_repository / "tiny-embed", repository / "gone-soon")
+    async with serve_stack(
+        repository, tmp_path_factory.mktemp("home"), pipeline_options={"model_cache_ttl_s": 0.3}
+    ) as stack:
+        catalog = stack.pipeline.catalog
+        catalog.keep_warm_s = 1.5
+        for model in ("tiny-embed", "gone-soon"):
+            await stack.stub.Embed(gateway_pb2.EmbedRequest(model=model, inputs=["a"]))
+        shutil.rmtree(repository / "gone-soon")
+        await asyncio.sleep(1.0)  # over three TTLs
+        assert catalog._cache["tiny-embed"][0] > time.monotonic(), "read again before it expired"
+        assert "gone-soon" not in catalog._cache, "the stage no longer knows it: dropped"
+        await asyncio.sleep(2.0)  # past keep_warm_s without a request: no longer refreshed
+        assert catalog._cache["tiny-embed"][0] < time.monotonic()
