@@ -1,4 +1,5 @@
-"""gRPC servicer of tandem.management.v1.ManagementService on the gateway: forwards each call to the inference stage."""
+"""gRPC servicer of tandem.management.v1.ManagementService on the gateway: applies each call to every inference
+replica (gateway.management.client)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class ManagementForwarder(management_pb2_grpc.ManagementServiceServicer):
-    """The same messages in and out; a stage error reaches the caller with its own code and details."""
+    """The same messages in and out, merged over the replicas; a replica's error reaches the caller with its own code
+    and details, and one that failed on some replicas only says which (see ManagementClient)."""
 
     def __init__(self, client: ManagementClient, default_timeout_s: float) -> None:
         self.client = client

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tandem.model.v1 import model_pb2 as tandem_dot_model_dot_v1_dot_model__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%tandem/management/v1/management.proto\x12\x14tandem.management.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1btandem/model/v1/model.proto\">\n\rVersionPolicy\x12\x0e\n\x06latest\x18\x01 \x01(\x05\x12\x10\n\x08specific\x18\x02 \x03(\t\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\"\xfc\x01\n\x0e\x41\x63\x63uracyReport\x12\x11\n\treference\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x01(\x05\x12\x17\n\nmin_cosine\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x0bmean_cosine\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x1b\n\x0etop1_agreement\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\'\n\x1amax_probability_difference\x18\x06 \x01(\x01H\x03\x88\x01\x01\x42\r\n\x0b_min_cosineB\x0e\n\x0c_mean_cosineB\x11\n\x0f_top1_agreementB\x1d\n\x1b_max_probability_difference\"\xf8\x02\n\rVersionStatus\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x31\n\x05state\x18\x02 \x01(\x0e\x32\".tandem.management.v1.VersionState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07\x61liases\x18\x04 \x03(\t\x12\x12\n\nis_default\x18\x05 \x01(\x08\x12\x32\n\tprecision\x18\x06 \x01(\x0e\x32\x1f.tandem.management.v1.Precision\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x08 \x01(\t\x12\x0e\n\x06source\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x08\x61\x63\x63uracy\x18\x0b \x01(\x0b\x32$.tandem.management.v1.AccuracyReport\x12\x11\n\tin_flight\x18\x0c \x01(\x05\"\xce\x02\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04task\x18\x02 \x01(\x0e\x32\x15.tandem.model.v1.Task\x12;\n\x0eversion_policy\x18\x03 \x01(\x0b\x32#.tandem.management.v1.VersionPolicy\x12\x35\n\x08versions\x18\x04 \x03(\x0b\x32#.tandem.management.v1.VersionStatus\x12?\n\x07\x61liases\x18\x05 \x03(\x0b\x32..tandem.management.v1.ModelStatus.AliasesEntry\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x1a.\n\x0c\x41liasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x13\n\x11ListModelsRequest\"G\n\x12ListModelsResponse\x12\x31\n\x06models\x18\x01 \x03(\x0b\x32!.tandem.management.v1.ModelStatus\"?\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04wait\x18\x03 \x01(\x08\"E\n\x11LoadModelResponse\x12\x30\n\x05model\x18\x01 \x01(\x0b\x32!.tandem.management.v1.ModelStatus\"A\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04wait\x18\x03 \x01(\x08\"G\n\x13UnloadModelResponse\x12\x30\n\x05model\x18\x01 \x01(\x0b\x32!.tandem.management.v1.ModelStatus\"?\n\x0fSetAliasRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"D\n\x10SetAliasResponse\x12\x30\n\x05model\x18\x01 \x01(\x0b\x32!.tandem.management.v1.ModelStatus\"1\n\x12\x44\x65leteAliasRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\"G\n\x13\x44\x65leteAliasResponse\x12\x30\n\x05model\x18\x01 \x01(\x0b\x32!.tandem.management.v1.ModelStatus\"0\n\x12ReloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\"H\n\x13ReloadModelResponse\x12\x31\n\x06models\x18\x01 \x03(\x0b\x32!.tandem.management.v1.ModelStatus*\xb4\x01\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15VERSION_STATE_LOADING\x10\x01\x12\x17\n\x13VERSION_STATE_READY\x10\x02\x12\x18\n\x14VERSION_STATE_FAILED\x10\x03\x12\x1b\n\x17VERSION_STATE_UNLOADING\x10\x04\x12\x1a\n\x16VERSION_STATE_UNLOADED\x10\x05*b\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x12\n\x0ePRECISION_FP32\x10\x01\x12\x12\n\x0ePRECISION_FP16\x10\x02\x12\x12\n\x0ePRECISION_INT8\x10\x03\x32\xd9\x04\n\x11ManagementService\x12_\n\nListModels\x12\'.tandem.management.v1.ListModelsRequest\x1a(.tandem.management.v1.ListModelsResponse\x12\\\n\tLoadModel\x12&.tandem.management.v1.LoadModelRequest\x1a\'.tandem.management.v1.LoadModelResponse\x12\x62\n\x0bUnloadModel\x12(.tandem.management.v1.UnloadModelRequest\x1a).tandem.management.v1.UnloadModelResponse\x12Y\n\x08SetAlias\x12%.tandem.management.v1.SetAliasRequest\x1a&.tandem.management.v1.SetAliasResponse\x12\x62\n\x0b\x44\x65leteAlias\x12(.tandem.management.v1.DeleteAliasRequest\x1a).tandem.management.v1.DeleteAliasResponse\x12\x62\n\x0bReloadModel\x12(.tandem.management.v1.ReloadModelRequest\x1a).tandem.management.v1.ReloadModelResponseBu\n\x18\x64\x65v.tandem.management.v1B\x0fManagementProtoP\x01Z/tandem.dev/go/tandem/management/v1;managementv1\xaa\x02\x14Tandem.Management.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%tandem/management/v1/management.proto\x12\x14tandem.management.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1btandem/model/v1/model.proto\">\n\rVersionPolicy\x12\x0e\n\x06latest\x18\x01 \x01(\x05\x12\x10\n\x08specific\x18\x02 \x03(\t\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\"\xfc\x01\n\x0e\x41\x63\x63uracyReport\x12\x11\n\treference\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x01(\x05\x12\x17\n\nmin_cosine\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x0bmean_cosine\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x1b\n\x0etop1_agreement\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\'\n\x1amax_probability_difference\x18\x06 \x01(\x01H\x03\x88\x01\x01\x42\r\n\x0b_min_cosineB\x0e\n\x0c_mean_cosineB\x11\n\x0f_top1_agreementB\x1d\n\x1b_max_probability_difference\"\xf8\x02\n\rVersionStatus\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x31\n\x05state\x18\x02 \x01(\x0e\x32\".tandem.management.v1.VersionState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07\x61liases\x18\x04 \x03(\t\x12\x12\n\nis_default\x18\x05 \x01(\x08\x12\x32\n\tprecision\x18\x06 \x01(\x0e\x32\x1f.tandem.management.v1.Precision\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x08 \x01(\t\x12\x0e\n\x06source\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x08\x61\x63\x63uracy\x18\x0b \x01(\x0b\x32$.tandem.management.v1.AccuracyReport\x12\x11\n\tin_flight\x18\x0c \x01(\x05\"\xce\x02\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04task\x18\x02 \x01(\x0e\x32\x15.tandem.model.v1.Task\x12;\n\x0eversion_policy\x18\x03 \x01(\x0b\x32#.tandem.management.v1.VersionPolicy\x12\x35\n\x08versions\x18\x04 \x03(\x0b\x32#.tandem.management.v1.VersionStatus\x12?\n\x07\x61liases\x18\x05 \x03(\x0b\x32..tandem.management.v1.ModelStatus.AliasesEntry\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x1a.\n\x0c\x41liasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"r\n\rReplicaResult\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x31\n\x06models\x18\x04 \x03(\x0b\x32!.tandem.management.v1.ModelStatus\"\x13\n\x11ListModelsRequest\"~\n\x12ListModelsResponse\x12\x31\n\x06models\x18\x01 \x03(\x0b\x32!.tandem.management.v1.ModelStatus\x12\x35\n\x08replicas\x18\x02 \x03(\x0b\x32#.tandem.management.v1.ReplicaResult\"?\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04wait\x18\x03 \x01(\x08\"|\n\x11LoadModelResponse\x12\x30\n\x05model\x18\x01 \x01(\x0b\x32!.tandem.management.v1.ModelStatus\x12\x35\n\x08replicas\x18\x02 \x03(\x0b\x32#.tandem.management.v1.ReplicaResult\"A\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04wait\x18\x03 \x01(\x08\"~\n\x13UnloadModelResponse\x12\x30\n\x05model\x18\x01 \x01(\x0b\x32!.tandem.management.v1.ModelStatus\x12\x35\n\x08replicas\x18\x02 \x03(\x0b\x32#.tandem.management.v1.ReplicaResult\"?\n\x0fSetAliasRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"{\n\x10SetAliasResponse\x12\x30\n\x05model\x18\x01 \x01(\x0b\x32!.tandem.management.v1.ModelStatus\x12\x35\n\x08replicas\x18\x02 \x03(\x0b\x32#.tandem.management.v1.ReplicaResult\"1\n\x12\x44\x65leteAliasRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\"~\n\x13\x44\x65leteAliasResponse\x12\x30\n\x05model\x18\x01 \x01(\x0b\x32!.tandem.management.v1.ModelStatus\x12\x35\n\x08replicas\x18\x02 \x03(\x0b\x32#.tandem.management.v1.ReplicaResult\"0\n\x12ReloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\"\x7f\n\x13ReloadModelResponse\x12\x31\n\x06models\x18\x01 \x03(\x0b\x32!.tandem.management.v1.ModelStatus\x12\x35\n\x08replicas\x18\x02 \x03(\x0b\x32#.tandem.management.v1.ReplicaResult*\xcd\x01\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15VERSION_STATE_LOADING\x10\x01\x12\x17\n\x13VERSION_STATE_READY\x10\x02\x12\x18\n\x14VERSION_STATE_FAILED\x10\x03\x12\x1b\n\x17VERSION_STATE_UNLOADING\x10\x04\x12\x1a\n\x16VERSION_STATE_UNLOADED\x10\x05\x12\x17\n\x13VERSION_STATE_MIXED\x10\x06*b\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x12\n\x0ePRECISION_FP32\x10\x01\x12\x12\n\x0ePRECISION_FP16\x10\x02\x12\x12\n\x0ePRECISION_INT8\x10\x03\x32\xd9\x04\n\x11ManagementService\x12_\n\nListModels\x12\'.tandem.management.v1.ListModelsRequest\x1a(.tandem.management.v1.ListModelsResponse\x12\\\n\tLoadModel\x12&.tandem.management.v1.LoadModelRequest\x1a\'.tandem.management.v1.LoadModelResponse\x12\x62\n\x0bUnloadModel\x12(.tandem.management.v1.UnloadModelRequest\x1a).tandem.management.v1.UnloadModelResponse\x12Y\n\x08SetAlias\x12%.tandem.management.v1.SetAliasRequest\x1a&.tandem.management.v1.SetAliasResponse\x12\x62\n\x0b\x44\x65leteAlias\x12(.tandem.management.v1.DeleteAliasRequest\x1a).tandem.management.v1.DeleteAliasResponse\x12\x62\n\x0bReloadModel\x12(.tandem.management.v1.ReloadModelRequest\x1a).tandem.management.v1.ReloadModelResponseBu\n\x18\x64\x65v.tandem.management.v1B\x0fManagementProtoP\x01Z/tandem.dev/go/tandem/management/v1;managementv1\xaa\x02\x14Tandem.Management.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\030dev.tandem.management.v1B\017ManagementProtoP\001Z/tandem.dev/go/tandem/management/v1;managementv1\252\002\024Tandem.Management.V1'
   _globals['_MODELSTATUS_ALIASESENTRY']._loaded_options = None
   _globals['_MODELSTATUS_ALIASESENTRY']._serialized_options = b'8\001'
-  _globals['_VERSIONSTATE']._serialized_start=1914
-  _globals['_VERSIONSTATE']._serialized_end=2094
-  _globals['_PRECISION']._serialized_start=2096
-  _globals['_PRECISION']._serialized_end=2194
+  _globals['_VERSIONSTATE']._serialized_start=2360
+  _globals['_VERSIONSTATE']._serialized_end=2565
+  _globals['_PRECISION']._serialized_start=2567
+  _globals['_PRECISION']._serialized_end=2665
   _globals['_VERSIONPOLICY']._serialized_start=125
   _globals['_VERSIONPOLICY']._serialized_end=187
   _globals['_ACCURACYREPORT']._serialized_start=190
@@ -50,30 +50,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELSTATUS']._serialized_end=1158
   _globals['_MODELSTATUS_ALIASESENTRY']._serialized_start=1112
   _globals['_MODELSTATUS_ALIASESENTRY']._serialized_end=1158
-  _globals['_LISTMODELSREQUEST']._serialized_start=1160
-  _globals['_LISTMODELSREQUEST']._serialized_end=1179
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1181
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1252
-  _globals['_LOADMODELREQUEST']._serialized_start=1254
-  _globals['_LOADMODELREQUEST']._serialized_end=1317
-  _globals['_LOADMODELRESPONSE']._serialized_start=1319
-  _globals['_LOADMODELRESPONSE']._serialized_end=1388
-  _globals['_UNLOADMODELREQUEST']._serialized_start=1390
-  _globals['_UNLOADMODELREQUEST']._serialized_end=1455
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=1457
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=1528
-  _globals['_SETALIASREQUEST']._serialized_start=1530
-  _globals['_SETALIASREQUEST']._serialized_end=1593
-  _globals['_SETALIASRESPONSE']._serialized_start=1595
-  _globals['_SETALIASRESPONSE']._serialized_end=1663
-  _globals['_DELETEALIASREQUEST']._serialized_start=1665
-  _globals['_DELETEALIASREQUEST']._serialized_end=1714
-  _globals['_DELETEALIASRESPONSE']._serialized_start=1716
-  _globals['_DELETEALIASRESPONSE']._serialized_end=1787
-  _globals['_RELOADMODELREQUEST']._serialized_start=1789
-  _globals['_RELOADMODELREQUEST']._serialized_end=1837
-  _globals['_RELOADMODELRESPONSE']._serialized_start=1839
-  _globals['_RELOADMODELRESPONSE']._serialized_end=1911
-  _globals['_MANAGEMENTSERVICE']._serialized_start=2197
-  _globals['_MANAGEMENTSERVICE']._serialized_end=2798
+  _globals['_REPLICARESULT']._serialized_start=1160
+  _globals['_REPLICARESULT']._serialized_end=1274
+  _globals['_LISTMODELSREQUEST']._serialized_start=1276
+  _globals['_LISTMODELSREQUEST']._serialized_end=1295
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1297
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1423
+  _globals['_LOADMODELREQUEST']._serialized_start=1425
+  _globals['_LOADMODELREQUEST']._serialized_end=1488
+  _globals['_LOADMODELRESPONSE']._serialized_start=1490
+  _globals['_LOADMODELRESPONSE']._serialized_end=1614
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1616
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1681
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=1683
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=1809
+  _globals['_SETALIASREQUEST']._serialized_start=1811
+  _globals['_SETALIASREQUEST']._serialized_end=1874
+  _globals['_SETALIASRESPONSE']._serialized_start=1876
+  _globals['_SETALIASRESPONSE']._serialized_end=1999
+  _globals['_DELETEALIASREQUEST']._serialized_start=2001
+  _globals['_DELETEALIASREQUEST']._serialized_end=2050
+  _globals['_DELETEALIASRESPONSE']._serialized_start=2052
+  _globals['_DELETEALIASRESPONSE']._serialized_end=2178
+  _globals['_RELOADMODELREQUEST']._serialized_start=2180
+  _globals['_RELOADMODELREQUEST']._serialized_end=2228
+  _globals['_RELOADMODELRESPONSE']._serialized_start=2230
+  _globals['_RELOADMODELRESPONSE']._serialized_end=2357
+  _globals['_MANAGEMENTSERVICE']._serialized_start=2668
+  _globals['_MANAGEMENTSERVICE']._serialized_end=3269
 # @@protoc_insertion_point(module_scope)
