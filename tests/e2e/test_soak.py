@@ -37,15 +37,22 @@ pytestmark = [
 
 
 def _children(pid: int) -> list[int]:
-    """Every descendant of `pid` (Linux /proc)."""
+    """Every descendant of `pid`, from each process's parent in /proc/*/stat (Linux)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # gone meanwhile
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
     found: list[int] = []
     todo = [pid]
     while todo:
         current = todo.pop()
-        for task in Path(f"/proc/{current}/task").iterdir():
-            kids = (task / "children").read_text().split()
-            found += [int(k) for k in kids]
-            todo += [int(k) for k in kids]
+        kids = [child for child, parent in parents.items() if parent == current]
+        found += kids
+        todo += kids
     return found
 
 
