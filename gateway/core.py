@@ -327,9 +327,9 @@ class Pipeline:
                 reason=Reason.WRONG_TASK,
                 model=info.name,
             )
-        if not info.ready:
-            why = f": {info.reason}" if info.reason else ""
-            raise errors.unavailable(f"model {info.name!r} is not ready{why}", model=info.name)
+        # A version that is not ready is not refused here: the inference stage that the request reaches answers it
+        # (UNAVAILABLE while loading or after a failed load, FAILED_PRECONDITION when unloaded on request), so the
+        # answer is the same whether this description was read before a change or after it.
         return info
 
     async def generate(

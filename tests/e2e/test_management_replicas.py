@@ -30,9 +30,8 @@ READY, UNLOADED, MIXED = M.VERSION_STATE_READY, M.VERSION_STATE_UNLOADED, M.VERS
 @pytest.fixture(scope="module")
 def deployment(served_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisor]:
     """One tokenizer, two inference replicas, one postprocess, behind one gateway (as `tandem serve --replicas
-    inference=2`). The gateway caches no model description, so every request asks an inference replica whether the
-    model is ready (a description cached within the last second would send it straight to Infer, which refuses an
-    unloaded model with another code)."""
+    inference=2`), with the gateway's default model cache: whether a request finds a description from before the
+    unload or after it, the inference replica it reaches is what answers it, so the code is the same."""
     repository = tmp_path_factory.mktemp("replicas-repo")
     shutil.copytree(served_repository / MODEL, repository / MODEL)
     supervisor = Supervisor(
@@ -43,7 +42,6 @@ def deployment(served_repository: Path, tmp_path_factory: pytest.TempPathFactory
         startup_timeout_s=240,
         replicas={"tokenizer": 1, "inference": 2, "postprocess": 1},
         extra={
-            "gateway": ["--model-cache-ttl-s", "0"],
             **{role: ["--grace-s", "2"] for role in ("tokenizer", "inference", "postprocess")},
         },
     )
@@ -78,14 +76,14 @@ def only(models: Iterable[M.ModelStatus], name: str = MODEL) -> M.ModelStatus:
 
 
 def request_outcomes(channel: grpc.Channel) -> tuple[list[tuple[grpc.StatusCode, str, str]], set[bool]]:
-    """(code, reason, message) of REQUESTS embed requests, and what a GetModel after each says of `ready`.
+    """(code, reason, message) of REQUESTS embed requests, then what REQUESTS GetModels say of `ready`.
 
-    The gateway sends inference calls to the replicas in turn (round_robin), and an Embed that finds the model not
-    ready stops after one (its GetModel), so the GetModel after it lands on the other replica: both are asked. (Before
-    management reached every replica, an unload reached one: every Embed failed while every GetModel said ready.)
+    The gateway sends inference calls to the replicas in turn (round_robin), so both replicas answer Embeds and both
+    answer GetModels. (Before management reached every replica, an unload reached one: Embeds failed or succeeded by
+    the replica they landed on, and GetModel said ready on one of them.)
     """
     stub = gateway_pb2_grpc.GatewayServiceStub(channel)
-    outcomes, ready = [], set()
+    outcomes: list[tuple[grpc.StatusCode, str, str]] = []
     for _ in range(REQUESTS):
         try:
             stub.Embed(gateway_pb2.EmbedRequest(model=MODEL, inputs=["hello replicas"]), timeout=30)
@@ -93,7 +91,7 @@ def request_outcomes(channel: grpc.Channel) -> tuple[list[tuple[grpc.StatusCode,
         except grpc.RpcError as exc:
             d = details_of(exc)
             outcomes.append((d.code, d.reason or "", d.message))
-        ready.add(stub.GetModel(gateway_pb2.GetModelRequest(model=MODEL), timeout=30).model.ready)
+    ready = {stub.GetModel(gateway_pb2.GetModelRequest(model=MODEL), timeout=30).model.ready for _ in range(REQUESTS)}
     return outcomes, ready
 
 
@@ -124,7 +122,7 @@ def test_unload_and_load_reach_every_replica_and_list_models_shows_them(deployme
         assert ready == {False}
         assert len(set(outcomes)) == 1, outcomes
         code, reason, message = outcomes[0]
-        assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "MODEL_NOT_READY"), outcomes
+        assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "MODEL_NOT_LOADED"), outcomes
         assert MODEL in message
         listed = management.ListModels(M.ListModelsRequest(), timeout=30)
         assert [states(only(r.models)) for r in listed.replicas] == [{UNLOADED}, {UNLOADED}]

@@ -89,7 +89,7 @@ async def test_a_generation_config_no_request_could_ask_for_fails_the_load(stack
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     # The reason comes with it: a caller sees why, not only that it is not ready.
     message = caught.value.details() or ""
-    assert message.startswith("model 'broken' is not ready: ")
+    assert message.startswith("model broken:1 is failed: ")
     assert "generation_config.json has top_p 0.0" in message
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stack.management.LoadModel(management_pb2.LoadModelRequest(name="broken", version="1", wait=True))

@@ -247,12 +247,15 @@ async def test_a_version_outside_the_policy_is_not_loaded_by_a_request(sources: 
         d = details_of(caught.value)
         assert (d.code, d.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "MODEL_NOT_LOADED")
         assert "outside the version policy (versions 1)" in d.message
-        # GetModel describes it rather than failing, so that probes (and the gateway) see "not ready".
+        # GetModel describes it rather than failing, so that probes see "not ready", and says why.
         info = (await stack.inference.GetModel(inference_pb2.GetModelRequest(model="emb:2"))).model
         assert (info.version, info.ready) == ("2", False)
+        assert "outside the version policy (versions 1)" in info.reason
+        # Through the gateway, the same answer as the stage's: retrying would not help, so not UNAVAILABLE.
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await embed(stack, "emb:2")
-        assert details_of(caught.value).code == grpc.StatusCode.UNAVAILABLE
+        d = details_of(caught.value)
+        assert (d.code, d.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "MODEL_NOT_LOADED")
 
 
 async def test_metadata_shows_in_the_listing(sources: Sources, tmp_path: Path) -> None:
