@@ -25,6 +25,7 @@ from services.common.repository import (
     ModelRepository,
     ModelVersion,
     Precision,
+    Task,
     check_alias,
     check_name,
     load_version,
@@ -38,6 +39,7 @@ from tandem.cli.model_folders import (
     CommandError,
     Context,
     copy_files,
+    gguf_source,
     has_weights,
     model_config,
     new_version,
@@ -55,15 +57,22 @@ DEFAULT_MIN_AGREEMENT = 0.98
 
 def add(ctx: Context, name: str, source: str, task: str, link: bool) -> int:
     check_name(name, "NAME")
+    gguf = gguf_source(source)
+    if gguf is not None:
+        return _add_gguf(ctx, name, *gguf, task, link)
     folder, described = source_folder(source)
     config_file = ctx.root / name / CONFIG_FILE
     if config_file.is_file():
         config = model_config(ctx, name)
         if config.task.value != task:
             raise CommandError(f"model {name} is a {config.task.value} model; cannot add a {task} version")
+        if config.gguf_file is not None:
+            raise CommandError(f"model {name} serves the GGUF file {config.gguf_file} in each version, not folders")
     else:
         (ctx.root / name).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(config_file, {"task": task, "backend": "onnx"})
+        # Generation models run on PyTorch (ONNX Runtime serves the encoders).
+        backend = "torch" if task == Task.TEXT_GENERATION.value else "onnx"
+        write_json_atomic(config_file, {"task": task, "backend": backend})
         config = model_config(ctx, name)
     with new_version(ctx, name) as (version, staging):
         copy_files(folder, staging, link=link, skip=(METADATA_FILE, "README.md"))
@@ -75,6 +84,43 @@ def add(ctx: Context, name: str, source: str, task: str, link: bool) -> int:
             staging / METADATA_FILE, version_metadata(model, staging, source=described, precision="fp32", backend=None)
         )
     print(f"added {name}:{version} from {described}")
+    return 0
+
+
+def _add_gguf(ctx: Context, name: str, gguf: Path, described: str, task: str, link: bool) -> int:
+    """A GGUF file as a new version of a text-generation model whose tandem.json names that file (`gguf_file`):
+    converted once into the GGUF cache (HOME/gguf, where the stages look for it), which also proves it readable."""
+    if task != Task.TEXT_GENERATION.value:
+        raise CommandError(f"{described} is a GGUF file, which Tandem serves as a text-generation model, not {task}")
+    model_dir = ctx.root / name
+    config_file = model_dir / CONFIG_FILE
+    created = not config_file.is_file()
+    if created:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(config_file, {"task": task, "backend": "torch", "gguf_file": gguf.name})
+    try:
+        config = model_config(ctx, name)
+        if config.task.value != task:
+            raise CommandError(f"model {name} is a {config.task.value} model; cannot add a {task} version")
+        if config.gguf_file != gguf.name:
+            serves = f"the GGUF file {config.gguf_file}" if config.gguf_file else "Hugging Face folders"
+            raise CommandError(f"model {name} serves {serves} in each version; add {gguf.name} under another name")
+        with new_version(ctx, name) as (version, staging):
+            if link:
+                (staging / gguf.name).symlink_to(gguf)
+            else:
+                shutil.copy2(gguf, staging / gguf.name)
+            try:
+                model = load_version(name, version, staging, config, ctx.home / "gguf")
+            except (OSError, ValueError) as exc:
+                raise CommandError(f"{described} cannot be read as a {task} model: {exc}") from exc
+            metadata = version_metadata(model, model.path, source=described, precision="fp32", backend=None)
+            write_json_atomic(staging / METADATA_FILE, metadata)
+    except BaseException:
+        if created:  # the repository as it was
+            shutil.rmtree(model_dir, ignore_errors=True)
+        raise
+    print(f"added {name}:{version} from {described} (converted into {model.path})")
     return 0
 
 

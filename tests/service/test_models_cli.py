@@ -347,3 +347,50 @@ def test_runs_as_a_command(built: Built) -> None:
         [sys.executable, "-m", "tandem.cli.models"], capture_output=True, text=True, env=env, timeout=120, check=False
     )
     assert usage.returncode == 2 and "usage: tandem models" in usage.stderr
+
+
+def test_add_a_gguf_file_as_a_text_generation_model(tmp_path: Path) -> None:
+    """A GGUF file (or a folder or package holding one) is added as a version of a text-generation model whose
+    tandem.json names the file; it is converted into HOME/gguf, where the stages find it."""
+    from tests.fixtures import tiny_gguf
+
+    source = tmp_path / "src"
+    source.mkdir()
+    gguf = tiny_gguf.write_llama(source / "tiny.F32.gguf")
+    repo, home = tmp_path / "repo", tmp_path / "home"
+    added = run(repo, home, "add", "chat", "--from", str(gguf), "--task", "text-generation")
+    assert added.code == 0, added.err
+    assert added.out.startswith(f"added chat:1 from {gguf}")
+    assert json.loads((repo / "chat" / "tandem.json").read_text()) == {
+        "task": "text-generation",
+        "backend": "torch",
+        "gguf_file": "tiny.F32.gguf",
+    }
+    model = ModelRepository(repo, gguf_cache=home / "gguf").resolve("chat")
+    assert model.source_path == repo / "chat" / "1" and model.path.is_relative_to(home / "gguf")
+    assert read_metadata(repo / "chat" / "1") is not None
+    # A folder holding one GGUF file is the same source; it becomes version 2.
+    again = run(repo, home, "add", "chat", "--from", str(source), "--task", "text-generation", "--link")
+    assert again.code == 0, again.err
+    assert (repo / "chat" / "2" / "tiny.F32.gguf").is_symlink()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["add", "other", "--from", "GGUF", "--task", "embedding"], "is a GGUF file, which Tandem serves as a text"),
+        (["add", "emb", "--from", "GGUF", "--task", "text-generation"], "emb is a embedding model"),
+    ],
+)
+def test_gguf_refusals_leave_the_repository_as_it_was(
+    built: Built, tmp_path: Path, args: list[str], message: str
+) -> None:
+    from tests.fixtures import tiny_gguf
+
+    repo = tmp_path / "repo"
+    shutil.copytree(built.repo / "emb", repo / "emb", ignore=shutil.ignore_patterns("aliases.json"))
+    before = sorted(str(p.relative_to(repo)) for p in repo.rglob("*"))
+    gguf = tiny_gguf.write_llama(tmp_path / "tiny.F32.gguf")
+    result = run(repo, built.home, *[str(gguf) if a == "GGUF" else a for a in args])
+    assert result.code == 1 and message in result.err
+    assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*")) == before
