@@ -65,11 +65,11 @@ class CountingPipeline:
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
 
-    async def embed(self, *args: Any) -> Any:
+    async def embed(self, *args: Any, **options: Any) -> Any:
         self.now += 1
         self.peak = max(self.peak, self.now)
         try:
-            return await self.inner.embed(*args)
+            return await self.inner.embed(*args, **options)
         finally:
             self.now -= 1
 

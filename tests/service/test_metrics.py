@@ -106,12 +106,21 @@ async def test_requests_are_counted_by_service_method_and_code(observed: Observe
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await observed.stack.stub.Embed(gateway_pb2.EmbedRequest(model="no-such-model", inputs=["x"]))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    after = {name: scrape(observed, name) for name in observed.scrapers}
+    embed = "/tandem.gateway.v1.GatewayService/Embed"
+    # A server counts a call once its handler has returned, which may be just after the caller has the answer.
+    for _ in range(100):
+        after = {name: scrape(observed, name) for name in observed.scrapers}
+        if (
+            value(after["gateway"], "tandem_request_duration_seconds_count", service="gateway", method=embed)
+            - value(before["gateway"], "tandem_request_duration_seconds_count", service="gateway", method=embed)
+            >= 2
+        ):
+            break
+        await asyncio.sleep(0.02)
 
     def delta(stage: str, name: str, /, **labels: str) -> float:
         return value(after[stage], name, **labels) - value(before[stage], name, **labels)
 
-    embed = "/tandem.gateway.v1.GatewayService/Embed"
     assert delta("gateway", "tandem_requests_total", service="gateway", method=embed, code="OK") == 1
     assert delta("gateway", "tandem_requests_total", service="gateway", method=embed, code="NOT_FOUND") == 1
     assert delta("gateway", "tandem_request_duration_seconds_count", service="gateway", method=embed) == 2
