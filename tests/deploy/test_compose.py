@@ -48,3 +48,15 @@ def test_every_role_gets_the_manifests_config_and_only_the_repository_differs() 
         assert manifests[f"TANDEM_GATEWAY_{stage.upper()}"].startswith(f"dns:///tandem-{stage}:"), (
             "the gateway finds each stage by the name compose gives it too"
         )
+
+
+def test_the_compose_prometheus_loads_the_shipped_alert_rules() -> None:
+    """compose.metrics.yaml mounts deploy/prometheus/tandem-alerts.yaml where its prometheus.yml looks for rules."""
+    metrics = yaml.safe_load((ROOT / "compose.metrics.yaml").read_text())["services"]["prometheus"]
+    mounts = dict(volume.rsplit(":", 1)[0].split(":", 1) for volume in metrics["volumes"])
+    config = yaml.safe_load((ROOT / "deploy/compose/prometheus.yml").read_text())
+    (rules,) = config["rule_files"]
+    assert {source: target for source, target in mounts.items() if target == rules} == {
+        "./deploy/prometheus/tandem-alerts.yaml": rules
+    }
+    assert (ROOT / "deploy/prometheus/tandem-alerts.yaml").is_file()
