@@ -219,14 +219,16 @@ class ModelCatalog:
                 for ref, (expires, _, asked) in list(self._cache.items())
                 if now - asked <= self.keep_warm_s and expires - now <= interval
             ]
-            for ref, (_, _, asked) in [(r, self._cache[r]) for r in due if r in self._cache]:
+            for ref in due:
                 try:
                     info = (await self.inference.get_model(ref, time.monotonic() + max(interval, 1.0))).model
                 except Exception as exc:  # the stage's answer waits for the next request to ask it
                     log.debug("model catalog: reading %s again failed: %s", ref, exc)
                     self._cache.pop(ref, None)
                     continue
-                self._store(ref, info, now, self._cache.get(ref, (0.0, info, asked))[2])
+                current = self._cache.get(ref)
+                if current is not None:  # not evicted meanwhile; keeps when it was last asked for
+                    self._store(ref, info, now, current[2])
 
     async def close(self) -> None:
         if self._refresher is not None:

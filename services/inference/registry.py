@@ -196,7 +196,7 @@ class ModelRegistry:
             # Not a model (any more) and nothing of it in memory: forgotten, so that names callers make up are not
             # kept and rescanned every second (the repository's bounded negative cache remembers them briefly).
             del self.entries[scan.name]
-            for key in [k for k, slot in self.slots.items() if k[0] == scan.name]:
+            for key in [k for k in self.slots if k[0] == scan.name]:
                 del self.slots[key]
             self.repository.unknown.add(scan.name)
         return entry
