@@ -133,7 +133,14 @@ done
 # ---- each role in its own container, wired as deploy/base wires them -------------------------------------------
 # A podman network stands in for the cluster: containers named like the Kubernetes Services (tandem-tokenizer, ...)
 # find each other by name, and every container gets deploy/base/config.env unchanged, as envFrom gives the pods.
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# free_ports N: N distinct free loopback ports. All N sockets are held at once: closing one before binding the next
+# can hand the same port out twice (the CI run of 2026-12-04 failed with "bind: address already in use" that way).
+free_ports() {
+  "$PY" -c 'import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))' "$1"
+}
 NET=tandem-check
 podman network exists "$NET" || podman network create "$NET" >/dev/null
 # The manifests' /models volume, seeded from the image's baked repository as components/seed-default-model does.
@@ -144,15 +151,16 @@ podman run --rm -v "$WORK/models:/models" --entrypoint /bin/sh "$IMAGE" -c \
 declare -A grpc_port metrics_port role_start
 run_role() {  # run_role IMAGE ROLE CONTAINER_PORT   (read-only root, tmpfs cache and /tmp, non-root: deploy/base)
   local image=$1 role=$2 cport=$3 name="tandem-$2"
-  grpc_port[$role]=$(free_port)
-  metrics_port[$role]=$(free_port)
   podman rm -f -t 0 "$name" >/dev/null 2>&1 || true
   role_start[$role]=$(date +%s.%N)
   podman run -d --name "$name" --network "$NET" --network-alias "$name" --read-only --user 10001:10001 \
     --tmpfs /home/tandem/.cache:rw,mode=1777 --tmpfs /tmp:rw,mode=1777 -v "$WORK/models:/models:ro" \
     --env-file deploy/base/config.env -e TANDEM_INFERENCE_INTRA_OP_THREADS=2 \
-    -p "127.0.0.1:${grpc_port[$role]}:$cport" -p "127.0.0.1:${metrics_port[$role]}:9090" "$image" "$role" >/dev/null
+    -p "127.0.0.1::$cport" -p "127.0.0.1::9090" "$image" "$role" >/dev/null
   started+=("$name")
+  # podman picks the host ports itself (no window between choosing a free port and binding it).
+  grpc_port[$role]=$(podman port "$name" "$cport/tcp" | head -n 1 | sed 's/.*://')
+  metrics_port[$role]=$(podman port "$name" 9090/tcp | head -n 1 | sed 's/.*://')
 }
 run_role "$LIGHT" tokenizer 50052
 run_role "$IMAGE" inference 50053
@@ -196,7 +204,7 @@ for role in gateway tokenizer inference postprocess; do podman rm -f -t 0 "tande
 # ---- compose.yaml: the same four roles on a compose network, reached by service name -----------------------------
 if command -v podman-compose >/dev/null || { apt-get install -y -qq podman-compose >/dev/null 2>&1; }; then
   log "compose.yaml with podman-compose"
-  CP=$(free_port)
+  CP=$(free_ports 1)
   compose() { TANDEM_IMAGE=$IMAGE TANDEM_LIGHT_IMAGE=$LIGHT TANDEM_PORT=$CP podman-compose -p tandem-check -f compose.yaml "$@"; }
   compose down >/dev/null 2>&1 || true
   start=$(date +%s.%N)
@@ -217,7 +225,7 @@ fi
 
 # ---- all four in one container: the image's default command ----------------------------------------------------
 log "all-in-one default (tandem serve)"
-ALL=$(free_port); M_ALL=$(free_port)
+read -r ALL M_ALL <<<"$(free_ports 2)"
 start=$(date +%s.%N)
 podman rm -f -t 0 tandem-check-all >/dev/null 2>&1 || true
 podman run -d --name tandem-check-all --network host --read-only --user 10001:10001 \
