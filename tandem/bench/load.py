@@ -30,6 +30,8 @@ class Cell:
     texts_per_request: int
     api: str = "embed"
     model: str = ""
+    # The label of the deployment measured (bench --target LABEL=ADDRESS,...); the address when unlabelled.
+    target: str = ""
     requests: int = 0
     texts: int = 0
     seconds: float = 0.0
@@ -46,6 +48,7 @@ class Cell:
         return {
             "api": self.api,
             "model": self.model,
+            "target": self.target,
             "concurrency": self.concurrency,
             "texts_per_request": self.texts_per_request,
             "requests": self.requests,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,19 @@ def plot(results: list[dict[str, Any]], ceiling: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    series = sorted({(r["api"], r["model"], r["texts_per_request"]) for r in results})
-    for api, model, size in series:
+    rows_of = medians(results) if len({r.get("round", 1) for r in results}) > 1 else results
+    series = sorted({(r["api"], r["model"], r.get("target", ""), r["texts_per_request"]) for r in rows_of})
+    for api, model, target, size in series:
         rows = sorted(
-            (r for r in results if (r["api"], r["model"], r["texts_per_request"]) == (api, model, size)),
+            (
+                r
+                for r in rows_of
+                if (r["api"], r["model"], r.get("target", ""), r["texts_per_request"]) == (api, model, target, size)
+            ),
             key=lambda r: r["concurrency"],
         )
         xs = [r["concurrency"] for r in rows]
-        name = f"{size} text(s)/request" if len(series) <= 2 else f"{api} {model} n={size}"
+        name = f"{size} text(s)/request" if len(series) <= 2 else f"{api} {model} {target} n={size}"
         left.plot(xs, [r["texts_per_s"] for r in rows], marker="o", label=name)
         right.plot(xs, [r["p99_ms"] for r in rows], marker="o", label=name)
     left.axhline(ceiling, color="grey", linestyle="--", label="bare model ceiling")
@@ -39,6 +45,49 @@ def plot(results: list[dict[str, Any]], ceiling: float, path: Path) -> None:
         axis.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+_MEDIAN_FIELDS = ("texts_per_s", "ratio_to_bare", "ratio_to_bare_beside", "p50_ms", "p90_ms", "p99_ms")
+
+
+def medians(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per cell (api, model, target, concurrency, texts per request): each figure's median over its rounds."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in results:
+        key = (r["api"], r["model"], r.get("target", ""), r["concurrency"], r["texts_per_request"])
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for (api, model, target, concurrency, size), cells in groups.items():
+        row: dict[str, Any] = {
+            "api": api,
+            "model": model,
+            "target": target,
+            "concurrency": concurrency,
+            "texts_per_request": size,
+            "rounds": len(cells),
+        }
+        for name in _MEDIAN_FIELDS:
+            values = [c[name] for c in cells if not math.isnan(c[name])]
+            row[name] = statistics.median(values) if values else float("nan")
+        rows.append(row)
+    return rows
+
+
+def median_table(rows: list[dict[str, Any]], bare: dict[str, Any]) -> str:
+    """The medians as a Markdown table, with each cell's p50 over the bare model's one-text p50."""
+    single = bare.get("single_p50_ms", float("nan"))
+    lines = [
+        "| target | api | concurrency x texts | texts/s | x ceiling | x bare beside | p50 ms | p50 - bare p50 ms"
+        " | p99 ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['target']} | {r['api']} | {r['concurrency']} x {r['texts_per_request']} | {r['texts_per_s']:.1f} | "
+            f"{r['ratio_to_bare']:.2f} | {r['ratio_to_bare_beside']:.2f} | {r['p50_ms']:.2f} | "
+            f"{r['p50_ms'] - single:+.2f} | {r['p99_ms']:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def cell_line(label: str, summary: dict[str, Any], beside: bool) -> str:

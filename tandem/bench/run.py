@@ -42,7 +42,18 @@ def main(argv: Sequence[str]) -> int:
     from services.common.settings import default_home
 
     parser = argparse.ArgumentParser(prog="tandem bench", description=DESCRIPTION)
-    parser.add_argument("--target", default="127.0.0.1:50051", help="gateway address")
+    parser.add_argument(
+        "--target",
+        default="127.0.0.1:50051",
+        help="gateway address; or several, comma-separated and optionally labelled (separate=HOST:PORT,"
+        "in-process=HOST:PORT), whose cells run back to back and are compared in one run (encoder APIs)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the whole grid this many times and report each cell's median over the rounds (encoder APIs)",
+    )
     parser.add_argument(
         "--model", default=DEFAULT_MODEL_NAME, help="model reference, or several comma-separated (compared in one run)"
     )
@@ -187,6 +198,12 @@ def main(argv: Sequence[str]) -> int:
         return run_generate(opts, models[0], prompts, credentials)
     opts.concurrency = opts.concurrency or ENCODER_CONCURRENCY
     opts.deadline_s = opts.deadline_s or ENCODER_DEADLINE_S
+    try:
+        targets = parse_targets(opts.target)
+    except ValueError as exc:
+        parser.error(f"--target: {exc}")
+    if opts.rounds < 1:
+        parser.error("--rounds: 1 or more")
     texts = make_texts(opts.texts, opts.corpus)
     bare_by_model: dict[str, dict[str, Any]] = {}
     if not opts.skip_bare:
@@ -207,21 +224,29 @@ def main(argv: Sequence[str]) -> int:
     results = []
     # Cells that are compared with each other (models, APIs at one concurrency and size) run back to back, so a
     # change in the machine's background load affects them alike.
+    # Targets (deployments) too: with --rounds, the whole grid again, so every cell has as many measurements.
     grid = [
-        (model, api, c, n)
+        (model, api, c, n, target, round_)
+        for round_ in range(opts.rounds)
         for n in _grid(opts.texts_per_request)
         for c in _grid(opts.concurrency)
         for model in models
         for api in apis
+        for target in targets
     ]
-    for model, api, concurrency, size in grid:
+    for model, api, concurrency, size, (target_label, target), round_ in grid:
         requests = max(concurrency * 4, opts.texts_per_cell // size)
-        cell = Cell(concurrency, size, api, model)
-        label = f"{api:<6} c={concurrency:<4} n={size:<3}" + (f" {model}" if len(models) > 1 else "")
+        cell = Cell(concurrency, size, api, model, target=target_label)
+        label = (
+            f"{api:<6} c={concurrency:<4} n={size:<3}"
+            + (f" {model}" if len(models) > 1 else "")
+            + (f" {target_label}" if len(targets) > 1 else "")
+            + (f" round {round_ + 1}" if opts.rounds > 1 else "")
+        )
         probe = (
             Probe(
                 ProbeSettings(
-                    opts.target,
+                    target,
                     model,
                     texts[0],
                     opts.probe_interval_ms / 1000,
@@ -242,7 +267,7 @@ def main(argv: Sequence[str]) -> int:
         with tqdm(total=requests, desc=label, leave=False, unit="req") as progress, probe or contextlib.nullcontext():
             asyncio.run(
                 run_cell(
-                    opts.target,
+                    target,
                     model,
                     texts,
                     cell,
@@ -261,6 +286,7 @@ def main(argv: Sequence[str]) -> int:
             nearby = [last_beside, beside[model].measure()]
             last_beside, last_model = nearby[1], model
         summary = cell.summary(bare_by_model.get(model, {}).get("ceiling_texts_per_s", 0.0), nearby)
+        summary["round"] = round_ + 1
         if probe is not None:
             summary["probe"] = probe.summary()
             print(f"{label}  probe: {summary['probe']}", flush=True)
@@ -279,8 +305,31 @@ def main(argv: Sequence[str]) -> int:
         for result in results:
             best = bare_by_model[result["model"]]["ceiling_texts_per_s"]
             print(report.ratio_line(result, best, len(models) > 1), flush=True)
-    report.write(opts.out, {k: str(v) for k, v in vars(opts).items()}, bare, bare_by_model, results)
+    medians = report.medians(results) if opts.rounds > 1 or len(targets) > 1 else []
+    if medians:
+        single = bare.get("single_p50_ms", float("nan"))
+        print(f"medians over {opts.rounds} round(s); the bare model's p50 for one text {single:.2f} ms:")
+        print(report.median_table(medians, bare), flush=True)
+    extra = {"medians": medians} if medians else None
+    report.write(opts.out, {k: str(v) for k, v in vars(opts).items()}, bare, bare_by_model, results, extra=extra)
     return 0
+
+
+def parse_targets(text: str) -> list[tuple[str, str]]:
+    """'a=HOST:PORT,b=unix:PATH' or 'HOST:PORT' -> [(label, address)]; an address without a label is its own label."""
+    targets: list[tuple[str, str]] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        label, sep, address = part.partition("=")
+        if not sep:
+            label, address = part, part
+        if not label or not address:
+            raise ValueError(f"bad target {part!r}: use HOST:PORT or LABEL=HOST:PORT")
+        targets.append((label, address))
+    if not targets:
+        raise ValueError("no target given")
+    if len({label for label, _ in targets}) != len(targets):
+        raise ValueError("every target needs its own label")
+    return targets
 
 
 def _load_line() -> str:

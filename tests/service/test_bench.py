@@ -53,6 +53,37 @@ async def test_bench_runs_every_api_and_writes_results(stack: Stack, tmp_path: P
     assert (out / "bench.png").stat().st_size > 0
 
 
+async def test_bench_compares_two_targets_cell_by_cell_over_rounds(stack: Stack, tmp_path: Path) -> None:
+    """Two deployments (here: the stack's gateway under two labels) in one run, each cell back to back, twice."""
+    out = tmp_path / "bench"
+    address = stack.gateway.address
+    argv = [
+        "--target",
+        f"one={address},two={address}",
+        "--model",
+        "tiny-embed",
+        "--concurrency",
+        "1,2",
+        "--texts-per-request",
+        "1",
+        "--texts-per-cell",
+        "8",
+        "--rounds",
+        "2",
+        "--skip-bare",
+        "--out",
+        str(out),
+    ]
+    assert await asyncio.to_thread(bench.main, argv) == 0
+    report = json.loads((out / "bench.json").read_text())
+    order = [(r["round"], r["concurrency"], r["target"]) for r in report["results"]]
+    assert order == [(k, c, t) for k in (1, 2) for c in (1, 2) for t in ("one", "two")]
+    assert all(set(r["codes"]) == {"OK"} for r in report["results"])
+    medians = {(m["target"], m["concurrency"]): m for m in report["medians"]}
+    assert set(medians) == {(t, c) for t in ("one", "two") for c in (1, 2)}
+    assert all(m["rounds"] == 2 and m["texts_per_s"] > 0 for m in medians.values())
+
+
 async def test_bench_measures_the_bare_model_beside_every_cell(
     stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

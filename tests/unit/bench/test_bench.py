@@ -51,3 +51,38 @@ def test_each_cell_is_also_compared_with_the_bare_model_measured_beside_it() -> 
     assert summary["ratio_to_bare_beside"] == 1.0
     alone = cell.summary(500.0)
     assert math.isnan(alone["bare_beside_texts_per_s"]) and math.isnan(alone["ratio_to_bare_beside"])
+
+
+def test_targets_are_labelled_addresses_and_each_label_is_unique() -> None:
+    assert bench.parse_targets("127.0.0.1:1") == [("127.0.0.1:1", "127.0.0.1:1")]
+    assert bench.parse_targets("a=127.0.0.1:1, b=unix:/tmp/s") == [("a", "127.0.0.1:1"), ("b", "unix:/tmp/s")]
+    for bad, message in (("", "no target"), ("=x", "bad target"), ("a=x,a=y", "its own label")):
+        with pytest.raises(ValueError, match=message):
+            bench.parse_targets(bad)
+
+
+def test_medians_are_per_cell_over_rounds() -> None:
+    from tandem.bench import report
+
+    def row(target: str, p50: float, rate: float) -> dict[str, object]:
+        return {
+            "api": "embed",
+            "model": "m",
+            "target": target,
+            "concurrency": 1,
+            "texts_per_request": 1,
+            "texts_per_s": rate,
+            "ratio_to_bare": rate / 100,
+            "ratio_to_bare_beside": float("nan"),
+            "p50_ms": p50,
+            "p90_ms": p50,
+            "p99_ms": p50,
+        }
+
+    rows = report.medians([row("a", 5, 10), row("b", 3, 30), row("a", 9, 20), row("a", 6, 90), row("b", 4, 40)])
+    by_target = {r["target"]: r for r in rows}
+    assert (by_target["a"]["p50_ms"], by_target["a"]["texts_per_s"], by_target["a"]["rounds"]) == (6, 20, 3)
+    assert (by_target["b"]["p50_ms"], by_target["b"]["rounds"]) == (3.5, 2)
+    assert math.isnan(by_target["a"]["ratio_to_bare_beside"])
+    table = report.median_table(rows, {"single_p50_ms": 2.0})
+    assert "| a | embed | 1 x 1 | 20.0 | 0.20 | nan | 6.00 | +4.00 | 6.00 |" in table
