@@ -6,6 +6,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.common import errors, tensors
+from services.common.priority import DEFAULT, Priority
 from services.common.repository import AccuracyReport, ModelVersion, Task, VersionPolicy
 from services.inference.backends.base import IntArray
 from services.inference.core import ModelDescription, TokenInputs
@@ -43,6 +44,16 @@ def _ids(batch: tensor_pb2.TokenBatch, name: str) -> IntArray | None:
     if tensor.dtype not in _ID_TYPES:
         raise errors.invalid_argument(f"{field}: expected INT64 or INT32 token ids", f"{field}.dtype")
     return tensors.decode_as(tensor, field, np.int64, 1).astype(np.int64, copy=False)
+
+
+def priority(request: inference_pb2.InferRequest) -> Priority:
+    """InferRequest.priority as a level (the wire numbers are the levels'); unspecified is the default, normal."""
+    value = int(request.priority)
+    if value == inference_pb2.PRIORITY_UNSPECIFIED:
+        return DEFAULT
+    if value not in Priority._value2member_map_:
+        raise errors.invalid_argument(f"priority {value} is not a known level (1 high, 2 normal, 3 low)", "priority")
+    return Priority(value)
 
 
 def token_inputs(request: inference_pb2.InferRequest) -> TokenInputs:

@@ -13,6 +13,8 @@ import numpy.typing as npt
 
 from services.common import errors, tensors
 from services.common.errors import Reason
+from services.common.priority import DEFAULT as DEFAULT_PRIORITY
+from services.common.priority import Priority
 from services.common.repository import ModelRepository, ModelVersion, Task
 from services.common.settings import usable_cpus
 from services.inference.backends.base import BackendOptions, FloatArray, IntArray
@@ -145,9 +147,11 @@ class Inference:
         deadline: float | None,
         tokenizer_fingerprint: str = "",
         pool: bool = False,
+        priority: Priority = DEFAULT_PRIORITY,
     ) -> tuple[ModelVersion, FloatArray, bool]:
         """Runs a ragged batch through the model's batcher: [total_tokens, width] or [n, width] float32, and
-        whether the rows are pooled ones (pool asked of an embedding model: [n, width])."""
+        whether the rows are pooled ones (pool asked of an embedding model: [n, width]). Higher `priority` is
+        served first by the batcher, weighted (services/common/priority.py)."""
         model, slot = self._serving_slot(model_ref, tokenizer_fingerprint)
         if model.task is Task.TEXT_GENERATION:
             raise errors.invalid_argument(
@@ -162,7 +166,9 @@ class Inference:
         slot.last_used = time.monotonic()
         try:
             pooled = slot.batcher.pools(pool)
-            output = await slot.batcher.submit(input_ids, token_type_ids, cu_seqlens, deadline, pool=pooled)
+            output = await slot.batcher.submit(
+                input_ids, token_type_ids, cu_seqlens, deadline, pool=pooled, priority=priority
+            )
         finally:
             slot.in_flight -= 1
         return model, output, pooled

@@ -40,6 +40,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             deadline_of(context),
             request.tokenizer_fingerprint,
             pool=request.pool,
+            priority=converters.priority(request),
         )
         return converters.infer_response(model, output, pooled)
 

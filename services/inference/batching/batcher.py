@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -17,6 +19,7 @@ from opentelemetry import trace
 
 from services.common import errors, timing, tracing
 from services.common.pooling import check_pooling, pool_padded
+from services.common.priority import DEFAULT, WEIGHTS, Priority, WeightedQueue, admits
 from services.common.repository import ModelConfig, Task
 from services.inference.backends.base import Backend, FloatArray, IntArray, lower_priority, token_level
 from services.inference.batching.planner import DEFAULT_CALL_COST_TOKENS, cut
@@ -47,6 +50,11 @@ class Batcher:
     Each round takes the queued requests (waiting up to max_queue_delay_ms for more while under max_batch_size
     sequences), sorts their sequences by length so that padding stays small, cuts them into calls bounded by
     max_batch_size sequences and max_batch_tokens padded tokens, and routes the output rows back to their callers.
+
+    Requests are taken in priority order, weighted so that lower levels are never starved (services/common/priority.py);
+    a free instance that finds higher-priority work queued than the next call already cut cuts that work and lets it go
+    first (each cut call lets at most MAX_OVERTAKEN later ones go first): a high-priority request waits for the calls
+    running, not for a round of low-priority ones.
     """
 
     def __init__(
@@ -69,12 +77,12 @@ class Batcher:
         self.token_level = token_level(config.task)
         # How callers that ask for it get their sequences pooled (embedding models only; see submit).
         self.pooling = check_pooling(pooling) if pooling is not None and config.task is Task.EMBEDDING else None
-        self._queue: deque[Request] = deque()
+        self._queue: WeightedQueue[Request] = WeightedQueue()
         self._wakeup = asyncio.Event()
         self._pending = 0
         # Calls cut from the rounds taken so far, waiting for a free instance; and what each instance is running
         # now (both answered with UNAVAILABLE if the batcher closes meanwhile).
-        self._calls: deque[list[tuple[Request, int]]] = deque()
+        self._calls: deque[_Call] = deque()
         self._running: dict[int, list[tuple[Request, int]]] = {}
         # Padding worth accepting to save a call (planner.cut): given, from tandem.json, or a middle-of-the-road guess.
         if call_cost_tokens is None:
@@ -101,18 +109,22 @@ class Batcher:
         cu_seqlens: npt.NDArray[np.int32],
         deadline: float | None,
         pool: bool = False,
+        priority: Priority = DEFAULT,
     ) -> FloatArray:
         """The output rows of one ragged batch: [total_tokens, width] or [n, width], in the caller's order.
 
         With pool (and a pooling, i.e. an embedding model), each sequence's token rows are pooled in the worker
-        thread right after its model call, and the caller gets [n, width]: see pools()."""
+        thread right after its model call, and the caller gets [n, width]: see pools(). A lower `priority` may fill
+        less of max_queue_size (priority.admits), so the last places go to higher levels."""
         if self._closed:
             raise errors.unavailable(f"model {self.name} is shutting down", model=self.name)
         count = len(cu_seqlens) - 1
-        if self._pending + count > self.config.max_queue_size:
+        if not admits(priority, self._pending, count, self.config.max_queue_size):
             raise errors.resource_exhausted(
-                f"model {self.name} is busy: {self._pending} sequences queued, limit {self.config.max_queue_size}",
+                f"model {self.name} is busy: {self._pending} sequences queued, limit {self.config.max_queue_size}"
+                f" ({priority.label} priority)",
                 model=self.name,
+                priority=priority.label,
             )
         if deadline is not None and deadline <= time.monotonic():
             raise errors.deadline_exceeded(f"deadline passed before {self.name} could run", model=self.name)
@@ -129,6 +141,7 @@ class Batcher:
             count,
             queued_at=time.perf_counter(),
             pool=self.pools(pool),
+            priority=priority,
         )
         self._pending += count
         future.add_done_callback(lambda _: self._release(count))
@@ -136,7 +149,7 @@ class Batcher:
             request.caller = trace.get_current_span()
             request.queued = tracing.tracer().start_span("queue", attributes={"tandem.model": self.name})
             future.add_done_callback(lambda _: tracing.end(request.queued))
-        self._queue.append(request)
+        self._queue.push(request, priority, count)
         self._wakeup.set()
         if not self._workers:
             self._workers = [
@@ -165,11 +178,11 @@ class Batcher:
         call that starts meanwhile does not wait for it; the two share the cores until the lone one ends.
         """
         while True:
-            if not self._calls:
+            if not self._calls or self._outranked():
                 while not self._queue and not self._calls:
                     self._wakeup.clear()
                     await self._wakeup.wait()
-                if self._calls:  # another instance cut a round while this one waited
+                if self._calls and not self._outranked():  # another instance cut a round while this one waited
                     continue
                 taken = await self._take()
                 try:
@@ -180,7 +193,7 @@ class Batcher:
                 if self._calls or self._queue:  # more work than this instance can start now: wake the others
                     self._wakeup.set()
                 continue
-            call = self._calls.popleft()
+            call = self._calls.popleft().items
             alone = self.backend.runs_alone and not self._calls and not self._queue and not self._running
             self._running[worker] = call
             try:
@@ -190,6 +203,11 @@ class Batcher:
                 self._fail([r for r, _ in call], errors.internal())
             finally:
                 self._running.pop(worker, None)
+
+    def _outranked(self) -> bool:
+        """Whether queued work has a higher priority than every call already cut (the first is the highest)."""
+        queued = self._queue.best()
+        return queued is not None and bool(self._calls) and self._calls[0].yields_to(queued)
 
     @staticmethod
     def _fail(requests: Iterable[Request], error: Exception) -> None:
@@ -205,7 +223,7 @@ class Batcher:
         linger_until = time.monotonic() + self.config.max_queue_delay_ms / 1000
         while True:
             while self._queue and (count < limit or not taken):
-                request = self._queue.popleft()
+                request, _ = self._queue.pop()
                 if request.future.done():  # cancelled while queued
                     continue
                 taken.append(request)
@@ -238,7 +256,17 @@ class Batcher:
             return
         items = [(r, i) for r in live for i in range(r.count)]
         lengths = np.concatenate([r.lengths for r in live])
-        self._calls.extend([items[j] for j in call] for call in cut(lengths, self.config, self.call_cost_tokens))
+        for call in cut(lengths, self.config, self.call_cost_tokens):
+            self._queue_call(_Call([items[j] for j in call]))
+
+    def _queue_call(self, call: _Call) -> None:
+        """Behind the calls of its level or higher, ahead of lower ones that may still be overtaken."""
+        position = len(self._calls)
+        while position and self._calls[position - 1].yields_to(call.priority):
+            position -= 1
+        for passed in itertools.islice(self._calls, position, None):
+            passed.overtaken += 1
+        self._calls.insert(position, call)
 
     async def _run_call(self, call: list[tuple[Request, int]], alone: bool = False) -> None:
         now = time.monotonic()
@@ -328,7 +356,7 @@ class Batcher:
     async def close(self) -> None:
         """Fails what is still queued or running, stops the worker and its thread."""
         self._closed = True
-        calls = [*self._running.values(), *self._calls]
+        calls = [*self._running.values(), *(call.items for call in self._calls)]
         unanswered = [*(r for call in calls for r, _ in call), *self._queue]
         self._queue.clear()
         self._calls.clear()
@@ -340,3 +368,25 @@ class Batcher:
                 request.future.set_exception(errors.unavailable(f"model {self.name} is shutting down", model=self.name))
         await asyncio.to_thread(self._executor.shutdown, wait=True)
         self.backend.close()
+
+
+# How many later calls of higher levels one cut call lets go first before it is next whatever comes: the ratio of the
+# highest weight to the lowest, so cut calls are no more starved than queued requests are (see priority.WEIGHTS).
+MAX_OVERTAKEN = round(max(WEIGHTS.values()) / min(WEIGHTS.values()))
+
+
+@dataclass(eq=False)
+class _Call:
+    """One cut model call waiting for an instance: its rows, its level (its highest request's), and how many calls
+    cut later went ahead of it."""
+
+    items: list[tuple[Request, int]]
+    priority: Priority = field(init=False)
+    overtaken: int = 0
+
+    def __post_init__(self) -> None:
+        self.priority = min(r.priority for r, _ in self.items)
+
+    def yields_to(self, level: Priority) -> bool:
+        """Whether a call of `level` cut now goes ahead of this one."""
+        return level < self.priority and self.overtaken < MAX_OVERTAKEN

@@ -9,6 +9,7 @@ import numpy as np
 import numpy.typing as npt
 from opentelemetry import trace
 
+from services.common.priority import DEFAULT, Priority
 from services.inference.backends.base import FloatArray, IntArray
 
 
@@ -33,6 +34,8 @@ class Request:
     compute_s: float = 0.0
     # Answer one pooled row per sequence instead of its token rows (InferRequest.pool on an embedding model).
     pool: bool = False
+    # Which level the batcher serves it at (services/common/priority.py).
+    priority: Priority = DEFAULT
 
     @property
     def count(self) -> int:

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from tandem.generation.v1 import generation_pb2 as _generation_pb2
 from tandem.model.v1 import model_pb2 as _model_pb2
 from tandem.tensor.v1 import tensor_pb2 as _tensor_pb2
@@ -21,6 +22,34 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _Priority:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PriorityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Priority.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRIORITY_UNSPECIFIED: _Priority.ValueType  # 0
+    """Not given: served as PRIORITY_NORMAL."""
+    PRIORITY_HIGH: _Priority.ValueType  # 1
+    """Served first: about 8 parts of the model for every 4 of normal and 1 of low while all are waiting."""
+    PRIORITY_NORMAL: _Priority.ValueType  # 2
+    """The default level."""
+    PRIORITY_LOW: _Priority.ValueType  # 3
+    """Served last, refused first when the queue is nearly full, and never starved."""
+
+class Priority(_Priority, metaclass=_PriorityEnumTypeWrapper):
+    """A request's priority; the numbers are Triton's (1 the highest)."""
+
+PRIORITY_UNSPECIFIED: Priority.ValueType  # 0
+"""Not given: served as PRIORITY_NORMAL."""
+PRIORITY_HIGH: Priority.ValueType  # 1
+"""Served first: about 8 parts of the model for every 4 of normal and 1 of low while all are waiting."""
+PRIORITY_NORMAL: Priority.ValueType  # 2
+"""The default level."""
+PRIORITY_LOW: Priority.ValueType  # 3
+"""Served last, refused first when the queue is nearly full, and never starved."""
+Global___Priority: _TypeAlias = Priority  # noqa: Y015
+
 @_typing.final
 class InferRequest(_message.Message):
     """Token sequences to run a model on."""
@@ -31,6 +60,7 @@ class InferRequest(_message.Message):
     BATCH_FIELD_NUMBER: _builtins.int
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _builtins.int
     POOL_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name, "name:version" or "name@alias"; empty for the default model."""
     tokenizer_fingerprint: _builtins.str
@@ -43,6 +73,11 @@ class InferRequest(_message.Message):
     the sequences' average length, and long texts no longer outgrow the message size limit. Ignored by other tasks
     (InferResponse.pooled says what was done).
     """
+    priority: Global___Priority.ValueType
+    """Which queued work the batcher serves first: weighted, so higher levels get more of the model without starving
+    lower ones (services/common/priority.py). Unspecified is normal. The gateway sets it from the caller's
+    x-tandem-priority metadata, OIP priority parameter or API key.
+    """
     @_builtins.property
     def batch(self) -> _tensor_pb2.TokenBatch:
         """The sequences, flat with cumulative lengths."""
@@ -54,10 +89,11 @@ class InferRequest(_message.Message):
         batch: _tensor_pb2.TokenBatch | None = ...,
         tokenizer_fingerprint: _builtins.str = ...,
         pool: _builtins.bool = ...,
+        priority: Global___Priority.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "model", b"model", "pool", b"pool", "tokenizer_fingerprint", b"tokenizer_fingerprint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "model", b"model", "pool", b"pool", "priority", b"priority", "tokenizer_fingerprint", b"tokenizer_fingerprint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -15,9 +15,10 @@ import pytest
 from services.common import errors
 from services.common.errors import Reason
 from services.common.pooling import pool_ragged
+from services.common.priority import Priority
 from services.common.repository import ModelConfig, Task
 from services.inference.backends.base import Backend, FloatArray, IntArray
-from services.inference.batching.batcher import Batcher
+from services.inference.batching.batcher import MAX_OVERTAKEN, Batcher
 
 
 class EchoBackend(Backend):
@@ -474,3 +475,64 @@ def test_the_call_cost_is_fitted_from_one_row_and_many_rows_calls_taken_in_turn(
     model = SimpleNamespace(max_length=128, config=SimpleNamespace(max_batch_tokens=16384))
     cost = planner.measure_call_cost(Model(), model, clock=clock.perf_counter)  # type: ignore[arg-type]
     assert 15 < cost < 25
+
+
+async def test_a_high_priority_request_goes_ahead_of_low_priority_calls_already_cut() -> None:
+    batcher, backend = make(max_batch_size=1)
+    backend.gate.clear()
+    ids, types, cu = ragged([[1], [2], [3]])
+    low = asyncio.ensure_future(batcher.submit(ids, types, cu, None, priority=Priority.LOW))
+    await until(backend.started.is_set, "the first low call")  # [1] runs; [2] and [3] are cut and wait
+    ids, types, cu = ragged([[9]])
+    high = asyncio.ensure_future(batcher.submit(ids, types, cu, None, priority=Priority.HIGH))
+    await until(lambda: batcher.pending == 4, "the high request queued")
+    backend.gate.set()
+    await asyncio.gather(low, high)
+    assert backend.seen == [[1], [9], [2], [3]]
+    await batcher.close()
+
+
+async def test_low_priority_calls_are_not_starved_by_a_stream_of_high_ones() -> None:
+    batcher, backend = make(max_batch_size=1)
+    backend.gate.clear()
+    ids, types, cu = ragged([[1], [2], [3]])
+    low = asyncio.ensure_future(batcher.submit(ids, types, cu, None, priority=Priority.LOW))
+    await until(backend.started.is_set, "the first low call")
+    highs = []
+    for i in range(3 * MAX_OVERTAKEN):  # more high requests than a cut call lets go first
+        ids, types, cu = ragged([[100 + i]])
+        highs.append(asyncio.ensure_future(batcher.submit(ids, types, cu, None, priority=Priority.HIGH)))
+    await until(lambda: batcher.pending == 3 + 3 * MAX_OVERTAKEN, "the high requests queued")
+    backend.gate.set()
+    await asyncio.gather(low, *highs)
+    # The cut low call [2] let MAX_OVERTAKEN high calls go first, then ran; the queued high requests then went ahead
+    # of [3] only as far as it lets them.
+    position = backend.seen.index([2])
+    assert position == 1 + MAX_OVERTAKEN
+    assert backend.seen.index([3]) <= position + 1 + MAX_OVERTAKEN
+    await batcher.close()
+
+
+async def test_a_nearly_full_queue_refuses_low_priority_first() -> None:
+    batcher, backend = make(max_queue_size=8)
+    backend.gate.clear()
+    ids, types, cu = ragged([[1]] * 6)
+    held = asyncio.ensure_future(batcher.submit(ids, types, cu, None, priority=Priority.LOW))
+    await until(lambda: batcher.pending == 6, "six sequences admitted")
+    one, one_types, one_cu = ragged([[2]])
+    with pytest.raises(errors.TandemError) as caught:
+        await batcher.submit(one, one_types, one_cu, None, priority=Priority.LOW)
+    err = caught.value
+    assert (err.code, err.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.QUEUE_FULL)
+    assert err.message == "model echo is busy: 6 sequences queued, limit 8 (low priority)"
+    assert err.metadata == {"model": "echo", "priority": "low"} and err.retry_after_s is not None
+    # Normal requests fill the limit; high ones may go an eighth past it.
+    normal = asyncio.ensure_future(batcher.submit(*ragged([[3], [4]]), None, priority=Priority.NORMAL))
+    high = asyncio.ensure_future(batcher.submit(one, one_types, one_cu, None, priority=Priority.HIGH))
+    await until(lambda: batcher.pending == 9, "normal and high admitted")
+    with pytest.raises(errors.TandemError) as caught:
+        await batcher.submit(one, one_types, one_cu, None, priority=Priority.HIGH)
+    assert caught.value.message.endswith("9 sequences queued, limit 8 (high priority)")
+    backend.gate.set()
+    await asyncio.gather(held, normal, high)
+    await batcher.close()
