@@ -11,52 +11,28 @@ import grpc
 from prometheus_client import REGISTRY
 
 from gateway.auth import AuthInterceptor, KeyRing
-from gateway.clients import InferenceClient, PostprocessClient, PostprocessStage, TokenizerClient, TokenizerStage
+from gateway.clients import InferenceClient, PostprocessClient, TokenizerClient
 from gateway.core import Pipeline
 from gateway.limits import RateLimiter, RateLimitInterceptor
-from gateway.local import IN_PROCESS, LocalPostprocess, LocalTokenizer
 from gateway.management.client import ManagementClient
 from gateway.management.servicer import registrar as management_registrar
 from gateway.oip.servicer import registrar as oip_registrar
+from gateway.priority import PriorityInterceptor
 from gateway.servicer import registrar
 from gateway.settings import GatewaySettings
 from services.common import stage, tls
-from services.common.default_model import default_model_of, repository_root
 from services.common.metrics import GatewayMetrics
-from services.common.repository import ModelRepository
 from services.common.server import Registrar, RunningServer
-from services.postprocess.core import Postprocessor
-from services.tokenizer.core import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
-def _repository(settings: GatewaySettings) -> ModelRepository:
-    """The model repository of the stages that run in the gateway's process, opened as the stage processes open it."""
-    return ModelRepository(
-        repository_root(settings.model_repository, settings.home, settings.chat_model),
-        default_model_of(settings.model_repository, settings.default_model),
-        gguf_cache=settings.gguf_cache_folder(),
-    )
-
-
 def build_pipeline(settings: GatewaySettings, security: tls.ChannelSecurity | None = None) -> Pipeline:
-    """Stage clients over channels, or the light stages' cores in this process where a target is `in-process`."""
     size = settings.max_message_bytes
-    tokenizer: TokenizerStage
-    postprocess: PostprocessStage
-    if settings.tokenizer == IN_PROCESS:
-        tokenizer = LocalTokenizer(Tokenizer(_repository(settings), max_inputs=settings.max_inputs))
-    else:
-        tokenizer = TokenizerClient(settings.tokenizer, size, settings.hedge_after_s, security=security)
-    if settings.postprocess == IN_PROCESS:
-        postprocess = LocalPostprocess(Postprocessor(_repository(settings)))
-    else:
-        postprocess = PostprocessClient(settings.postprocess, size, settings.hedge_after_s, security=security)
     return Pipeline(
-        tokenizer,
+        TokenizerClient(settings.tokenizer, size, settings.hedge_after_s, security=security),
         InferenceClient(settings.inference, size, settings.hedge_after_s, security=security),
-        postprocess,
+        PostprocessClient(settings.postprocess, size, settings.hedge_after_s, security=security),
         default_timeout_s=settings.default_timeout_s,
         max_inputs=settings.max_inputs,
         max_input_chars=settings.max_input_chars,
@@ -82,7 +58,7 @@ def is_loopback(listen: str) -> bool:
 
 
 def build_interceptors(settings: GatewaySettings) -> list[grpc.aio.ServerInterceptor]:
-    """Authentication first (so the rate limiter knows the key), then the per-key rate limit."""
+    """Authentication first (so the others know the key), then the call's priority, then the per-key rate limit."""
     keys = KeyRing.load(
         settings.api_keys_file, settings.api_keys.get_secret_value() if settings.api_keys is not None else None
     )
@@ -98,6 +74,9 @@ def build_interceptors(settings: GatewaySettings) -> list[grpc.aio.ServerInterce
             "management included; set --api-keys-file",
             settings.listen,
         )
+    # Each call's priority, from its metadata under its key's default and cap; before the rate limiter, so a refusal
+    # there is counted under the caller's level.
+    interceptors.append(PriorityInterceptor())
     if settings.rate_limit_texts_per_s > 0:
         limiter = RateLimiter(settings.rate_limit_texts_per_s, settings.rate_limit_burst)
         interceptors.append(RateLimitInterceptor(limiter, max_cost=settings.max_inputs))
@@ -144,11 +123,6 @@ async def serve(settings: GatewaySettings, security: tls.ServiceTls | None = Non
     except (OSError, ValueError) as exc:  # a bad keys file stops the gateway with a message, not a traceback
         raise SystemExit(f"tandem gateway: cannot load API keys: {exc}") from None
     pipeline = build_pipeline(settings, security.channels)
-    # In-process stages load their tokenizers before the gateway serves, as their processes would.
-    for local in (pipeline.tokenizer, pipeline.postprocess):
-        if isinstance(local, LocalTokenizer | LocalPostprocess):
-            log.info("the %s stage runs in the gateway's process", local.stage)
-            await asyncio.to_thread(local.core.preload)
     management = ManagementClient(settings.inference, settings.max_message_bytes, security=security.channels)
 
     async def close() -> None:

@@ -2,7 +2,8 @@
 
 Keys are kept only as SHA-256 digests and compared in constant time against every known key, so neither a log line
 nor the time an answer takes tells a caller anything about a key. A key is named in logs and metadata by its key id:
-the first 8 hex digits of its digest.
+the first 8 hex digits of its digest. A key also says what priority its requests get when they ask for none, and
+the most they may ask for (gateway/priority.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import grpc
 
 from gateway.interception import Context, Handler, rejecting_handler, wrap_handler
 from services.common import errors
+from services.common import priority as levels
 from services.common.errors import Reason
+from services.common.priority import Priority
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,8 @@ AUTHORIZATION_HEADER = "authorization"
 
 # The authenticated caller's key id, for the rate limiter and log lines; None with authentication off.
 current_key_id: ContextVar[str | None] = ContextVar("tandem_key_id", default=None)
+# The authenticated caller's key (for its priority default and cap); None with authentication off.
+current_key: ContextVar[ApiKey | None] = ContextVar("tandem_key", default=None)
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
@@ -49,33 +54,61 @@ def _digest(key: str) -> bytes:
 
 @dataclass(frozen=True)
 class ApiKey:
-    """One known key: its digest (never the key itself), its id for logs, and what it may do."""
+    """One known key: its digest (never the key itself), its id for logs, what it may do, the priority its requests
+    get when they ask for none and the highest they may ask for (a higher one is lowered to it)."""
 
     key_id: str
     digest: bytes
     scopes: frozenset[str]
+    priority: Priority = levels.DEFAULT
+    max_priority: Priority = levels.DEFAULT
 
     def allows(self, scope: str) -> bool:
         return scope in self.scopes or ADMIN in self.scopes
 
 
 def parse_keys(text: str, source: str) -> list[ApiKey]:
-    """Entries `KEY [SCOPE[,SCOPE]]`, one a line (or separated by ';'); '#' starts a comment; scope default infer."""
+    """Entries `KEY [SCOPE[,SCOPE]] [priority=LEVEL] [max_priority=LEVEL]`, one a line (or separated by ';'); '#'
+    starts a comment. Scope default infer; priority default normal; max_priority default the key's priority (a key
+    may lower its requests' priority, and raise it only as far as max_priority says)."""
     keys: list[ApiKey] = []
     for number, raw in enumerate(text.replace(";", "\n").splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        parts = line.split()
-        if len(parts) > 2:
-            raise ValueError(f"{source}: entry {number}: expected 'KEY [SCOPE[,SCOPE]]'")
-        scopes = frozenset(s.strip() for s in parts[1].split(",") if s.strip()) if len(parts) == 2 else {INFER}
+        where = f"{source}: entry {number}"
+        key, *rest = line.split()
+        options = dict(_option(part, where) for part in rest if "=" in part)
+        words = [part for part in rest if "=" not in part]
+        if len(words) > 1 or len(options) < len(rest) - len(words):
+            raise ValueError(f"{where}: expected 'KEY [SCOPE[,SCOPE]] [priority=LEVEL] [max_priority=LEVEL]'")
+        scopes = frozenset(s.strip() for s in words[0].split(",") if s.strip()) if words else {INFER}
         unknown = sorted(set(scopes) - SCOPES)
         if unknown:
-            raise ValueError(f"{source}: entry {number}: unknown scope {unknown[0]!r} (known: admin, infer)")
-        digest = _digest(parts[0])
-        keys.append(ApiKey(digest.hex()[:8], digest, frozenset(scopes)))
+            raise ValueError(f"{where}: unknown scope {unknown[0]!r} (known: admin, infer)")
+        level = _level(options.get("priority"), where) or levels.DEFAULT
+        cap = _level(options.get("max_priority"), where) or level
+        if level < cap:  # lower numbers are higher levels
+            raise ValueError(f"{where}: priority {level.label} is above max_priority {cap.label}")
+        digest = _digest(key)
+        keys.append(ApiKey(digest.hex()[:8], digest, frozenset(scopes), level, cap))
     return keys
+
+
+def _option(part: str, where: str) -> tuple[str, str]:
+    name, _, value = part.partition("=")
+    if name not in ("priority", "max_priority"):
+        raise ValueError(f"{where}: unknown option {name!r} (known: priority, max_priority)")
+    return name, value
+
+
+def _level(value: str | None, where: str) -> Priority | None:
+    if value is None:
+        return None
+    try:
+        return levels.parse(value, "priority")
+    except errors.TandemError:
+        raise ValueError(f"{where}: priority {value!r} is not one of {levels.NAMES}") from None
 
 
 class KeyRing:
@@ -183,5 +216,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
         async def identify(request: Any, context: Context) -> None:
             current_key_id.set(key_id)
+            current_key.set(key)
 
         return wrap_handler(handler, identify)

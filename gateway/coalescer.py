@@ -3,6 +3,12 @@
 An idle key starts at once, so a lone request waits for nothing; requests that arrive while runs are in flight
 queue up and leave together as the next run. One tokenizer, one inference and one postprocess call then serve
 many callers, and each caller gets back exactly its own slice of the result, and the run's stage timings.
+
+Waiting callers are served by priority (the caller's `gateway.priority.current_priority`), weighted so that a steady
+stream of high-priority requests never starves the low ones (services/common/priority.py); a run merges callers of
+one level and goes through the stages at that level. Admission keeps the last places for higher levels, so under
+overload the low-priority callers are the ones refused; and when every run slot is taken, high-priority callers get
+one run more of their own (an express run), so they wait for no low-priority run to finish.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ from typing import Generic, TypeVar
 
 from opentelemetry import trace
 
+from gateway.priority import current_priority
 from services.common import errors, timing, tracing
 from services.common.errors import Reason
+from services.common.priority import Priority, WeightedQueue, admits
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +50,7 @@ class _Waiter(Generic[Result]):
     # The caller's own call record, which gets the stage timings of the run that served it.
     record: timing.CallRecord | None = None
     submitted: float = 0.0
+    priority: Priority = Priority.NORMAL
 
 
 class Coalescer(Generic[Key, Result]):
@@ -74,8 +83,10 @@ class Coalescer(Generic[Key, Result]):
         # Per key, the refused callers told to come back later: a heap of (when, inputs), and their inputs in all.
         self._promised: dict[Key, list[tuple[float, int]]] = {}
         self._promised_inputs: Counter[Key] = Counter()
-        self._queues: dict[Key, list[_Waiter[Result]]] = {}
+        self._queues: dict[Key, WeightedQueue[_Waiter[Result]]] = {}
         self._inflight: Counter[Key] = Counter()
+        # Keys with an express run in flight: high-priority callers only, started past max_inflight (one at a time).
+        self._express: set[Key] = set()
         # Per key, a smaller merge size learned from a stage that refused a merged run as too large (the inference
         # stage's per-request limit is its model's queue size, which the gateway is not told), and until when it
         # holds: a model whose limit grows (a new version, a changed tandem.json) gets large runs again.
@@ -84,19 +95,25 @@ class Coalescer(Generic[Key, Result]):
         self._tasks: set[asyncio.Task[None]] = set()
         self.runs = 0
 
-    async def submit(self, key: Key, inputs: Sequence[str], deadline: float) -> Result:
+    async def submit(
+        self, key: Key, inputs: Sequence[str], deadline: float, priority: Priority | None = None
+    ) -> Result:
+        """The caller's slice of a merged run; `priority` defaults to the call's (current_priority)."""
+        level = current_priority.get() if priority is None else priority
         admitted = self._admitted[key]
-        if self.max_queued is not None and admitted and admitted + len(inputs) > self.max_queued:
+        if self.max_queued is not None and not admits(level, admitted, len(inputs), self.max_queued):
             raise errors.resource_exhausted(
-                f"too many texts in progress for this model at the gateway: {admitted}, limit {self.max_queued}",
+                f"too many texts in progress for this model at the gateway: {admitted}, limit {self.max_queued}"
+                f" ({level.label} priority)",
                 retry_after_s=self._pushback(key, len(inputs)),
+                priority=level.label,
             )
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         # Released when the caller is answered, fails or gives up, whether it was still waiting or in a run.
         self._admitted[key] += len(inputs)
         future.add_done_callback(lambda _: self._release(key, len(inputs)))
-        waiter = _Waiter(inputs, future, deadline, trace.get_current_span(), timing.current(), time.monotonic())
-        self._queues.setdefault(key, []).append(waiter)
+        waiter = _Waiter(inputs, future, deadline, trace.get_current_span(), timing.current(), time.monotonic(), level)
+        self._queues.setdefault(key, WeightedQueue()).push(waiter, level, len(inputs))
         self._start_runs(key)
         # A cancelled caller cancels its future: its inputs are dropped if its run has not started yet.
         return await future
@@ -162,13 +179,19 @@ class Coalescer(Generic[Key, Result]):
         if self._admitted[key] <= 0:
             del self._admitted[key]
 
-    def _take(self, key: Key) -> list[_Waiter[Result]]:
-        queue = self._queues.get(key, [])
+    def _take(self, key: Key, level: Priority | None = None) -> list[_Waiter[Result]]:
+        """Waiters for the next run, up to the merge cap: of `level`, or of the level whose turn it is (weighted).
+        One level a run: a high-priority caller merged with low ones would wait for their texts too, and they would
+        ride through the stages at its level."""
+        queue = self._queues.get(key)
+        if queue is None:
+            return []
+        level = queue.next_level() if level is None else level
         taken: list[_Waiter[Result]] = []
         count = 0
         cap = self._cap(key)
-        while queue and (not taken or count + len(queue[0].inputs) <= cap):
-            waiter = queue.pop(0)
+        while (head := queue.peek(level)) is not None and (not taken or count + len(head.inputs) <= cap):
+            waiter, _ = queue.pop(level)
             if waiter.future.done():
                 continue
             taken.append(waiter)
@@ -182,18 +205,29 @@ class Coalescer(Generic[Key, Result]):
             batch = self._take(key)
             if not batch:
                 return
-            self._inflight[key] += 1
-            task = asyncio.create_task(self._run(key, batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._launch(key, batch, express=False)
+        queue = self._queues.get(key)
+        if key not in self._express and queue is not None and queue.waiting(Priority.HIGH):
+            batch = self._take(key, Priority.HIGH)
+            if batch:
+                self._express.add(key)
+                self._launch(key, batch, express=True)
 
-    async def _run(self, key: Key, batch: list[_Waiter[Result]]) -> None:
+    def _launch(self, key: Key, batch: list[_Waiter[Result]], express: bool) -> None:
+        self._inflight[key] += 1
+        task = asyncio.create_task(self._run(key, batch, express))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, key: Key, batch: list[_Waiter[Result]], express: bool = False) -> None:
         try:
             live = [w for w in batch if not w.future.done()]
             if not live:
                 return
             inputs = [text for w in live for text in w.inputs]
             self.runs += 1
+            # The stages see the run's level (set in this task's own context: no caller's is touched).
+            current_priority.set(live[0].priority)
             run_record = timing.begin()  # this task's own context: the callers' records are untouched until the end
             try:
                 with self._run_span(live, len(inputs)):
@@ -206,7 +240,9 @@ class Coalescer(Generic[Key, Result]):
                     cap = max(1, len(inputs) // 2)
                     self._caps[key] = (cap, time.monotonic() + self.cap_ttl_s)
                     log.info("a merged run of %d inputs was too large; merging at most %d now", len(inputs), cap)
-                    self._queues.setdefault(key, [])[:0] = live
+                    queue = self._queues.setdefault(key, WeightedQueue())
+                    for w in reversed(live):
+                        queue.push_front(w, w.priority, len(w.inputs))
                     return
                 _share(run_record, live)
                 for w in live:
@@ -222,6 +258,8 @@ class Coalescer(Generic[Key, Result]):
             self._inflight[key] -= 1
             if self._inflight[key] <= 0:
                 del self._inflight[key]
+            if express:
+                self._express.discard(key)
             self._start_runs(key)
 
     @staticmethod

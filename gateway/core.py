@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from gateway.clients import InferenceClient, PostprocessStage, TokenizerStage
+from gateway.clients import InferenceClient, PostprocessClient, TokenizerClient
 from gateway.coalescer import Coalescer
 from gateway.generation import ChatMessage, GeneratedText, Generation
+from gateway.priority import current_priority
 from services.common import errors, tensors, timing
 from services.common.errors import Reason
 from services.common.references import check_reference
@@ -245,9 +246,9 @@ class Pipeline:
 
     def __init__(
         self,
-        tokenizer: TokenizerStage,
+        tokenizer: TokenizerClient,
         inference: InferenceClient,
-        postprocess: PostprocessStage,
+        postprocess: PostprocessClient,
         *,
         default_timeout_s: float = 30.0,
         max_inputs: int = 2048,
@@ -371,7 +372,12 @@ class Pipeline:
         )
         inferred = await self.inference.infer(
             inference_pb2.InferRequest(
-                model=pinned, batch=tokenized.batch, tokenizer_fingerprint=tokenized.tokenizer_fingerprint, pool=pool
+                model=pinned,
+                batch=tokenized.batch,
+                tokenizer_fingerprint=tokenized.tokenizer_fingerprint,
+                pool=pool,
+                # The call's level (a merged run's callers share one; the coalescer sets it in the run's task).
+                priority=inference_pb2.Priority.ValueType(current_priority.get()),
             ),
             deadline,
         )

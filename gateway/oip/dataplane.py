@@ -52,6 +52,7 @@ from gateway.oip.signatures import (
     wanted_outputs,
 )
 from gateway.oip.statistics import InferenceStatistics, VersionStatistics
+from gateway.priority import from_oip_parameters
 from services.common import errors
 from tandem.generation.v1 import generation_pb2
 from tandem.model.v1 import model_pb2
@@ -197,6 +198,7 @@ class DataPlane:
     async def _bind(self, call: InferCall, deadline: float) -> _Bound:
         deadline = request_deadline(call.parameters, deadline)
         check_stateless(call.parameters)
+        from_oip_parameters(call.parameters)  # Triton's `priority`: 1 high, 2 normal, 3 low, 0 the key's default
         ref = model_reference(call.model_name, call.model_version, "model_name", "model_version")
         info = await self.pipeline.catalog.get(ref, deadline)
         sig = signature(info)

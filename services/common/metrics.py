@@ -261,10 +261,17 @@ class GatewayMetrics:
             ["model"],
             registry=registry,
         )
+        self.by_priority = Counter(
+            "tandem_gateway_priority_requests",
+            "Calls answered, by the priority they ran at and their status code (RESOURCE_EXHAUSTED: refused for load)",
+            ["priority", "code"],
+            registry=registry,
+        )
         self.access_log_enabled = access_log_enabled
         # Children looked up once per stage and model: observe runs on every public call.
         self._stage = functools.cache(self.stage_seconds.labels)
         self._inputs = functools.cache(self.inputs.labels)
+        self._by_priority = functools.cache(self.by_priority.labels)
 
     def observe(self, method: str, code: str, seconds: float, record: timing.CallRecord) -> None:
         for name in self.STAGES:
@@ -274,6 +281,9 @@ class GatewayMetrics:
         # Only the model that served a call labels it: the name a caller sent is unbounded.
         if code == "OK" and isinstance(model, str) and isinstance(inputs, int):
             self._inputs(model).inc(inputs)
+        level = record.fields.get("priority")  # one of three names, set by gateway.priority for data-plane calls
+        if isinstance(level, str):
+            self._by_priority(level, code).inc()
         if self.access_log_enabled and access_log.isEnabledFor(logging.INFO):
             self.log(method, code, seconds, record)
 

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from gateway.__main__ import build_interceptors
+from gateway.priority import PriorityInterceptor
 from gateway.settings import GatewaySettings
 from tandem.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from tandem.management.v1 import management_pb2, management_pb2_grpc
@@ -184,7 +185,8 @@ async def test_no_keys_means_no_authentication_and_a_warning_off_loopback(
     stack: Stack, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="gateway.__main__"):
-        assert build_interceptors(GatewaySettings(listen="127.0.0.1:0")) == []
+        # No authentication: only the priority of each call is read (from its metadata; any level may be asked for).
+        assert [type(i) for i in build_interceptors(GatewaySettings(listen="127.0.0.1:0"))] == [PriorityInterceptor]
         assert not caplog.records
         build_interceptors(GatewaySettings(listen="0.0.0.0:50051"))
     assert any("authentication is off" in r.getMessage() for r in caplog.records)

@@ -17,6 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.priority import PRIORITY_HEADER, PriorityInterceptor
 from services.common import timing
 from services.common.metrics import (
     CallObserver,
@@ -55,7 +56,8 @@ async def observed(served_repository: Path, tmp_path_factory: pytest.TempPathFac
     }
 
     def interceptors(role: str) -> list[grpc.aio.ServerInterceptor]:
-        return [MetricsInterceptor(ServiceMetrics(role, registries[role]), observers.get(role, []))]
+        metrics = MetricsInterceptor(ServiceMetrics(role, registries[role]), observers.get(role, []))
+        return [metrics, PriorityInterceptor()] if role == "gateway" else [metrics]
 
     async with serve_stack(
         served_repository,
@@ -145,6 +147,31 @@ async def test_requests_are_counted_by_service_method_and_code(observed: Observe
     )
     # Health checks are not requests.
     assert not any("grpc.health" in str(labels) for _, labels in after["inference"])
+
+
+async def test_gateway_calls_are_counted_by_priority_and_code(observed: Observed) -> None:
+    name = "tandem_gateway_priority_requests_total"
+    before = scrape(observed, "gateway")
+    stub = observed.stack.stub
+    request = gateway_pb2.EmbedRequest(model="tiny-embed", inputs=["a"])
+    await stub.Embed(request, metadata=((PRIORITY_HEADER, "low"),))
+    await stub.Embed(request)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Embed(
+            gateway_pb2.EmbedRequest(model="no-such-model", inputs=["x"]), metadata=((PRIORITY_HEADER, "1"),)
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    expected = {("low", "OK"): 1, ("normal", "OK"): 1, ("high", "NOT_FOUND"): 1}
+    for _ in range(100):  # counted once each handler has returned
+        after = scrape(observed, "gateway")
+        counts = {
+            key: value(after, name, priority=key[0], code=key[1]) - value(before, name, priority=key[0], code=key[1])
+            for key in expected
+        }
+        if counts == expected:
+            break
+        await asyncio.sleep(0.02)
+    assert counts == expected
 
 
 async def test_batches_queue_depth_and_model_states_are_exported(observed: Observed) -> None:

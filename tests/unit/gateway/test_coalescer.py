@@ -9,7 +9,10 @@ import grpc
 import pytest
 
 from gateway.coalescer import MAX_RETRY_S, MIN_RETRY_S, Coalescer
+from gateway.priority import current_priority
+from services.common import errors
 from services.common.errors import Reason
+from services.common.priority import Priority
 
 
 class Recorder:
@@ -237,3 +240,91 @@ async def test_a_learned_merge_limit_is_forgotten_after_a_while() -> None:
     await asyncio.sleep(0.3)  # past the learned limit's lifetime
     await asyncio.gather(*(coalescer.submit("k", [f"u{i}"], 1e9) for i in range(12)))
     assert max(sizes) > 3  # merges are large again
+
+
+class Gated:
+    """A pipeline stand-in whose runs wait for the test to open the gate; records each run and its priority."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[list[str], Priority]] = []
+        self.gate = asyncio.Event()
+
+    async def run(self, key: str, inputs: list[str], deadline: float) -> list[str]:
+        self.runs.append((list(inputs), current_priority.get()))
+        await self.gate.wait()
+        return [text.upper() for text in inputs]
+
+
+async def submit_at(coalescer: Coalescer[str, list[str]], level: Priority, text: str) -> list[str]:
+    """A caller whose call runs at `level`, as the gateway's PriorityInterceptor sets it."""
+    current_priority.set(level)
+    return await coalescer.submit("k", [text], 1e9)
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_high_priority_callers_get_a_run_of_their_own_when_every_slot_is_taken() -> None:
+    gated = Gated()
+    coalescer: Coalescer[str, list[str]] = Coalescer(gated.run, split, max_inflight=1)
+    low = [asyncio.ensure_future(submit_at(coalescer, Priority.LOW, f"low{i}")) for i in range(3)]
+    await settle()
+    high = [asyncio.ensure_future(submit_at(coalescer, Priority.HIGH, f"high{i}")) for i in range(2)]
+    await settle()
+    # The slot holds low0; low1 and low2 wait for it; high0 runs beside it at once (one such run at a time).
+    assert gated.runs == [(["low0"], Priority.LOW), (["high0"], Priority.HIGH)]
+    gated.gate.set()
+    assert await asyncio.gather(*high) == [["HIGH0"], ["HIGH1"]]
+    assert await asyncio.gather(*low) == [["LOW0"], ["LOW1"], ["LOW2"]]
+    # high1 waited for the first run to end and went before the low callers that came earlier, in a run of its own
+    # (a run merges one level).
+    assert gated.runs[2:] == [(["high1"], Priority.HIGH), (["low1", "low2"], Priority.LOW)]
+
+
+async def test_waiting_callers_are_served_by_priority_and_low_ones_still_run() -> None:
+    gated = Gated()
+    coalescer: Coalescer[str, list[str]] = Coalescer(gated.run, split, max_inputs=1, max_inflight=1)
+    calls = [asyncio.ensure_future(submit_at(coalescer, Priority.LOW, f"low{i}")) for i in range(4)]
+    await settle()
+    calls += [asyncio.ensure_future(submit_at(coalescer, Priority.NORMAL, f"normal{i}")) for i in range(3)]
+    calls += [asyncio.ensure_future(submit_at(coalescer, Priority.HIGH, f"high{i}")) for i in range(3)]
+    await settle()
+    gated.gate.set()
+    await asyncio.gather(*calls)
+    order = [run[0][0] for run in gated.runs]
+    # low0 held the slot and high0 ran beside it; then the higher levels first, each in its own order.
+    assert order[:2] == ["low0", "high0"]
+    assert order[2:] == ["high1", "high2", "normal0", "normal1", "normal2", "low1", "low2", "low3"]
+    # Each run goes through the stages at its callers' level.
+    assert [level for _, level in gated.runs][2:] == [Priority.HIGH] * 2 + [Priority.NORMAL] * 3 + [Priority.LOW] * 3
+
+
+async def test_admission_refuses_low_priority_first() -> None:
+    gated = Gated()
+    coalescer: Coalescer[str, list[str]] = Coalescer(gated.run, split, max_inflight=1, max_queued=8)
+    admitted = [asyncio.ensure_future(submit_at(coalescer, Priority.LOW, f"low{i}")) for i in range(6)]
+    await settle()
+    current_priority.set(Priority.LOW)
+    with pytest.raises(errors.TandemError) as caught:
+        await coalescer.submit("k", ["one more"], 1e9)
+    err = caught.value
+    assert (err.code, err.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.QUEUE_FULL)
+    assert err.message == "too many texts in progress for this model at the gateway: 6, limit 8 (low priority)"
+    assert err.metadata == {"priority": "low"} and err.retry_after_s is not None and err.retry_after_s > 0
+    # Normal callers still fill the limit, high ones an eighth past it.
+    admitted += [asyncio.ensure_future(submit_at(coalescer, Priority.NORMAL, f"n{i}")) for i in range(2)]
+    await settle()
+    current_priority.set(Priority.NORMAL)
+    with pytest.raises(errors.TandemError) as caught:
+        await coalescer.submit("k", ["n3"], 1e9)
+    assert caught.value.metadata == {"priority": "normal"}
+    admitted.append(asyncio.ensure_future(submit_at(coalescer, Priority.HIGH, "h")))
+    await settle()
+    current_priority.set(Priority.HIGH)
+    with pytest.raises(errors.TandemError) as caught:
+        await coalescer.submit("k", ["h2"], 1e9)
+    assert caught.value.message.endswith("9, limit 8 (high priority)")
+    gated.gate.set()
+    assert len(await asyncio.gather(*admitted)) == 9
