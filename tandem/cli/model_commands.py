@@ -7,11 +7,10 @@ import contextlib
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,11 @@ from services.common.repository import (
     DEFAULT_ALIAS,
     METADATA_FILE,
     AccuracyReport,
+    Derivation,
     ModelRepository,
     ModelVersion,
     Precision,
+    SpeedReport,
     Task,
     check_alias,
     check_name,
@@ -124,16 +125,23 @@ def _add_gguf(ctx: Context, name: str, gguf: Path, described: str, task: str, li
     return 0
 
 
-def _derive(
-    ctx: Context,
-    ref: str,
-    kind: str,
-    texts_file: Path | None,
-    build: Callable[[ModelVersion, Path], tuple[Precision, list[str]]],
-) -> int:
-    """Makes a new ONNX version from `ref` with `build(source, staging) -> (precision, notes)`, measures it against
-    the source's Hugging Face weights, and writes the report into its metadata. The new version takes no traffic
-    until promoted (see _pin_served_version)."""
+@dataclass
+class Derived:
+    """What a derivation's build step made in the staging folder: an ONNX graph (model.onnx) or Hugging Face
+    weights, at this precision, with notes and, for pruned and distilled versions, their provenance."""
+
+    precision: Precision
+    notes: list[str] = field(default_factory=list)
+    derivation: Derivation | None = None
+
+
+Build = Callable[[ModelVersion, Path], Derived]
+
+
+def derive(ctx: Context, ref: str, kind: str, texts_file: Path | None, build: Build) -> str:
+    """Makes a new version from `ref` with `build(source, staging)`, measures it against the original Hugging Face
+    weights it descends from (accuracy) and against `ref` (speed and size), and writes both into its metadata;
+    returns the new version. It takes no traffic until promoted (see _pin_served_version)."""
     source = resolve(ctx, ref)
     reference = reference_version(ctx, source)
     texts = read_texts(texts_file)
@@ -157,7 +165,7 @@ def _derive(
     else:
         stable = ctx.repository.aliases(source.name).get(DEFAULT_ALIAS)
         print(f"requests naming {source.name} keep getting version {stable} ({source.name}@{DEFAULT_ALIAS})")
-    return 0
+    return version
 
 
 def _pin_served_version(ctx: Context, name: str) -> str | None:
@@ -183,46 +191,104 @@ def _build_derived(
     reference: ModelVersion,
     kind: str,
     texts: Sequence[str],
-    build: Callable[[ModelVersion, Path], tuple[Precision, list[str]]],
+    build: Build,
 ) -> str:
     from services.inference.backends.onnx import cpu_backend
     from services.inference.export.accuracy import accuracy_report
 
     with new_version(ctx, source.name) as (version, staging):
         copy_files(source.path, staging, link=False, skip=NOT_DERIVED)
-        precision, notes = build(source, staging)
+        made = build(source, staging)
+        notes = made.notes
         report: AccuracyReport | None = None
-        try:
-            candidate = cpu_backend(staging / "model.onnx", ctx.threads)
-        except Exception as exc:  # fp16 graphs with operators the CPU provider lacks
-            notes.append(f"accuracy not measured: the graph does not run on this machine's CPU: {exc}")
+        speed: SpeedReport | None = None
+        if source.task is Task.TEXT_GENERATION:
+            report, speed = _measure_generation(ctx, source, reference, version, staging, texts)
         else:
-            report = accuracy_report(candidate, source, reference, texts, ctx.threads)
-            candidate.close()
+            graph = _candidate_graph(ctx, source, version, staging)
+            try:
+                candidate = cpu_backend(graph, ctx.threads)
+            except Exception as exc:  # fp16 graphs with operators the CPU provider lacks
+                notes.append(f"accuracy not measured: the graph does not run on this machine's CPU: {exc}")
+            else:
+                report = accuracy_report(candidate, source, reference, texts, ctx.threads)
+                candidate.close()
+                speed = _speed(ctx, (source, graph), source, texts)
         metadata = version_metadata(
             source,
             staging,
             source=f"{source.ref} ({kind})",
-            precision=precision,
-            backend="onnx",
+            precision=made.precision,
+            backend=None if has_weights(staging) else "onnx",
             derived_from=source.ref,
             accuracy=report,
+            speed=speed,
+            derivation=made.derivation,
             notes=notes,
         )
         write_json_atomic(staging / METADATA_FILE, metadata)
-    print(f"created {source.name}:{version} ({kind} of {source.ref}, {precision})")
-    print(_describe_report(report, notes))
+    print(f"created {source.name}:{version} ({kind} of {source.ref}, {made.precision})")
+    print(_describe_report(report, notes, speed))
     return version
 
 
-def _describe_report(report: AccuracyReport | None, notes: Sequence[str] = ()) -> str:
+def _candidate_graph(ctx: Context, source: ModelVersion, version: str, staging: Path) -> Path:
+    """The new version's ONNX graph: made by the build step, or exported beside the weights it made (so that the
+    version carries the graph serving loads)."""
+    from services.inference.export.onnx import ensure_onnx
+
+    graph = staging / "model.onnx"
+    if not graph.is_file():
+        graph, _ = ensure_onnx(load_version(source.name, version, staging, source.config), ctx.home, ctx.threads)
+    return graph
+
+
+def _speed(
+    ctx: Context, candidate: tuple[ModelVersion, Path | None], parent: ModelVersion, texts: Sequence[str]
+) -> SpeedReport:
+    from services.inference.export.speed import cached_graph, speed_report
+
+    graph = None if parent.task is Task.TEXT_GENERATION else cached_graph(parent, ctx.home, ctx.threads)
+    return speed_report(candidate, (parent, graph), texts, ctx.threads)
+
+
+def _measure_generation(
+    ctx: Context, source: ModelVersion, reference: ModelVersion, version: str, staging: Path, texts: Sequence[str]
+) -> tuple[AccuracyReport, SpeedReport]:
+    """Next-token agreement with the original and speed against the source, both with PyTorch."""
+    from services.inference.backends.torch import load_hf_model
+    from services.inference.export.accuracy import generation_report
+
+    if not has_weights(staging):
+        raise CommandError(f"{source.ref} is a text-generation model: only pruning and distillation derive from it")
+    candidate = load_version(source.name, version, staging, source.config)
+    report = generation_report(load_hf_model(candidate), reference, texts, ctx.threads)
+    return report, _speed(ctx, (candidate, None), source, texts)
+
+
+def _describe_report(report: AccuracyReport | None, notes: Sequence[str] = (), speed: SpeedReport | None = None) -> str:
     if report is None:
         return "accuracy: not measured" + "".join(f"\n  {n}" for n in notes)
     lines = [f"accuracy against {report.reference} (transformers, float32) on {report.texts} texts:"]
-    for field in ("min_cosine", "mean_cosine", "top1_agreement", "max_probability_difference"):
-        value = getattr(report, field)
+    for field_name in ("min_cosine", "mean_cosine", "top1_agreement", "max_probability_difference"):
+        value = getattr(report, field_name)
         if value is not None:
-            lines.append(f"  {field.replace('_', ' ')}: {value:.6f}")
+            lines.append(f"  {field_name.replace('_', ' ')}: {value:.6f}")
+    if speed is not None:
+        lines.append(
+            f"speed against {speed.parent} on {speed.texts} texts, {speed.threads} threads, CPU (ms per text; ratio"
+            " parent/new):"
+        )
+        for label, new, old in (
+            ("one text", speed.ms_per_text_single, speed.parent_ms_per_text_single),
+            (f"batch of {speed.batch_size}", speed.ms_per_text_batch, speed.parent_ms_per_text_batch),
+        ):
+            lines.append(f"  {label}: {new:.3f} ms (parent {old:.3f} ms, {old / max(new, 1e-9):.2f}x)")
+        lines.append(
+            f"  size on disk: {speed.size_bytes / 1e6:.1f} MB (parent {speed.parent_size_bytes / 1e6:.1f} MB,"
+            f" {speed.size_bytes / max(speed.parent_size_bytes, 1):.2f}x)"
+        )
+    lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
 
 
@@ -240,7 +306,7 @@ def export(ctx: Context, ref: str, texts_file: Path | None, optimize: bool) -> i
     from services.inference.export.conversion import optimize_onnx
     from services.inference.export.onnx import export_onnx
 
-    def build(source: ModelVersion, staging: Path) -> tuple[Precision, list[str]]:
+    def build(source: ModelVersion, staging: Path) -> Derived:
         if not has_weights(source.path):
             raise CommandError(f"{source.ref} has no Hugging Face weights to export")
         with tempfile.TemporaryDirectory(dir=staging.parent) as tmp:
@@ -251,30 +317,32 @@ def export(ctx: Context, ref: str, texts_file: Path | None, optimize: bool) -> i
             else:
                 shutil.move(raw, staging / "model.onnx")
         notes = ["ONNX Runtime extended graph optimisations applied offline"] if optimize else []
-        return "fp32", notes
+        return Derived("fp32", notes)
 
-    return _derive(ctx, ref, "export, optimised" if optimize else "export", texts_file, build)
+    derive(ctx, ref, "export, optimised" if optimize else "export", texts_file, build)
+    return 0
 
 
 def quantize(ctx: Context, ref: str, mode: str, texts_file: Path | None, per_channel: bool) -> int:
     from services.inference.export.conversion import convert_fp16, optimize_onnx, quantize_int8
 
-    def build(source: ModelVersion, staging: Path) -> tuple[Precision, list[str]]:
+    def build(source: ModelVersion, staging: Path) -> Derived:
         metadata = source.metadata
         if metadata is not None and metadata.precision != "fp32":
             raise CommandError(f"{source.ref} is already {metadata.precision}; quantise an fp32 version")
         graph = _source_onnx(ctx, source)
         if mode == "fp16":
             used = convert_fp16(graph, staging / "model.onnx")
-            return "fp16", [f"converted with {used}, inputs and outputs kept float32"]
+            return Derived("fp16", [f"converted with {used}, inputs and outputs kept float32"])
         with tempfile.TemporaryDirectory(dir=staging.parent) as tmp:
             optimized = Path(tmp) / "optimized.onnx"
             optimize_onnx(graph, optimized, ctx.threads)
             quantize_int8(optimized, staging / "model.onnx", per_channel=per_channel)
         scales = "per output channel" if per_channel else "per tensor"
-        return "int8", [f"onnxruntime quantize_dynamic: int8 MatMul weights {scales}, activations per call"]
+        return Derived("int8", [f"onnxruntime quantize_dynamic: int8 MatMul weights {scales}, activations per call"])
 
-    return _derive(ctx, ref, f"quantize {mode}", texts_file, build)
+    derive(ctx, ref, f"quantize {mode}", texts_file, build)
+    return 0
 
 
 def list_models(ctx: Context, name: str | None, as_json: bool) -> int:
@@ -325,7 +393,31 @@ def list_models(ctx: Context, name: str | None, as_json: bool) -> int:
                 + (f"  accuracy: {figures}" if figures else "")
                 + (f"  error: {row['error']}" if "error" in row else "")
             )
+            for line in _provenance(row):
+                print(f"        {line}")
     return 0
+
+
+def _provenance(row: dict[str, Any]) -> list[str]:
+    """How a pruned or distilled version was made, and its speed against its parent, for `list`."""
+    lines = []
+    made = row.get("derivation")
+    if made:
+        settings = ", ".join(f"{k} {v}" for k, v in made["parameters"].items() if v not in (None, 0, 0.0, False))
+        steps = f", {made['steps']} steps" if made.get("steps") else ""
+        lines.append(
+            f"{made['method']} of {made['parent']} ({settings}) on {made['corpus']} ({made['corpus_texts']} texts,"
+            f" {made['corpus_sha256'][:19]}){steps} in {made['seconds']:.0f} s"
+        )
+    speed = row.get("speed")
+    if speed:
+        lines.append(
+            f"speed against {speed['parent']}: one text"
+            f" {speed['parent_ms_per_text_single'] / max(speed['ms_per_text_single'], 1e-9):.2f}x, batch of"
+            f" {speed['batch_size']} {speed['parent_ms_per_text_batch'] / max(speed['ms_per_text_batch'], 1e-9):.2f}x,"
+            f" size {speed['size_bytes'] / max(speed['parent_size_bytes'], 1):.2f}x"
+        )
+    return lines
 
 
 def set_alias(ctx: Context, name: str, alias: str, version: str | None, delete: bool) -> int:
@@ -421,10 +513,10 @@ def remove(ctx: Context, ref: str, force: bool) -> int:
 def speed(ctx: Context, refs: Sequence[str], texts_file: Path | None, batch_size: int, repeats: int) -> int:
     """Median milliseconds per text, in-process with each version's own backend: texts one at a time, and in
     padded batches of `batch_size`."""
-    import numpy as np
     from transformers import AutoTokenizer
 
     from services.inference.backends.base import BackendOptions
+    from services.inference.export.speed import encoder_runner, ms_per_text
     from services.inference.loading import create_backend
 
     texts = read_texts(texts_file)
@@ -437,28 +529,7 @@ def speed(ctx: Context, refs: Sequence[str], texts_file: Path | None, batch_size
             model, BackendOptions(home=ctx.home, intra_op_threads=ctx.threads, device="cpu", instances=1)
         )
         tokenizer = AutoTokenizer.from_pretrained(str(model.path))
-
-        def run(batch: list[str], backend: Any = backend, tokenizer: Any = tokenizer, model: Any = model) -> None:
-            enc = tokenizer(batch, padding=True, truncation=True, max_length=model.max_length, return_tensors="np")
-            types = enc.get("token_type_ids")
-            backend.run(
-                enc["input_ids"].astype(np.int64),
-                enc["attention_mask"].astype(np.int64),
-                None if types is None else types.astype(np.int64),
-            )
-
-        def timed(batch: list[str], run: Callable[[list[str]], None] = run) -> float:
-            run(batch)  # warm for this shape
-            samples = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                run(batch)
-                samples.append(time.perf_counter() - started)
-            return statistics.median(samples) * 1000 / len(batch)
-
-        single = statistics.median(timed([t]) for t in texts)
-        batches = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
-        batched = statistics.median(timed(b) for b in batches if len(b) == batch_size or len(batches) == 1)
+        single, batched = ms_per_text(encoder_runner(backend, tokenizer, model.max_length), texts, batch_size, repeats)
         precision = model.metadata.precision if model.metadata is not None else "fp32"
         print(f"{model.ref:<28} {precision:<9} {single:>8.2f} {batched:>10.3f}")
         backend.close()

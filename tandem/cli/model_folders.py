@@ -17,10 +17,12 @@ from services.common import errors
 from services.common.repository import (
     METADATA_FILE,
     AccuracyReport,
+    Derivation,
     ModelConfig,
     ModelRepository,
     ModelVersion,
     Precision,
+    SpeedReport,
     Task,
     VersionMetadata,
     check_name,
@@ -166,9 +168,11 @@ def resolve(ctx: Context, ref: str) -> ModelVersion:
 
 
 def reference_version(ctx: Context, model: ModelVersion) -> ModelVersion:
-    """The version holding the Hugging Face weights a derived version descends from."""
+    """The original Hugging Face weights a derived version descends from: past exported and quantised versions
+    (no weights) and past pruned and distilled ones (weights of their own), so that `distill` then `quantize`
+    reports against the original too."""
     seen = set()
-    while not has_weights(model.path):
+    while not has_weights(model.path) or (model.metadata is not None and model.metadata.derivation is not None):
         parent = model.metadata.derived_from if model.metadata is not None else None
         if parent is None or parent in seen:
             raise CommandError(f"{model.ref} has no Hugging Face weights to compare with, and names no source")
@@ -197,6 +201,8 @@ def version_metadata(
     backend: Literal["onnx", "torch"] | None,
     derived_from: str | None = None,
     accuracy: AccuracyReport | None = None,
+    speed: SpeedReport | None = None,
+    derivation: Derivation | None = None,
     notes: Sequence[str] = (),
 ) -> VersionMetadata:
     fingerprint = tokenizer_fingerprint(folder)
@@ -214,5 +220,7 @@ def version_metadata(
         created=datetime.now(UTC).replace(microsecond=0),
         derived_from=derived_from,
         accuracy=accuracy,
+        speed=speed,
+        derivation=derivation,
         notes=list(notes),
     )

@@ -208,6 +208,42 @@ class AccuracyReport(BaseModel):
     max_probability_difference: float | None = None
 
 
+class SpeedReport(BaseModel):
+    """A derived version's speed and size against its parent, measured in one run on one machine: median
+    milliseconds per text in-process with each version's serving backend (CPU), one text at a time and in padded
+    batches, and the bytes of what the backend loads (the ONNX graph, or the weights)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    parent: str = Field(description="the version compared with, as name:version")
+    texts: int = Field(ge=0, description="held-out texts timed")
+    threads: int = Field(ge=1, description="CPU threads of both backends")
+    batch_size: int = Field(ge=1)
+    ms_per_text_single: float
+    parent_ms_per_text_single: float
+    ms_per_text_batch: float
+    parent_ms_per_text_batch: float
+    size_bytes: int
+    parent_size_bytes: int
+
+
+class Derivation(BaseModel):
+    """How a pruned or distilled version was made (its provenance)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["prune", "distill"]
+    parent: str = Field(description="the version pruned or distilled (the teacher), as name:version")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="the command's settings")
+    corpus: str = Field(description="calibration or training texts: a file, or builtin:python-docs")
+    corpus_sha256: str
+    corpus_texts: int = Field(ge=0)
+    steps: int | None = Field(None, description="training steps (distillation)")
+    seconds: float = Field(ge=0, description="time the pruning or training took")
+    parameter_count: int | None = None
+    parent_parameter_count: int | None = None
+
+
 Precision = Literal["fp32", "fp16", "int8"]
 
 
@@ -227,8 +263,12 @@ class VersionMetadata(BaseModel):
     dimension: int | None = None
     labels: list[str] = Field(default_factory=list)
     created: datetime | None = None
-    derived_from: str | None = Field(None, description="name:version this version was exported or quantised from")
+    derived_from: str | None = Field(
+        None, description="name:version this version was exported, quantised, pruned or distilled from"
+    )
     accuracy: AccuracyReport | None = None
+    speed: SpeedReport | None = None
+    derivation: Derivation | None = None
     notes: list[str] = Field(default_factory=list)
 
 

@@ -51,9 +51,15 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def load_hf_model(model: ModelVersion, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The Hugging Face model of a version folder, in eval mode, with the Auto class of its task."""
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+    )
 
     auto: Any = {
+        Task.TEXT_GENERATION: AutoModelForCausalLM,
         Task.EMBEDDING: AutoModel,
         Task.CLASSIFICATION: AutoModelForSequenceClassification,
         Task.RERANK: AutoModelForSequenceClassification,

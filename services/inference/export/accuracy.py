@@ -160,3 +160,33 @@ def accuracy_report(
         top1_agreement=round(agree / max(total, 1), 6),
         max_probability_difference=round(worst, 6),
     )
+
+
+def generation_report(
+    candidate: torch.nn.Module, reference: ModelVersion, texts: Sequence[str], threads: int
+) -> AccuracyReport:
+    """A text-generation candidate (a causal LM) against `reference`: at every position of every text, whether both
+    predict the same next token (top1_agreement), and the largest difference of a next-token probability."""
+    from transformers import AutoTokenizer
+
+    if not texts:
+        raise ValueError("no texts to compare on")
+    torch.set_num_threads(threads)
+    teacher = load_hf_model(reference)
+    tokenizer = AutoTokenizer.from_pretrained(str(reference.path))
+    agree = total = 0
+    worst = 0.0
+    with torch.inference_mode():
+        for text in texts:
+            ids = tokenizer(text, truncation=True, max_length=reference.max_length, return_tensors="pt")["input_ids"]
+            want = torch.softmax(teacher(input_ids=ids).logits[0].float(), dim=-1)
+            got = torch.softmax(candidate(input_ids=ids).logits[0].float(), dim=-1)
+            agree += int((want.argmax(dim=-1) == got.argmax(dim=-1)).sum())
+            total += want.shape[0]
+            worst = max(worst, float((want - got).abs().max()))
+    return AccuracyReport(
+        reference=reference.ref,
+        texts=len(texts),
+        top1_agreement=round(agree / max(total, 1), 6),
+        max_probability_difference=round(worst, 6),
+    )
