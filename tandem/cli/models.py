@@ -1,20 +1,24 @@
-"""`tandem models`: the model repository on disk — add versions, export and quantise them (each with an accuracy
-report against the source model), aliases, promotion behind an accuracy gate, removal, and speed comparisons.
+"""`tandem models`: the model repository on disk — add versions, export, quantise, prune and distil them (each with
+an accuracy report against the source model), aliases, promotion behind an accuracy gate, removal, and speed
+comparisons.
 
 Works on the folder only; running stages see new versions and aliases within a second (or on ReloadModel), and
 move requests to a version only once it is loaded and warm.
 
-This module is the command line; model_commands.py holds the subcommands, model_folders.py the repository folder
-operations they share.
+This module is the command line; model_commands.py holds the subcommands, model_compression.py prune and distill,
+model_folders.py the repository folder operations they share.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from services.common import errors
@@ -32,6 +36,7 @@ from tandem.cli.model_commands import (
     set_alias,
     speed,
 )
+from tandem.cli.model_compression import DistillOptions, distill, prune
 from tandem.cli.model_folders import CommandError, Context
 
 
@@ -62,6 +67,37 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("ref", metavar="NAME[:VERSION]")
     p.add_argument("--mode", required=True, choices=["int8", "fp16"])
     p.add_argument("--per-tensor", dest="per_channel", action="store_false", help="int8: one scale per weight")
+
+    corpus = argparse.ArgumentParser(add_help=False)
+    corpus.add_argument(
+        "--corpus",
+        type=Path,
+        default=None,
+        help="texts to measure importance on or train with: one per line, or JSONL (.jsonl: objects with a"
+        ' "text" field); default: the English prose that ships with Python (docs/models.md)',
+    )
+
+    p = sub.add_parser(
+        "prune", parents=[common, texts, corpus], help="new version: heads, FFN neurons or layers removed"
+    )
+    p.add_argument("ref", metavar="NAME[:VERSION]")
+    p.add_argument("--heads", type=float, default=0.0, metavar="F", help="fraction of attention heads to remove")
+    p.add_argument("--ffn", type=float, default=0.0, metavar="F", help="fraction of FFN neurons to remove")
+    p.add_argument("--layers", type=int, default=None, metavar="K", help="keep the K most important layers")
+
+    p = sub.add_parser("distill", parents=[common, texts, corpus], help="new version: a student trained on the parent")
+    p.add_argument("ref", metavar="NAME[:VERSION]")
+    p.add_argument("--layers", type=int, default=None, metavar="K", help="student: the parent with K layers kept")
+    p.add_argument("--student", type=Path, default=None, metavar="FOLDER", help="student: a Hugging Face folder")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=2.0, help="classifiers and text generation: softening")
+    p.add_argument("--max-tokens", type=int, default=128, help="texts are cut to this many tokens in training")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--checkpoint-every", type=int, default=200, metavar="N", help="steps between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue this run from its last checkpoint")
 
     p = sub.add_parser("list", parents=[common], help="models, versions, aliases and accuracy reports")
     p.add_argument("name", metavar="NAME", nargs="?")
@@ -115,6 +151,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = (opts.model_repository or home / "repository").expanduser()
     root.mkdir(parents=True, exist_ok=True)
     ctx = Context(ModelRepository(root, rescan_s=0), home, max(1, opts.threads))
+    with _terminated_like_interrupted():
+        return _run(ctx, opts)
+
+
+@contextlib.contextmanager
+def _terminated_like_interrupted() -> Iterator[None]:
+    """SIGTERM (a killed job, a container stopped) ends the command as Ctrl-C does, so that what it was making is
+    cleaned up: no staging folder of a half-made version stays behind, a pinned alias is restored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(ctx: Context, opts: argparse.Namespace) -> int:
     try:
         match opts.command:
             case "add":
@@ -123,6 +182,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return export(ctx, opts.ref, opts.texts, opts.optimize)
             case "quantize":
                 return quantize(ctx, opts.ref, opts.mode, opts.texts, opts.per_channel)
+            case "prune":
+                return prune(ctx, opts.ref, opts.heads, opts.ffn, opts.layers, opts.corpus, opts.texts)
+            case "distill":
+                options = DistillOptions(
+                    layers=opts.layers,
+                    student=opts.student,
+                    corpus=opts.corpus,
+                    steps=opts.steps,
+                    batch_size=opts.batch_size,
+                    lr=opts.lr,
+                    seed=opts.seed,
+                    temperature=opts.temperature,
+                    max_tokens=opts.max_tokens,
+                    device=opts.device,
+                    checkpoint_every=opts.checkpoint_every,
+                    resume=opts.resume,
+                )
+                return distill(ctx, opts.ref, options, opts.texts)
             case "list":
                 return list_models(ctx, opts.name, opts.json)
             case "alias":
