@@ -8,7 +8,7 @@ Waiting callers are served by priority (the caller's `gateway.priority.current_p
 stream of high-priority requests never starves the low ones (services/common/priority.py); a run merges callers of
 one level and goes through the stages at that level. Admission keeps the last places for higher levels, so under
 overload the low-priority callers are the ones refused; and when every run slot is taken, high-priority callers get
-one run more of their own (an express run), so they wait for no low-priority run to finish.
+runs of their own beyond them (express runs, up to as many again), so they wait for no low-priority run to finish.
 """
 
 from __future__ import annotations
@@ -85,8 +85,9 @@ class Coalescer(Generic[Key, Result]):
         self._promised_inputs: Counter[Key] = Counter()
         self._queues: dict[Key, WeightedQueue[_Waiter[Result]]] = {}
         self._inflight: Counter[Key] = Counter()
-        # Keys with an express run in flight: high-priority callers only, started past max_inflight (one at a time).
-        self._express: set[Key] = set()
+        # Per key, express runs in flight: high-priority callers only, started past max_inflight (at most as many
+        # again, so that high-priority callers wait neither for low-priority runs nor, many at once, for each other).
+        self._express: Counter[Key] = Counter()
         # Per key, a smaller merge size learned from a stage that refused a merged run as too large (the inference
         # stage's per-request limit is its model's queue size, which the gateway is not told), and until when it
         # holds: a model whose limit grows (a new version, a changed tandem.json) gets large runs again.
@@ -206,12 +207,16 @@ class Coalescer(Generic[Key, Result]):
             if not batch:
                 return
             self._launch(key, batch, express=False)
-        queue = self._queues.get(key)
-        if key not in self._express and queue is not None and queue.waiting(Priority.HIGH):
+        while (
+            self._express[key] < self.max_inflight and (queue := self._queues.get(key)) and queue.waiting(Priority.HIGH)
+        ):
             batch = self._take(key, Priority.HIGH)
-            if batch:
-                self._express.add(key)
-                self._launch(key, batch, express=True)
+            if not batch:
+                break
+            self._express[key] += 1
+            self._launch(key, batch, express=True)
+        if not self._express[key]:
+            self._express.pop(key, None)
 
     def _launch(self, key: Key, batch: list[_Waiter[Result]], express: bool) -> None:
         self._inflight[key] += 1
@@ -259,7 +264,7 @@ class Coalescer(Generic[Key, Result]):
             if self._inflight[key] <= 0:
                 del self._inflight[key]
             if express:
-                self._express.discard(key)
+                self._express[key] -= 1
             self._start_runs(key)
 
     @staticmethod

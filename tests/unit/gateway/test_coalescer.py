@@ -273,7 +273,7 @@ async def test_high_priority_callers_get_a_run_of_their_own_when_every_slot_is_t
     await settle()
     high = [asyncio.ensure_future(submit_at(coalescer, Priority.HIGH, f"high{i}")) for i in range(2)]
     await settle()
-    # The slot holds low0; low1 and low2 wait for it; high0 runs beside it at once (one such run at a time).
+    # The slot holds low0; low1 and low2 wait for it; high0 runs beside it at once (as many such runs as slots).
     assert gated.runs == [(["low0"], Priority.LOW), (["high0"], Priority.HIGH)]
     gated.gate.set()
     assert await asyncio.gather(*high) == [["HIGH0"], ["HIGH1"]]
@@ -328,3 +328,20 @@ async def test_admission_refuses_low_priority_first() -> None:
     assert caught.value.message.endswith("9, limit 8 (high priority)")
     gated.gate.set()
     assert len(await asyncio.gather(*admitted)) == 9
+
+
+async def test_express_runs_go_up_to_as_many_again_as_the_run_slots() -> None:
+    gated = Gated()
+    coalescer: Coalescer[str, list[str]] = Coalescer(gated.run, split, max_inflight=2)
+    low = [asyncio.ensure_future(submit_at(coalescer, Priority.LOW, f"low{i}")) for i in range(3)]
+    await settle()
+    high = []
+    for i in range(3):
+        high.append(asyncio.ensure_future(submit_at(coalescer, Priority.HIGH, f"high{i}")))
+        await settle()
+    # Two slots hold low runs; high0 and high1 each got an express run at once; high2 waits for the next free run.
+    assert [run[0] for run in gated.runs] == [["low0"], ["low1"], ["high0"], ["high1"]]
+    gated.gate.set()
+    await asyncio.gather(*low, *high)
+    assert [run[0] for run in gated.runs][4:] == [["high2"], ["low2"]]
+    assert not coalescer._express and not coalescer._inflight

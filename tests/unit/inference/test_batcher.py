@@ -18,7 +18,7 @@ from services.common.pooling import pool_ragged
 from services.common.priority import Priority
 from services.common.repository import ModelConfig, Task
 from services.inference.backends.base import Backend, FloatArray, IntArray
-from services.inference.batching.batcher import MAX_OVERTAKEN, Batcher
+from services.inference.batching.batcher import MAX_OVERTAKEN, SHARED_CALL_COSTS, Batcher
 
 
 class EchoBackend(Backend):
@@ -536,3 +536,26 @@ async def test_a_nearly_full_queue_refuses_low_priority_first() -> None:
     backend.gate.set()
     await asyncio.gather(held, normal, high)
     await batcher.close()
+
+
+async def test_while_high_priority_work_comes_other_calls_are_cut_short() -> None:
+    def batcher_of() -> tuple[Batcher, EchoBackend]:
+        backend = EchoBackend(token_level=True)
+        # Calls without high-priority rows carry at most 16 padded tokens while high-priority work comes.
+        return Batcher(
+            backend, ModelConfig(task=Task.EMBEDDING), "echo", call_cost_tokens=16 / SHARED_CALL_COSTS
+        ), backend
+
+    seqs = [[i + 1] * 4 for i in range(20)]  # 20 rows of 4 tokens, all alike: one call when nothing else comes
+    alone, alone_backend = batcher_of()
+    assert np.array_equal(await submit(alone, seqs), expected(seqs, True))
+    assert alone_backend.calls == [(20, 4)]
+    await alone.close()
+
+    shared, backend = batcher_of()
+    ids, types, cu = ragged([[99]])
+    await shared.submit(ids, types, cu, None, priority=Priority.HIGH)
+    ids, types, cu = ragged(seqs)
+    assert np.array_equal(await shared.submit(ids, types, cu, None, priority=Priority.LOW), expected(seqs, True))
+    assert backend.calls == [(1, 1)] + [(4, 4)] * 5  # 16 padded tokens a call: 4 rows of 4
+    await shared.close()
