@@ -443,12 +443,21 @@ def promote(
     version: str,
     alias: str,
     force: bool,
-    min_cosine: float,
-    min_agreement: float,
+    min_cosine: float | None,
+    min_agreement: float | None,
     max_probability_difference: float | None,
 ) -> int:
-    """Points `alias` (stable: what bare requests get) at a version whose accuracy report passes the gate."""
+    """Points `alias` (stable: what bare requests get) at a version whose accuracy report passes the gate: the
+    thresholds given, else those of the model's tandem.json (`promote`), else the defaults."""
     model = resolve(ctx, f"{name}:{version}")
+    gate = model.config.promote
+    if min_cosine is None:
+        min_cosine = gate.min_cosine if gate is not None and gate.min_cosine is not None else DEFAULT_MIN_COSINE
+    if min_agreement is None:
+        given = gate.min_agreement if gate is not None else None
+        min_agreement = given if given is not None else DEFAULT_MIN_AGREEMENT
+    if max_probability_difference is None and gate is not None:
+        max_probability_difference = gate.max_probability_difference
     check_alias(alias, "--alias")
     metadata = model.metadata
     report = metadata.accuracy if metadata is not None else None

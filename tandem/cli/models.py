@@ -114,8 +114,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("version", metavar="VERSION")
     p.add_argument("--alias", default="stable")
     p.add_argument("--force", action="store_true", help="promote even below the thresholds")
-    p.add_argument("--min-cosine", type=float, default=DEFAULT_MIN_COSINE, help="embeddings: lowest min cosine")
-    p.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT, help="classifiers: top-1 agreement")
+    p.add_argument(
+        "--min-cosine",
+        type=float,
+        default=None,
+        help=f"embeddings: lowest min cosine (default: tandem.json's promote.min_cosine, else {DEFAULT_MIN_COSINE})",
+    )
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        default=None,
+        help="classifiers, text generation: lowest top-1 agreement (default: tandem.json's promote.min_agreement,"
+        f" else {DEFAULT_MIN_AGREEMENT})",
+    )
     p.add_argument("--max-probability-difference", type=float, default=None, help="classifiers: largest allowed")
 
     p = sub.add_parser("remove", parents=[common], help="remove a version, or a whole model")

@@ -187,7 +187,13 @@ def test_the_gate_keeps_requests_on_the_parent_until_promotion(setup: Setup, tmp
     refused = run(repo, setup.home, "promote", "emb", "2", "--min-cosine", "0.9999")
     assert refused.code == 1 and "refusing to promote emb:2: min cosine" in refused.err
     assert ModelRepository(repo, rescan_s=0).resolve("emb").version == "1"
-    assert run(repo, setup.home, "promote", "emb", "2", "--min-cosine", "0.1").code == 0
+    # The model's own threshold (tandem.json) stands in for the flag's default, and the flag overrides it.
+    config_file = repo / "emb" / "tandem.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "promote": {"min_cosine": 0.9999}}))
+    refused = run(repo, setup.home, "promote", "emb", "2")
+    assert refused.code == 1 and "below 0.9999" in refused.err
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "promote": {"min_cosine": 0.1}}))
+    assert run(repo, setup.home, "promote", "emb", "2").code == 0
     assert ModelRepository(repo, rescan_s=0).resolve("emb").version == "2"
 
 

@@ -92,6 +92,19 @@ class GenerationSettings(BaseModel):
     )
 
 
+class PromoteGate(BaseModel):
+    """The `promote` block of tandem.json: the accuracy a derived version (exported, quantised, pruned, distilled)
+    needs before `tandem models promote` points an alias at it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_cosine: float | None = Field(None, le=1, description="embeddings: lowest min cosine (default 0.99)")
+    min_agreement: float | None = Field(
+        None, ge=0, le=1, description="classifiers and text generation: lowest top-1 agreement (default 0.98)"
+    )
+    max_probability_difference: float | None = Field(None, ge=0, description="classifiers: largest allowed")
+
+
 class ModelConfig(BaseModel):
     """Contents of <model>/tandem.json."""
 
@@ -151,6 +164,9 @@ class ModelConfig(BaseModel):
         None,
         description="text-generation models: the .gguf file in each version folder that is the model (converted "
         "once into a cached Hugging Face folder, which every stage then reads; docs/models.md, GGUF files)",
+    )
+    promote: PromoteGate | None = Field(
+        None, description="this model's thresholds for `tandem models promote` (the command's flags override them)"
     )
 
     @model_validator(mode="after")
