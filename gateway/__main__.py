@@ -11,9 +11,10 @@ import grpc
 from prometheus_client import REGISTRY
 
 from gateway.auth import AuthInterceptor, KeyRing
-from gateway.clients import InferenceClient, PostprocessClient, TokenizerClient
+from gateway.clients import InferenceClient, PostprocessClient, PostprocessStage, TokenizerClient, TokenizerStage
 from gateway.core import Pipeline
 from gateway.limits import RateLimiter, RateLimitInterceptor
+from gateway.local import IN_PROCESS, LocalPostprocess, LocalTokenizer
 from gateway.management.client import ManagementClient
 from gateway.management.servicer import registrar as management_registrar
 from gateway.oip.servicer import registrar as oip_registrar
@@ -21,18 +22,44 @@ from gateway.priority import PriorityInterceptor
 from gateway.servicer import registrar
 from gateway.settings import GatewaySettings
 from services.common import stage, tls
+from services.common.default_model import default_model_of, repository_root
 from services.common.metrics import GatewayMetrics
+from services.common.repository import ModelRepository
 from services.common.server import Registrar, RunningServer
+from services.postprocess.core import Postprocessor
+from services.tokenizer.core import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
+def _repository(settings: GatewaySettings) -> ModelRepository:
+    """The model repository of the stages that run in the gateway's process, opened as the stage processes open it."""
+    return ModelRepository(
+        repository_root(settings.model_repository, settings.home, settings.chat_model),
+        default_model_of(settings.model_repository, settings.default_model),
+        gguf_cache=settings.gguf_cache_folder(),
+    )
+
+
 def build_pipeline(settings: GatewaySettings, security: tls.ChannelSecurity | None = None) -> Pipeline:
+    """Stage clients over channels, or the light stages' cores in this process where a target is `in-process`."""
     size = settings.max_message_bytes
+    tokenizer: TokenizerStage
+    postprocess: PostprocessStage
+    # One repository for both stages in this process: one listing per model read every second, not one each.
+    repository = _repository(settings) if IN_PROCESS in (settings.tokenizer, settings.postprocess) else None
+    if repository is not None and settings.tokenizer == IN_PROCESS:
+        tokenizer = LocalTokenizer(Tokenizer(repository, max_inputs=settings.max_inputs))
+    else:
+        tokenizer = TokenizerClient(settings.tokenizer, size, settings.hedge_after_s, security=security)
+    if repository is not None and settings.postprocess == IN_PROCESS:
+        postprocess = LocalPostprocess(Postprocessor(repository))
+    else:
+        postprocess = PostprocessClient(settings.postprocess, size, settings.hedge_after_s, security=security)
     return Pipeline(
-        TokenizerClient(settings.tokenizer, size, settings.hedge_after_s, security=security),
+        tokenizer,
         InferenceClient(settings.inference, size, settings.hedge_after_s, security=security),
-        PostprocessClient(settings.postprocess, size, settings.hedge_after_s, security=security),
+        postprocess,
         default_timeout_s=settings.default_timeout_s,
         max_inputs=settings.max_inputs,
         max_input_chars=settings.max_input_chars,
@@ -123,6 +150,11 @@ async def serve(settings: GatewaySettings, security: tls.ServiceTls | None = Non
     except (OSError, ValueError) as exc:  # a bad keys file stops the gateway with a message, not a traceback
         raise SystemExit(f"tandem gateway: cannot load API keys: {exc}") from None
     pipeline = build_pipeline(settings, security.channels)
+    # In-process stages load their tokenizers before the gateway serves, as their processes would.
+    for local in (pipeline.tokenizer, pipeline.postprocess):
+        if isinstance(local, LocalTokenizer | LocalPostprocess):
+            log.info("the %s stage runs in the gateway's process", local.stage)
+            await asyncio.to_thread(local.core.preload)
     management = ManagementClient(settings.inference, settings.max_message_bytes, security=security.channels)
 
     async def close() -> None:

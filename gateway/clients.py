@@ -8,7 +8,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -241,6 +241,56 @@ class StageClient(Generic[Stub]):
 
     async def close(self) -> None:
         await self.channel.close()
+
+
+class TokenizerStage(Protocol):
+    """What the gateway calls on the tokenizer stage: a TokenizerClient (a stage process) or a LocalTokenizer."""
+
+    stage: str
+    target: str
+
+    async def tokenize(
+        self, request: tokenizer_pb2.TokenizeRequest, deadline: float
+    ) -> tokenizer_pb2.TokenizeResponse: ...
+
+    async def detokenize(
+        self, request: tokenizer_pb2.DetokenizeRequest, deadline: float
+    ) -> tokenizer_pb2.DetokenizeResponse: ...
+
+    async def encode_prompt(
+        self, request: tokenizer_pb2.EncodePromptRequest, deadline: float
+    ) -> tokenizer_pb2.EncodePromptResponse: ...
+
+    async def serving(self, timeout_s: float) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+class PostprocessStage(Protocol):
+    """What the gateway calls on the postprocess stage: a PostprocessClient (a stage process) or a LocalPostprocess."""
+
+    stage: str
+    target: str
+
+    async def pool(self, request: postprocess_pb2.PoolRequest, deadline: float) -> postprocess_pb2.PoolResponse: ...
+
+    async def classify(
+        self, request: postprocess_pb2.ClassifyRequest, deadline: float
+    ) -> postprocess_pb2.ClassifyResponse: ...
+
+    async def classify_tokens(
+        self, request: postprocess_pb2.ClassifyTokensRequest, deadline: float
+    ) -> postprocess_pb2.ClassifyTokensResponse: ...
+
+    async def rerank(
+        self, request: postprocess_pb2.RerankRequest, deadline: float
+    ) -> postprocess_pb2.RerankResponse: ...
+
+    def detokenize(self, deadline: float) -> Any: ...
+
+    async def serving(self, timeout_s: float) -> bool: ...
+
+    async def close(self) -> None: ...
 
 
 class TokenizerClient(StageClient["tokenizer_pb2_grpc.TokenizerServiceAsyncStub"]):

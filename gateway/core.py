@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from gateway.clients import InferenceClient, PostprocessClient, TokenizerClient
+from gateway.clients import InferenceClient, PostprocessStage, TokenizerStage
 from gateway.coalescer import Coalescer
 from gateway.generation import ChatMessage, GeneratedText, Generation
 from gateway.priority import current_priority
@@ -246,9 +246,9 @@ class Pipeline:
 
     def __init__(
         self,
-        tokenizer: TokenizerClient,
+        tokenizer: TokenizerStage,
         inference: InferenceClient,
-        postprocess: PostprocessClient,
+        postprocess: PostprocessStage,
         *,
         default_timeout_s: float = 30.0,
         max_inputs: int = 2048,

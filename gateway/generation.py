@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from gateway.clients import InferenceClient, PostprocessClient, TokenizerClient, stage_error
+from gateway.clients import InferenceClient, PostprocessStage, TokenizerStage, stage_error
 from services.common import errors, timing
 from services.common.errors import Reason
 from tandem.generation.v1 import generation_pb2
@@ -95,9 +95,9 @@ class Generation:
 
     def __init__(
         self,
-        tokenizer: TokenizerClient,
+        tokenizer: TokenizerStage,
         inference: InferenceClient,
-        postprocess: PostprocessClient,
+        postprocess: PostprocessStage,
         *,
         max_messages: int,
         max_chars: int,

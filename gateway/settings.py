@@ -15,10 +15,12 @@ class GatewaySettings(ServiceSettings):
 
     listen: str = Field("127.0.0.1:50051", description="address to serve on: HOST:PORT or unix:PATH")
     tokenizer: str = Field(
-        "127.0.0.1:50052", description="tokenizer target: HOST:PORT, unix:PATH, dns:///NAME:PORT or ipv4:A:P,B:P"
+        "127.0.0.1:50052",
+        description="tokenizer target: HOST:PORT, unix:PATH, dns:///NAME:PORT or ipv4:A:P,B:P; or in-process: the "
+        "stage runs in the gateway's process on its --model-repository (one hop less per request)",
     )
-    inference: str = Field("127.0.0.1:50053", description="inference target (same forms)")
-    postprocess: str = Field("127.0.0.1:50054", description="postprocess target (same forms)")
+    inference: str = Field("127.0.0.1:50053", description="inference target (HOST:PORT, unix:PATH, dns:, ipv4:)")
+    postprocess: str = Field("127.0.0.1:50054", description="postprocess target (same forms as --tokenizer)")
     default_timeout_s: float = Field(30.0, gt=0, description="deadline for calls that set none")
     max_inputs: int = Field(2048, ge=1, description="most texts (or documents) in one request")
     model_cache_ttl_s: float = Field(1.0, ge=0, description="how long a model description is reused")

@@ -18,6 +18,7 @@ import grpc
 from gateway.__main__ import services as gateway_services
 from gateway.clients import InferenceClient, PostprocessClient, TokenizerClient
 from gateway.core import Pipeline
+from gateway.local import LocalPostprocess, LocalTokenizer
 from gateway.management.client import ManagementClient
 from services.common.repository import ModelRepository
 from services.common.server import RunningServer, start_server
@@ -95,6 +96,7 @@ async def serve_stack(
     links: ChannelSecurity | None = None,
     tokenizer_listen: str = "127.0.0.1:0",
     gguf_cache: Path | None = None,
+    in_process: bool = False,
 ) -> AsyncIterator[Stack]:
     """The three stages and a gateway over `repository`, the inference stage's exports and caches under `home`.
 
@@ -102,6 +104,9 @@ async def serve_stack(
     for Pipeline; `interceptors` gives each server its interceptors by role; `credentials` serve TLS on every
     listener and `links` secure the gateway's (and the test's) channels, as `tandem serve --tls-*` does.
     `gguf_cache` is where GGUF models are converted to (default `home`/gguf), as `--gguf-cache` sets it.
+    With `in_process`, the gateway answers tokenizer and postprocess calls with those stages' cores in its own
+    process (gateway flags `--tokenizer in-process --postprocess in-process`); their servers still run, for tests
+    that call them directly.
     """
     cache = gguf_cache if gguf_cache is not None else home / "gguf"
     tokenizer = Tokenizer(ModelRepository(tokenizer_repository or repository, gguf_cache=cache))
@@ -127,9 +132,13 @@ async def serve_stack(
                 listen, registrars, interceptors=interceptors(role), credentials=credentials
             )
         pipeline = Pipeline(
-            TokenizerClient(stages["tokenizer"].address, 64 * MiB, security=links),
+            LocalTokenizer(tokenizer)
+            if in_process
+            else TokenizerClient(stages["tokenizer"].address, 64 * MiB, security=links),
             InferenceClient(stages["inference"].address, 64 * MiB, security=links),
-            PostprocessClient(stages["postprocess"].address, 64 * MiB, security=links),
+            LocalPostprocess(postprocess)
+            if in_process
+            else PostprocessClient(stages["postprocess"].address, 64 * MiB, security=links),
             **(pipeline_options or {}),
         )
         closing.append(pipeline.close)

@@ -71,6 +71,17 @@ def stage(name: str) -> Iterator[None]:
         add(name, time.perf_counter() - started)
 
 
+@contextlib.contextmanager
+def detached() -> Iterator[None]:
+    """No record inside the block: code that would add to its own call's record (a stage's servicer answering the
+    gateway in its process) leaves the caller's alone."""
+    token = _current.set(None)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
 # Pipeline order; other stages follow in the order they were recorded, and the total comes last.
 ORDER = ("tokenize", "first_token", "infer", "queue", "compute", "postprocess")
 _RANK = {**{name: i for i, name in enumerate(ORDER)}, "total": len(ORDER) + 1}

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tandem.cli.supervisor import MODULES, ServeTls, Supervisor, parse_replicas
+from tandem.cli.supervisor import MODULES, ServeTls, Supervisor, parse_in_process, parse_replicas
 
 
 def serve(argv: Sequence[str]) -> int:
@@ -40,6 +40,12 @@ def serve(argv: Sequence[str]) -> int:
         "--replicas", default="", help="processes per stage, e.g. tokenizer=2,inference=2,postprocess=1 (default 1)"
     )
     parser.add_argument(
+        "--in-process",
+        default="none",
+        help="light stages to run inside the gateway's process: tokenizer,postprocess, one of them, or none (each "
+        "its own process; the default). In-process saves a hop per stage on every request (docs/performance.md)",
+    )
+    parser.add_argument(
         "--api-keys-file", type=Path, default=None, help="gateway API keys, 'KEY [SCOPES]' a line (default: no auth)"
     )
     for role in MODULES:
@@ -64,8 +70,14 @@ def serve(argv: Sequence[str]) -> int:
         extra["gateway"] += ["--api-keys-file", str(opts.api_keys_file.resolve())]
     try:
         replicas = parse_replicas(opts.replicas)
+        in_process = parse_in_process(opts.in_process)
     except ValueError as exc:
         parser.error(str(exc))
+    for stage in in_process:
+        if replicas[stage] > 1:
+            parser.error(f"--replicas {stage}={replicas[stage]}: the {stage} stage runs in the gateway's process")
+        if extra[stage]:
+            parser.error(f"--{stage}-args: the {stage} stage runs in the gateway's process; use --gateway-args")
     tls: ServeTls | None = None
     tls_paths = (opts.tls_cert, opts.tls_key, opts.tls_ca)
     if any(p is not None for p in tls_paths):
@@ -90,6 +102,7 @@ def serve(argv: Sequence[str]) -> int:
         tcp_stages=opts.tcp_stages,
         startup_timeout_s=opts.startup_timeout,
         replicas=replicas,
+        in_process=in_process,
         otlp_endpoint=opts.otlp_endpoint,
         extra=extra,
         tls=tls,

@@ -25,12 +25,25 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STAGES = ("tokenizer", "inference", "postprocess")
+# Stages that may run inside the gateway's process instead of their own (gateway flag `--STAGE in-process`).
+LIGHT_STAGES = ("tokenizer", "postprocess")
 MODULES = {
     "tokenizer": "services.tokenizer",
     "inference": "services.inference",
     "postprocess": "services.postprocess",
     "gateway": "gateway",
 }
+
+
+def parse_in_process(text: str) -> tuple[str, ...]:
+    """'tokenizer,postprocess' (or 'none') -> the light stages to run in the gateway's process."""
+    names = tuple(filter(None, (p.strip() for p in text.split(","))))
+    if names in ((), ("none",)):
+        return ()
+    for name in names:
+        if name not in LIGHT_STAGES:
+            raise ValueError(f"bad in-process stage {name!r}: use {', '.join(LIGHT_STAGES)} or none")
+    return tuple(s for s in LIGHT_STAGES if s in names)
 
 
 def parse_replicas(text: str) -> dict[str, int]:
@@ -102,6 +115,8 @@ class Supervisor:
     tcp_stages: bool = False
     startup_timeout_s: float = 600.0
     replicas: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 1))
+    # Light stages that run inside the gateway's process (no process, no hop of their own).
+    in_process: tuple[str, ...] = ()
     extra: dict[str, list[str]] = field(default_factory=dict)
     # Every process traces to this OTLP gRPC endpoint (OTEL_EXPORTER_OTLP_ENDPOINT reaches them anyway, inherited).
     otlp_endpoint: str | None = None
@@ -166,6 +181,8 @@ class Supervisor:
             self.repository = ensure_default_repository(self.home or default_home(), self.chat_model)
             self._builtin = True
         for stage in STAGES:
+            if stage in self.in_process:
+                continue
             count = self.replicas.get(stage, 1)
             for index in range(count):
                 # Several replicas need distinct TCP ports (a gRPC target lists many ip:port, not many sockets).
@@ -192,8 +209,9 @@ class Supervisor:
     def _gateway_args(self) -> list[str]:
         args: list[str] = []
         for stage in STAGES:
-            args += [f"--{stage}", self.stage_target(stage)]
-        return args
+            args += [f"--{stage}", "in-process" if stage in self.in_process else self.stage_target(stage)]
+        # The stages in the gateway's process read the repository as their own processes would.
+        return args + (self._common() if self.in_process else [])
 
     def _settle(self, replica: Replica) -> None:
         """Waits for the replica's bound address and pins it, so a restart binds the same one."""
