@@ -213,13 +213,11 @@ class Coalescer(Generic[Key, Result]):
             batch = self._take(key, Priority.HIGH)
             if not batch:
                 break
-            self._express[key] += 1
             self._launch(key, batch, express=True)
-        if not self._express[key]:
-            self._express.pop(key, None)
 
     def _launch(self, key: Key, batch: list[_Waiter[Result]], express: bool) -> None:
-        self._inflight[key] += 1
+        # Express runs count apart: they must not hold back the runs of the other levels.
+        (self._express if express else self._inflight)[key] += 1
         task = asyncio.create_task(self._run(key, batch, express))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -260,11 +258,10 @@ class Coalescer(Generic[Key, Result]):
                 if not w.future.done():
                     w.future.set_result(part)
         finally:
-            self._inflight[key] -= 1
-            if self._inflight[key] <= 0:
-                del self._inflight[key]
-            if express:
-                self._express[key] -= 1
+            counter = self._express if express else self._inflight
+            counter[key] -= 1
+            if counter[key] <= 0:
+                del counter[key]
             self._start_runs(key)
 
     @staticmethod
