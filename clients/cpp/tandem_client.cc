@@ -1,11 +1,16 @@
-// Command-line demo of a C++ client for Tandem's gateway: Embed, Classify, EmbedStream and rich errors.
+// Command-line demo of a C++ client for Tandem's gateway: Embed, Classify, EmbedStream, streamed Generate and rich
+// errors.
 // Every command prints JSON on stdout (the same shapes as clients/node/cli.js), so scripts and tests can read it.
 
+#include <algorithm>
+#include <cctype>
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <iostream>
 #include <iterator>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -18,16 +23,22 @@
 #include "google/rpc/error_details.pb.h"
 #include "google/rpc/status.pb.h"
 #include "tandem/gateway/v1/gateway.grpc.pb.h"
+#include "tandem/generation/v1/generation.pb.h"
 
 namespace {
 
 using tandem::gateway::v1::GatewayService;
 
-constexpr const char* kUsage = R"(usage: tandem_client [--target HOST:PORT] [--model NAME] [--top-k N] COMMAND [TEXT...]
+constexpr const char* kUsage =
+    R"(usage: tandem_client [--target HOST:PORT] [--model NAME] [--top-k N] [generation options] COMMAND [TEXT...]
 
   embed TEXT...     Embed; prints the EmbedResponse as JSON (embeddings[i].values is the vector of TEXT i)
   classify TEXT...  Classify with --model; prints the ClassifyResponse as JSON
   stream TEXT...    EmbedStream, one request per TEXT with ids r0, r1, ...; prints one JSON line per response
+  generate PROMPT   Generate with --model (a text-generation model); prints each delta as it arrives, one JSON
+                    line {"text", "token_ids"} each, then {"finish_reason" (stop, length or stop_sequence),
+                    "stop_sequence", "usage", "model", "model_version"}. Options: --max-new-tokens N,
+                    --temperature T, --seed N, --stop S (repeatable), --chat (send PROMPT as one user message)
   errors            provokes INVALID_ARGUMENT (no inputs), NOT_FOUND (unknown model) and a failed request inside
                     a stream; prints the code, message and decoded google.rpc details of each, one JSON line each
 
@@ -35,6 +46,7 @@ constexpr const char* kUsage = R"(usage: tandem_client [--target HOST:PORT] [--m
 )";
 
 constexpr auto kTimeout = std::chrono::seconds(30);
+constexpr auto kGenerateTimeout = std::chrono::seconds(120);  // a whole generation, however many tokens it takes
 constexpr int kMaxMessageBytes = 64 * 1024 * 1024;  // the server's limit; gRPC's default receive limit is 4 MiB
 
 // gRPC C++ has no public name table for status codes; these are the canonical names, indexed by number.
@@ -135,8 +147,8 @@ class Client {
   }
 
   // Every call gets a deadline: without one a call to a stuck server would wait forever.
-  static void SetDeadline(grpc::ClientContext* context) {
-    context->set_deadline(std::chrono::system_clock::now() + kTimeout);
+  static void SetDeadline(grpc::ClientContext* context, std::chrono::seconds timeout = kTimeout) {
+    context->set_deadline(std::chrono::system_clock::now() + timeout);
   }
 
   grpc::Status Embed(const tandem::gateway::v1::EmbedRequest& request,
@@ -173,6 +185,18 @@ class Client {
     return stream->Finish();
   }
 
+  // Calls Generate and hands each GenerateResponse to on_response as it arrives: text is the new text since the
+  // previous one, and the last also has finish_reason, usage and model_version.
+  template <typename OnResponse>
+  grpc::Status Generate(const tandem::gateway::v1::GenerateRequest& request, OnResponse on_response) {
+    grpc::ClientContext context;
+    SetDeadline(&context, kGenerateTimeout);
+    auto stream = stub_->Generate(&context, request);
+    tandem::gateway::v1::GenerateResponse response;
+    while (stream->Read(&response)) on_response(response);
+    return stream->Finish();
+  }
+
  private:
   std::unique_ptr<GatewayService::Stub> stub_;
 };
@@ -182,6 +206,67 @@ tandem::gateway::v1::EmbedRequest EmbedRequest(const std::string& model, const s
   request.set_model(model);
   for (const auto& text : texts) request.add_inputs(text);
   return request;
+}
+
+// The generate command's options; those not given stay unset in the request, so the server's defaults apply.
+struct GenerationOptions {
+  std::optional<int32_t> max_new_tokens;
+  std::optional<float> temperature;
+  std::optional<uint64_t> seed;
+  std::vector<std::string> stop;
+  bool chat = false;
+};
+
+tandem::gateway::v1::GenerateRequest GenerateRequest(const std::string& model, const std::string& prompt,
+                                                     const GenerationOptions& options) {
+  tandem::gateway::v1::GenerateRequest request;
+  request.set_model(model);
+  if (options.chat) {
+    auto* message = request.add_messages();
+    message->set_role("user");
+    message->set_content(prompt);
+  } else {
+    request.set_prompt(prompt);
+  }
+  auto* params = request.mutable_params();
+  if (options.max_new_tokens) params->set_max_new_tokens(*options.max_new_tokens);
+  if (options.temperature) params->set_temperature(*options.temperature);
+  if (options.seed) params->set_seed(*options.seed);
+  for (const auto& stop : options.stop) params->add_stop(stop);
+  return request;
+}
+
+// Streams a generation: one line per delta as it arrives (std::endl flushes each), then why it ended and the token
+// counts. Token ids are printed as strings, as proto3 JSON writes int64 and the Node.js client prints them.
+grpc::Status ShowGeneration(Client& client, const tandem::gateway::v1::GenerateRequest& request) {
+  tandem::gateway::v1::GenerateResponse last;
+  bool any = false;
+  grpc::Status status = client.Generate(request, [&](const tandem::gateway::v1::GenerateResponse& response) {
+    std::string ids;
+    for (const auto id : response.token_ids()) {
+      ids += (ids.empty() ? "\"" : ",\"") + std::to_string(id) + "\"";
+    }
+    std::cout << "{\"text\":" << Quote(response.text()) << ",\"token_ids\":[" << ids << "]}" << std::endl;
+    last = response;
+    any = true;
+  });
+  if (!status.ok()) return status;
+  if (!any || last.finish_reason() == tandem::generation::v1::FINISH_REASON_UNSPECIFIED) {
+    throw std::runtime_error("the Generate stream ended without its last message");
+  }
+  // FINISH_REASON_STOP_SEQUENCE -> stop_sequence, as the other clients print it
+  std::string finish_reason = tandem::generation::v1::FinishReason_Name(last.finish_reason()).substr(
+      std::string("FINISH_REASON_").size());
+  std::transform(finish_reason.begin(), finish_reason.end(), finish_reason.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  const auto& usage = last.usage();
+  std::cout << "{\"finish_reason\":" << Quote(finish_reason) << ",\"stop_sequence\":"
+            << (last.stop_sequence().empty() ? "null" : Quote(last.stop_sequence()))
+            << ",\"usage\":{\"prompt_tokens\":" << usage.prompt_tokens()
+            << ",\"generated_tokens\":" << usage.generated_tokens() << ",\"total_tokens\":" << usage.total_tokens()
+            << "},\"model\":" << Quote(last.model()) << ",\"model_version\":" << Quote(last.model_version()) << "}"
+            << std::endl;
+  return status;
 }
 
 // The two ways a Tandem error reaches a caller: a failed unary call, and a failed request inside a stream.
@@ -227,23 +312,39 @@ int ShowErrors(Client& client, const std::string& model) {
 int Run(int argc, char** argv) {
   std::string target = "127.0.0.1:50051", model, command;
   int top_k = 0;
+  GenerationOptions generation;
   std::vector<std::string> texts;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     const bool has_value = i + 1 < argc;
-    if (arg == "--target" && has_value) {
-      target = argv[++i];
-    } else if (arg == "--model" && has_value) {
-      model = argv[++i];
-    } else if (arg == "--top-k" && has_value) {
-      top_k = std::stoi(argv[++i]);
-    } else if (arg == "-h" || arg == "--help") {
-      std::cout << kUsage;
-      return 0;
-    } else if (command.empty()) {
-      command = arg;
-    } else {
-      texts.push_back(arg);
+    try {
+      if (arg == "--target" && has_value) {
+        target = argv[++i];
+      } else if (arg == "--model" && has_value) {
+        model = argv[++i];
+      } else if (arg == "--top-k" && has_value) {
+        top_k = std::stoi(argv[++i]);
+      } else if (arg == "--max-new-tokens" && has_value) {
+        generation.max_new_tokens = std::stoi(argv[++i]);
+      } else if (arg == "--temperature" && has_value) {
+        generation.temperature = std::stof(argv[++i]);
+      } else if (arg == "--seed" && has_value) {
+        generation.seed = std::stoull(argv[++i]);
+      } else if (arg == "--stop" && has_value) {
+        generation.stop.push_back(argv[++i]);
+      } else if (arg == "--chat") {
+        generation.chat = true;
+      } else if (arg == "-h" || arg == "--help") {
+        std::cout << kUsage;
+        return 0;
+      } else if (command.empty()) {
+        command = arg;
+      } else {
+        texts.push_back(arg);
+      }
+    } catch (const std::logic_error&) {  // std::stoi and friends: not a number, or out of range
+      std::cerr << arg << ": not a number: " << Quote(argv[i]) << "\n\n" << kUsage;
+      return 2;
     }
   }
   if (command.empty()) {
@@ -272,6 +373,12 @@ int Run(int argc, char** argv) {
       *requests[i].mutable_request() = EmbedRequest(model, {texts[i]});
     }
     status = client.EmbedStream(requests, [](const auto& response) { PrintMessage(response); });
+  } else if (command == "generate") {
+    if (texts.size() != 1) {
+      std::cerr << "generate takes one PROMPT (quote it)\n\n" << kUsage;
+      return 2;
+    }
+    status = ShowGeneration(client, GenerateRequest(model, texts[0], generation));
   } else if (command == "errors") {
     return ShowErrors(client, model);
   } else {

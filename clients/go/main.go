@@ -1,5 +1,5 @@
-// Command tandem_client is a demo of a Go client for Tandem's gateway: Embed, Classify, EmbedStream, ListModels and
-// rich errors. Every command prints JSON on stdout (the same shapes as clients/node/cli.js and clients/cpp), so
+// Command tandem_client is a demo of a Go client for Tandem's gateway: Embed, Classify, EmbedStream, ListModels,
+// streamed Generate and rich errors. Every command prints JSON on stdout (the same shapes as clients/node/cli.js and clients/cpp), so
 // scripts and tests can read it.
 //
 // It builds in GOPATH mode against Debian's Go packages, offline; build.sh generates the stubs from ../../protos.
@@ -24,14 +24,19 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	gatewayv1 "tandem.dev/go/tandem/gateway/v1"
+	generationv1 "tandem.dev/go/tandem/generation/v1"
 )
 
-const usage = `usage: tandem_client [--target HOST:PORT] [--model NAME] [--top-k N] COMMAND [TEXT...]
+const usage = `usage: tandem_client [--target HOST:PORT] [--model NAME] [--top-k N] [generation options] COMMAND [TEXT...]
 
   embed TEXT...     Embed; prints the EmbedResponse as JSON (embeddings[i].values is the vector of TEXT i)
   classify TEXT...  Classify with --model; prints the ClassifyResponse as JSON
   stream TEXT...    EmbedStream, one request per TEXT with ids r0, r1, ...; prints one JSON line per response
   models            ListModels; prints the ListModelsResponse as JSON
+  generate PROMPT   Generate with --model (a text-generation model); prints each delta as it arrives, one JSON
+                    line {"text", "token_ids"} each, then {"finish_reason" (stop, length or stop_sequence),
+                    "stop_sequence", "usage", "model", "model_version"}. Options: --max-new-tokens N,
+                    --temperature T, --seed N, --stop S (repeatable), --chat (send PROMPT as one user message)
   errors            provokes INVALID_ARGUMENT (no inputs), NOT_FOUND (unknown model) and a failed request inside
                     a stream; prints the code, message and decoded google.rpc details of each, one JSON line each
 
@@ -40,7 +45,8 @@ const usage = `usage: tandem_client [--target HOST:PORT] [--model NAME] [--top-k
 
 const (
 	timeout         = 30 * time.Second
-	maxMessageBytes = 64 * 1024 * 1024 // the server's limit; gRPC's default receive limit is 4 MiB
+	generateTimeout = 120 * time.Second // a whole generation, however many tokens it takes
+	maxMessageBytes = 64 * 1024 * 1024  // the server's limit; gRPC's default receive limit is 4 MiB
 )
 
 // Responses are printed as proto3 JSON with the .proto's field names, as the Node.js and C++ clients print them.
@@ -178,8 +184,110 @@ func (c client) embedStream(requests []*gatewayv1.EmbedStreamRequest, onResponse
 	}
 }
 
+// generate calls Generate and hands each GenerateResponse to onResponse as it arrives: Text is the new text since the
+// previous one, and the last also has FinishReason, Usage and ModelVersion. Returning early (an error from onResponse)
+// cancels the call, which stops the generation on the server.
+func (c client) generate(request *gatewayv1.GenerateRequest, onResponse func(*gatewayv1.GenerateResponse) error) error {
+	ctx, cancel := context.WithTimeout(context.Background(), generateTimeout)
+	defer cancel()
+	stream, err := c.stub.Generate(ctx, request)
+	if err != nil {
+		return err
+	}
+	for {
+		response, err := stream.Recv()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if err := onResponse(response); err != nil {
+			return err
+		}
+	}
+}
+
 func embedRequest(model string, texts []string) *gatewayv1.EmbedRequest {
 	return &gatewayv1.EmbedRequest{Model: model, Inputs: texts}
+}
+
+// generationOptions are the generate command's flags; nil pointers are options not given, left unset in the request so
+// that the server's defaults apply.
+type generationOptions struct {
+	maxNewTokens *int32
+	temperature  *float32
+	seed         *uint64
+	stop         []string
+	chat         bool
+}
+
+func generateRequest(model, prompt string, options generationOptions) *gatewayv1.GenerateRequest {
+	request := &gatewayv1.GenerateRequest{Model: model, Params: &generationv1.GenerationParams{
+		MaxNewTokens: options.maxNewTokens, Temperature: options.temperature, Seed: options.seed, Stop: options.stop,
+	}}
+	if options.chat {
+		request.Messages = []*generationv1.ChatMessage{{Role: "user", Content: prompt}}
+	} else {
+		request.Prompt = prompt
+	}
+	return request
+}
+
+type deltaLine struct {
+	Text     string   `json:"text"`
+	TokenIDs []string `json:"token_ids"` // strings, as proto3 JSON writes int64 (and the Node.js client prints them)
+}
+
+type usageLine struct {
+	PromptTokens    int32 `json:"prompt_tokens"`
+	GeneratedTokens int32 `json:"generated_tokens"`
+	TotalTokens     int32 `json:"total_tokens"`
+}
+
+type finishLine struct {
+	FinishReason string    `json:"finish_reason"`
+	StopSequence *string   `json:"stop_sequence"`
+	Usage        usageLine `json:"usage"`
+	Model        string    `json:"model"`
+	ModelVersion string    `json:"model_version"`
+}
+
+// showGeneration streams a generation: one line per delta as it arrives, then why it ended and the token counts.
+// os.Stdout is unbuffered, so each line is written (and readable by a pipe) as soon as its message arrives.
+func showGeneration(c client, request *gatewayv1.GenerateRequest) error {
+	var last *gatewayv1.GenerateResponse
+	err := c.generate(request, func(r *gatewayv1.GenerateResponse) error {
+		ids := make([]string, len(r.GetTokenIds()))
+		for i, id := range r.GetTokenIds() {
+			ids[i] = strconv.FormatInt(id, 10)
+		}
+		printJSON(os.Stdout, deltaLine{Text: r.GetText(), TokenIDs: ids})
+		last = r
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if last == nil || last.GetFinishReason() == generationv1.FinishReason_FINISH_REASON_UNSPECIFIED {
+		return fmt.Errorf("the Generate stream ended without its last message")
+	}
+	var stopSequence *string
+	if s := last.GetStopSequence(); s != "" {
+		stopSequence = &s
+	}
+	usage := last.GetUsage()
+	printJSON(os.Stdout, finishLine{
+		// FINISH_REASON_STOP_SEQUENCE -> stop_sequence, as the other clients print it
+		FinishReason: strings.ToLower(strings.TrimPrefix(last.GetFinishReason().String(), "FINISH_REASON_")),
+		StopSequence: stopSequence,
+		Usage: usageLine{
+			PromptTokens: usage.GetPromptTokens(), GeneratedTokens: usage.GetGeneratedTokens(), TotalTokens: usage.GetTotalTokens(),
+		},
+		Model:        last.GetModel(),
+		ModelVersion: last.GetModelVersion(),
+	})
+	return nil
 }
 
 type streamErrorLine struct {
@@ -237,7 +345,12 @@ func showErrors(c client, model string) error {
 func run(args []string) int {
 	target, model, command := "127.0.0.1:50051", "", ""
 	var topK int32
+	var generation generationOptions
 	var texts []string
+	badNumber := func(option string, err error) int {
+		fmt.Fprintf(os.Stderr, "%s: %v\n\n%s", option, err, usage)
+		return 2
+	}
 	// Options may come before or after the command, as in the C++ client.
 	for i := 0; i < len(args); i++ {
 		arg, hasValue := args[i], i+1 < len(args)
@@ -252,10 +365,37 @@ func run(args []string) int {
 			i++
 			n, err := strconv.ParseInt(args[i], 10, 32)
 			if err != nil {
-				fmt.Fprintf(os.Stderr, "--top-k: %v\n\n%s", err, usage)
-				return 2
+				return badNumber(arg, err)
 			}
 			topK = int32(n)
+		case arg == "--max-new-tokens" && hasValue:
+			i++
+			n, err := strconv.ParseInt(args[i], 10, 32)
+			if err != nil {
+				return badNumber(arg, err)
+			}
+			maxNewTokens := int32(n)
+			generation.maxNewTokens = &maxNewTokens
+		case arg == "--temperature" && hasValue:
+			i++
+			t, err := strconv.ParseFloat(args[i], 32)
+			if err != nil {
+				return badNumber(arg, err)
+			}
+			temperature := float32(t)
+			generation.temperature = &temperature
+		case arg == "--seed" && hasValue:
+			i++
+			seed, err := strconv.ParseUint(args[i], 10, 64)
+			if err != nil {
+				return badNumber(arg, err)
+			}
+			generation.seed = &seed
+		case arg == "--stop" && hasValue:
+			i++
+			generation.stop = append(generation.stop, args[i])
+		case arg == "--chat":
+			generation.chat = true
 		case arg == "-h" || arg == "--help":
 			fmt.Print(usage)
 			return 0
@@ -303,6 +443,12 @@ func run(args []string) int {
 		if response, err = c.listModels(); err == nil {
 			err = printMessage(response)
 		}
+	case "generate":
+		if len(texts) != 1 {
+			fmt.Fprintf(os.Stderr, "generate takes one PROMPT (quote it)\n\n%s", usage)
+			return 2
+		}
+		err = showGeneration(c, generateRequest(model, texts[0], generation))
 	case "errors":
 		err = showErrors(c, model)
 	default:

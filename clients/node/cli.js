@@ -12,7 +12,8 @@ const USAGE = `usage: node cli.js [--target HOST:PORT] [--model NAME] [--top-k N
   stream TEXT...    EmbedStream, one request per TEXT with ids r0, r1, ...; prints one JSON line per response
   generate PROMPT   Generate with --model (a text-generation model); prints each delta as it arrives, one JSON
                     line {"text", "token_ids"} each, then {"finish_reason" (stop, length or stop_sequence),
-                    "stop_sequence", "usage", "model", "model_version"}. Options: --max-new-tokens N, --temperature T, --seed N, --stop S (repeatable)
+                    "stop_sequence", "usage", "model", "model_version"}. Options: --max-new-tokens N,
+                    --temperature T, --seed N, --stop S (repeatable), --chat (send PROMPT as one user message)
   errors            provokes INVALID_ARGUMENT (no inputs), NOT_FOUND (unknown model) and a failed request inside
                     a stream; prints the code, message and decoded google.rpc details of each, one JSON line each
 
@@ -32,6 +33,7 @@ async function main() {
       temperature: { type: 'string' },
       seed: { type: 'string' },
       stop: { type: 'string', multiple: true, default: [] },
+      chat: { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h' },
     },
   });
@@ -60,7 +62,9 @@ async function main() {
           console.error(`generate takes one PROMPT (quote it)\n\n${USAGE}`);
           return 2;
         }
-        await showGeneration(client, { model, prompt: texts[0], params: generationParams(options) });
+        // --chat: the prompt as one user message, rendered with the model's chat template on the server
+        const input = options.chat ? { messages: [{ role: 'user', content: texts[0] }] } : { prompt: texts[0] };
+        await showGeneration(client, { model, ...input, params: generationParams(options) });
         return 0;
       }
       case 'errors':

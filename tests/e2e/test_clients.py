@@ -1,6 +1,6 @@
 """The Node.js, C++ and Go clients (clients/) built from protos/ and run against a live `tandem serve`: they must
-agree with the Python client on vectors, keep stream order, and decode the same google.rpc error details. The Node.js
-client also streams a generation, which must be the Python client's text; the Go client also lists the models."""
+agree with the Python client on vectors, keep stream order, decode the same google.rpc error details, and stream a
+generation (prompt or chat, greedy or seeded) as the Python client's text; the Go client also lists the models."""
 
 from __future__ import annotations
 
@@ -218,15 +218,21 @@ def test_classify_matches_the_python_client(cli: list[str], classifier_gateway: 
     assert [len(r["labels"]) for r in top["results"]] == [1, 1]
 
 
-def test_generate_streams_the_python_clients_text(node_cli: list[str], generation_gateway: str) -> None:
+GENERATION_MODEL = "tiny-llama-chat"
+
+
+def generate_command(cli: list[str], gateway: str, *options: str) -> list[str]:
+    return [*cli, "--target", gateway, "--model", GENERATION_MODEL, "--max-new-tokens", "40", *options]
+
+
+def test_generate_streams_the_python_clients_text(cli: list[str], generation_gateway: str) -> None:
     prompt = "sun 🍎 moon"  # the answer crosses UTF-8 boundaries mid-character (tiny_causal's module doc)
     with TandemClient(generation_gateway) as client:
-        expected = client.generate_text(prompt, model="tiny-llama-chat", max_new_tokens=40)
-        stopped = client.generate_text(prompt, model="tiny-llama-chat", max_new_tokens=40, stop=["東京", "star"])
+        expected = client.generate_text(prompt, model=GENERATION_MODEL, max_new_tokens=40)
+        stopped = client.generate_text(prompt, model=GENERATION_MODEL, max_new_tokens=40, stop=["東京", "star"])
     assert expected.text == tiny_causal.expected_continuation(prompt) and expected.finish_reason == "stop"
-    generate = [*node_cli, "--target", generation_gateway, "--model", "tiny-llama-chat", "--max-new-tokens", "40"]
 
-    *deltas, last = json_lines(checked([*generate, "generate", prompt]))
+    *deltas, last = json_lines(checked([*generate_command(cli, generation_gateway), "generate", prompt]))
     assert len(deltas) > 1 and all(set(d) == {"text", "token_ids"} for d in deltas)
     assert "".join(d["text"] for d in deltas) == expected.text
     assert [int(i) for d in deltas for i in d["token_ids"]] == expected.token_ids  # int64 ids come as strings
@@ -238,13 +244,57 @@ def test_generate_streams_the_python_clients_text(node_cli: list[str], generatio
             "generated_tokens": expected.usage.generated_tokens,
             "total_tokens": expected.usage.total_tokens,
         },
-        "model": "tiny-llama-chat",
+        "model": GENERATION_MODEL,
         "model_version": "1",
     }
 
-    *deltas, last = json_lines(checked([*generate, "--stop", "東京", "--stop", "star", "generate", prompt]))
+    stop_options = ["--stop", "東京", "--stop", "star"]
+    *deltas, last = json_lines(checked([*generate_command(cli, generation_gateway, *stop_options), "generate", prompt]))
     assert "".join(d["text"] for d in deltas) == stopped.text == " 猫 "
     assert (last["finish_reason"], last["stop_sequence"]) == ("stop_sequence", "star")
+
+
+def test_generate_chat_sends_one_user_message(cli: list[str], generation_gateway: str) -> None:
+    content = "sun 🍎 moon"
+    with TandemClient(generation_gateway) as client:
+        expected = client.generate_text(
+            messages=[{"role": "user", "content": content}], model=GENERATION_MODEL, max_new_tokens=40
+        )
+    assert expected.text == tiny_causal.expected_continuation(content, chat=True)
+
+    *deltas, last = json_lines(checked([*generate_command(cli, generation_gateway, "--chat"), "generate", content]))
+    assert "".join(d["text"] for d in deltas) == expected.text
+    assert [int(i) for d in deltas for i in d["token_ids"]] == expected.token_ids
+    # the chat template's tokens make the prompt longer than the content alone
+    assert (last["finish_reason"], last["usage"]["prompt_tokens"]) == ("stop", expected.usage.prompt_tokens)
+
+
+def test_generate_passes_temperature_and_seed(cli: list[str], generation_gateway: str) -> None:
+    """A seeded sample is the same text whoever asks; at this temperature it is not the greedy text, so the
+    temperature did reach the server."""
+    prompt = "sun 🍎 moon"
+    with TandemClient(generation_gateway) as client:
+        expected = client.generate_text(prompt, model=GENERATION_MODEL, temperature=5.0, seed=7, max_new_tokens=12)
+    assert expected.text != tiny_causal.expected_continuation(prompt)[: len(expected.text)]
+
+    options = ["--max-new-tokens", "12", "--temperature", "5", "--seed", "7"]
+    *deltas, last = json_lines(checked([*generate_command(cli, generation_gateway, *options), "generate", prompt]))
+    assert [int(i) for d in deltas for i in d["token_ids"]] == expected.token_ids
+    assert "".join(d["text"] for d in deltas) == expected.text
+    assert last["finish_reason"] == expected.finish_reason
+
+
+def test_a_failed_generate_exits_non_zero_with_the_decoded_error(cli: list[str], generation_gateway: str) -> None:
+    done = run([*cli, "--target", generation_gateway, "--model", "no-such-model", "generate", "sun 🍎 moon"])
+    assert done.returncode == 1 and done.stdout == ""
+    error = json.loads(done.stderr.strip().splitlines()[-1])
+    assert (error["code"], error["code_name"], error["reason"], error["domain"]) == (
+        5,
+        "NOT_FOUND",
+        "MODEL_NOT_FOUND",
+        "tandem.dev",
+    )
+    assert "'no-such-model' not found" in error["message"]
 
 
 def test_go_code_generates_from_every_proto_without_m_options(tmp_path: Path) -> None:
