@@ -4,7 +4,10 @@ reaching the inference stage, and overload where low-priority callers take the r
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -177,3 +180,29 @@ async def test_under_overload_low_priority_takes_the_refusals_and_still_gets_ans
     # Every text reached the inference stage at its caller's level: runs merge callers of one level only.
     by_level = {level: sum(n for p, n in texts if p == level) for level in {p for p, _ in texts}}
     assert by_level == {inference_pb2.PRIORITY_HIGH: 4 * 8, inference_pb2.PRIORITY_LOW: 256 * 2}
+
+
+async def test_the_priority_bench_runs_its_three_phases(stack: Stack, tmp_path: Path) -> None:
+    """scripts/priority_bench.py end to end, briefly (its figures are for docs/performance.md, not for tests)."""
+    out = tmp_path / "priority.json"
+    async with gateway_over(stack, interceptors=[PriorityInterceptor()], coalesce_max_queued=8) as gateway:
+        # A child process, so this event loop keeps serving the stages and the gateway meanwhile.
+        bench = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(Path(__file__).parents[2] / "scripts" / "priority_bench.py"),
+            *("--target", gateway.server.address, "--model", "tiny-embed", "--high", "2", "--low", "16"),
+            *("--unloaded-s", "0.5", "--loaded-s", "0.5", "--warmup-s", "0.2", "--out", str(out)),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, stderr = await asyncio.wait_for(bench.communicate(), 120)
+    assert bench.returncode == 0, stderr.decode()
+    result = json.loads(out.read_text())
+    phases = result["phases"]
+    assert list(phases) == ["unloaded", "priority", "no-priority"]
+    for name in ("unloaded", "priority"):
+        high = phases[name]["high"]
+        assert high["refused"] == 0 and high["answered"] > 0 and high["callers_answered"] == 2
+        assert high["other_errors"] == {} and "stage_p50_ms" in high  # empty here: this gateway sends no timings
+    assert phases["priority"]["low"]["callers_answered"] == 16
+    assert result["high_p50_loaded_over_unloaded"] > 0
