@@ -208,12 +208,21 @@ async def test_a_local_stage_error_is_raised_by_read() -> None:
     assert stream.done() and await stream.read() is grpc.aio.EOF
 
 
-def test_gateway_settings_build_local_stages_for_in_process_targets(served_repository: Path, tmp_path: Path) -> None:
+async def test_gateway_settings_build_local_stages_for_in_process_targets(
+    served_repository: Path, tmp_path: Path
+) -> None:
     settings = GatewaySettings(
         tokenizer="in-process", postprocess="in-process", model_repository=served_repository, home=tmp_path
     )
     pipeline = build_pipeline(settings)
-    assert isinstance(pipeline.tokenizer, LocalTokenizer) and isinstance(pipeline.postprocess, LocalPostprocess)
-    assert pipeline.tokenizer.core.repository.root == served_repository
     separate = build_pipeline(GatewaySettings(tokenizer="127.0.0.1:1", postprocess="in-process", home=tmp_path))
-    assert not isinstance(separate.tokenizer, LocalTokenizer) and isinstance(separate.postprocess, LocalPostprocess)
+    try:
+        assert isinstance(pipeline.tokenizer, LocalTokenizer) and isinstance(pipeline.postprocess, LocalPostprocess)
+        assert pipeline.tokenizer.core.repository.root == served_repository
+        # Both local stages read one repository (one listing per model, not one each).
+        assert pipeline.postprocess.core.repository is pipeline.tokenizer.core.repository
+        assert not isinstance(separate.tokenizer, LocalTokenizer)
+        assert isinstance(separate.postprocess, LocalPostprocess)
+    finally:
+        await pipeline.close()
+        await separate.close()
