@@ -106,9 +106,13 @@ def cell_line(label: str, summary: dict[str, Any], beside: bool) -> str:
     )
 
 
-def ratio_line(result: dict[str, Any], ceiling: float, several_models: bool) -> str:
+def ratio_line(result: dict[str, Any], ceiling: float, several_models: bool, several_targets: bool = False) -> str:
     """A cell's line again once the ceiling is the best of the bare measurements before and after the cells."""
     model = f" {result['model']}" if several_models else ""
+    if several_targets:
+        model += f" {result.get('target', '')}"
+    if result.get("round", 1) > 1 or several_targets:
+        model += f" round {result.get('round', 1)}"
     return (
         f"{result['api']:<6} c={result['concurrency']:<4} n={result['texts_per_request']:<3}{model}  "
         f"{result['texts_per_s']:8.1f} texts/s  x{result['ratio_to_bare']:.2f} bare "

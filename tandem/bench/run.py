@@ -304,7 +304,7 @@ def main(argv: Sequence[str]) -> int:
         print("ratios to the best of both ceilings:", flush=True)
         for result in results:
             best = bare_by_model[result["model"]]["ceiling_texts_per_s"]
-            print(report.ratio_line(result, best, len(models) > 1), flush=True)
+            print(report.ratio_line(result, best, len(models) > 1, len(targets) > 1), flush=True)
     medians = report.medians(results) if opts.rounds > 1 or len(targets) > 1 else []
     if medians:
         single = bare.get("single_p50_ms", float("nan"))
