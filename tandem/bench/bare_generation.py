@@ -220,10 +220,13 @@ def measure_paired(
     rounds: int,
 ) -> dict[str, Any]:
     """Concurrency 1 with the bare model interleaved: per round, one prompt's bare prefill (the best of two) and
-    per-token time (one full run), then the same prompt once through the server (`served(prompt)` -> its time to
+    per-token time (one full run), then the same prompt twice through the server (`served(prompt)` -> its time to
     first token and its inter-token latency p50, in seconds). A shared machine's speed drifts within minutes, so
     each served stream is compared with the bare model on the same prompt in the same minute, and the medians of
-    those paired differences are the c=1 figures."""
+    those paired differences are the c=1 figures. The served time to first token is the best of its two streams, as
+    the bare prefill is the best of two runs: the best of two samples of a noisy time sits below a single sample, so
+    comparing a best of two with a single one would put a few milliseconds of noise on the server's side. The first
+    stream's own figure is kept too (`ttft_first_ms`)."""
     rows: list[dict[str, float]] = []
     for i in range(rounds):
         ids = lm.encode(prompts[i % len(prompts)])
@@ -232,17 +235,20 @@ def measure_paired(
         full_s = _timed(lambda ids=ids: lm.generate([ids], max_new_tokens))  # type: ignore[misc]
         per_token_s = (full_s - prefill_s) / (max_new_tokens - 1)
         ttft_s, itl_s = served(prompts[i % len(prompts)])
+        again_s, _ = served(prompts[i % len(prompts)])
         rows.append(
             {
                 "prompt_tokens": len(ids),
                 "bare_prefill_ms": prefill_s * 1000,
                 "bare_per_token_ms": per_token_s * 1000,
-                "ttft_ms": ttft_s * 1000,
+                "ttft_ms": min(ttft_s, again_s) * 1000,
+                "ttft_first_ms": ttft_s * 1000,
                 "itl_p50_ms": itl_s * 1000,
             }
         )
     return {
         "rounds": rows,
         "ttft_minus_bare_prefill_ms": statistics.median(r["ttft_ms"] - r["bare_prefill_ms"] for r in rows),
+        "first_ttft_minus_bare_prefill_ms": statistics.median(r["ttft_first_ms"] - r["bare_prefill_ms"] for r in rows),
         "itl_minus_bare_per_token_ms": statistics.median(r["itl_p50_ms"] - r["bare_per_token_ms"] for r in rows),
     }
