@@ -284,7 +284,9 @@ async def test_tritonclient_stream_gives_the_native_text(stack: Stack) -> None:
             expected[-1].usage.generated_tokens,
         )
         if prompt != "rain 🌊":
-            assert len(answers) > 2, "a long answer arrives in several deltas"
+            # The first token goes out alone (right after prefill); how the rest group into messages depends on how
+            # fast the caller reads (on a busy machine, all of them can come with the final message).
+            assert len(answers) >= 2, "a long answer arrives in several deltas"
     assert [a["text"] for a in seen["answers"]["s3"]] == [""]
 
     (whole,) = seen["answers"]["whole"]
