@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from services.common import timing
 from services.common.logging import log_value
+from services.common.server import add_trailers
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("tandem.access")
@@ -181,7 +182,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                     self._finish(method, m, context, started, record)
                     raise
                 record.timings["total"] = time.perf_counter() - started
-                context.set_trailing_metadata(((timing.TIMING_KEY, timing.format_timings(record.timings)),))
+                add_trailers(context, (timing.TIMING_KEY, timing.format_timings(record.timings)))
                 self._finish(method, m, context, started, record)
                 return response
 
@@ -225,7 +226,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                     trailer = [(timing.TIMING_KEY, timing.format_timings(record.timings))]
                     if "generated_tokens" in record.fields:
                         trailer.append((timing.GENERATION_KEY, timing.format_generation(record.fields)))
-                    context.set_trailing_metadata(tuple(trailer))
+                    add_trailers(context, *trailer)
                 except (asyncio.CancelledError, GeneratorExit):
                     cancelled = True
                     raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 import pytest
@@ -52,16 +53,38 @@ async def test_unexpected_errors_are_internal_with_a_generic_message(caplog: pyt
 
 
 async def test_the_request_id_is_echoed_or_made_up(stack: Stack) -> None:
+    """Unary calls carry it in their trailers only (no headers ahead of the answer); streams in both."""
     from tandem.gateway.v1 import gateway_pb2
 
     call = stack.stub.Embed(
         gateway_pb2.EmbedRequest(model="tiny-embed", inputs=["good"]), metadata=(("x-request-id", "abc-123"),)
     )
-    assert dict(await call.initial_metadata())["x-request-id"] == "abc-123"
     await call
+    assert dict(await call.trailing_metadata())["x-request-id"] == "abc-123"
+    assert "x-request-id" not in dict(await call.initial_metadata())
     fresh = stack.stub.Embed(gateway_pb2.EmbedRequest(model="tiny-embed", inputs=["good"]))
-    assert len(dict(await fresh.initial_metadata())["x-request-id"]) == 32
     await fresh
+    assert len(dict(await fresh.trailing_metadata())["x-request-id"]) == 32
+
+    failed = stack.stub.Embed(
+        gateway_pb2.EmbedRequest(model="no-such-model", inputs=["x"]), metadata=(("x-request-id", "err-1"),)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await failed
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    trailers = dict(caught.value.trailing_metadata() or ())
+    assert trailers["x-request-id"] == "err-1"
+    assert "grpc-status-details-bin" in trailers  # the rich status is still there beside it
+
+    async def requests() -> Any:
+        yield gateway_pb2.EmbedStreamRequest(
+            id="a", request=gateway_pb2.EmbedRequest(model="tiny-embed", inputs=["one"])
+        )
+
+    stream = stack.stub.EmbedStream(requests(), metadata=(("x-request-id", "stream-1"),))
+    assert dict(await stream.initial_metadata())["x-request-id"] == "stream-1"
+    assert len([answer async for answer in stream]) == 1
+    assert dict(await stream.trailing_metadata())["x-request-id"] == "stream-1"
 
 
 async def test_a_stage_server_does_not_echo_the_request_id_but_still_logs_it(caplog: pytest.LogCaptureFixture) -> None:
