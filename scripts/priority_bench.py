@@ -6,10 +6,15 @@ Three phases, closed loop, one short text a request (tandem bench's 'short' corp
              server overloaded;
   no-priority (unless --skip-control) the same crowd with no priority asked for, for comparison.
 The crowd honours RetryInfo as the SDK does (a refused caller waits the delay the server asked for, then asks again);
-high-priority callers never retry, so every refusal they get is counted. They run in a process of their own, so the
-crowd's client work does not delay their own event loop (both still share the machine with the server); their
+high-priority callers never retry, so every refusal they get is counted. Each class runs in a process of its own, so
+the crowd's client work does not delay the high callers' event loop (both still share the machine with the server);
+each reports the CPU its process used (`client_cpu_cores`: CPU seconds per second of its run). The high callers'
 answers' x-tandem-timing trailers give the median time of each stage (`total` is the gateway's handler: the rest of
 the latency is outside it). Writes one JSON and prints each phase as it ends.
+
+On one host the crowd's 256 callers burn a good part of a core that, deployed, would be on other machines;
+`--crowd-nice N` starts the crowd's process at nice N, so that the scheduler serves the server and the high-priority
+callers before it (the result records the setting).
 
     .venv/bin/tandem serve --no-chat-model --gateway-args="--coalesce-max-queued 64"    # in one terminal
     .venv/bin/python scripts/priority_bench.py --out result.json
@@ -20,7 +25,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -143,37 +150,27 @@ async def callers(
 async def phase(
     args: argparse.Namespace, texts: list[str], low: int, low_level: str | None, high_level: str | None, seconds: float
 ) -> dict[str, Any]:
-    """The high-priority callers in a child process beside `low` callers in this one, over the same seconds."""
-    command = [
-        sys.executable,
-        __file__,
-        "--role",
-        "high",
-        "--target",
-        args.target,
-        "--model",
-        args.model,
-        "--high",
-        str(args.high),
-        "--warmup-s",
-        str(args.warmup_s),
-        "--loaded-s",
-        str(seconds),
-    ]
-    if high_level:
-        command += ["--high-level", high_level]
-    child = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
-    result: dict[str, Any] = {"seconds": seconds}
-    if low:
-        # The crowd starts first and runs a little past the child's end, so the high callers never see it thin out.
-        result["low"] = await callers(
-            args.target, args.model, texts, low, low_level, args.warmup_s, seconds + 2.0, True, 4
+    """The high-priority callers and `low` low-priority callers, each in a child process, over the same seconds."""
+
+    async def spawn(role: str, count: int, level: str | None, run_s: float, nice: int) -> Any:
+        command = [sys.executable, __file__, "--role", role, "--target", args.target, "--model", args.model]
+        command += [f"--{role}", str(count), "--warmup-s", str(args.warmup_s), "--loaded-s", str(run_s)]
+        if level:
+            command += ["--level", level]
+        return await asyncio.create_subprocess_exec(
+            *command, stdout=asyncio.subprocess.PIPE, preexec_fn=(lambda: os.nice(nice)) if nice else None
         )
-    out, _ = await child.communicate()
-    if child.returncode != 0:
-        raise SystemExit(f"the high-priority callers failed ({child.returncode})")
-    result["high"] = json.loads(out)
-    return result
+
+    # The crowd starts first and runs a little past the high callers' end, so they never see it thin out.
+    children = {"low": await spawn("low", low, low_level, seconds + 2.0, args.crowd_nice)} if low else {}
+    children["high"] = await spawn("high", args.high, high_level, seconds, 0)
+    result: dict[str, Any] = {"seconds": seconds}
+    for role, child in children.items():
+        out, _ = await child.communicate()
+        if child.returncode != 0:
+            raise SystemExit(f"the {role}-priority callers failed ({child.returncode})")
+        result[role] = json.loads(out)
+    return {"seconds": seconds, **{role: result[role] for role in ("high", "low") if role in result}}
 
 
 async def main(argv: list[str]) -> int:
@@ -187,14 +184,22 @@ async def main(argv: list[str]) -> int:
     parser.add_argument("--warmup-s", type=float, default=5.0, help="seconds before each phase is counted")
     parser.add_argument("--skip-control", action="store_true", help="no phase without priorities")
     parser.add_argument("--out", type=Path, help="write the results JSON here")
-    parser.add_argument("--role", choices=["all", "high"], default="all", help=argparse.SUPPRESS)
-    parser.add_argument("--high-level", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--crowd-nice", type=int, default=0, help="nice value of the crowd's process (0: as the rest; 19: last)"
+    )
+    parser.add_argument("--role", choices=["all", "high", "low"], default="all", help=argparse.SUPPRESS)
+    parser.add_argument("--level", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     texts = make_texts("short", 2048)
-    if args.role == "high":  # the child: the high-priority callers alone, their summary on stdout
+    if args.role != "all":  # a child: one class of callers, their summary on stdout
+        started = time.monotonic()
+        high = args.role == "high"  # high-priority callers never retry and share one channel; the crowd uses four
+        count = args.high if high else args.low
         seen = await callers(
-            args.target, args.model, texts, args.high, args.high_level, args.warmup_s, args.loaded_s, False, 1
+            args.target, args.model, texts, count, args.level, args.warmup_s, args.loaded_s, not high, 1 if high else 4
         )
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        seen["client_cpu_cores"] = round((usage.ru_utime + usage.ru_stime) / (time.monotonic() - started), 3)
         print(json.dumps(seen))
         return 0
     phases: dict[str, Any] = {}
@@ -218,7 +223,7 @@ async def main(argv: list[str]) -> int:
         "command": "scripts/priority_bench.py " + " ".join(argv),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": {"machine": platform.machine(), "python": platform.python_version()},
-        "callers": {"high": args.high, "low": args.low},
+        "callers": {"high": args.high, "low": args.low, "crowd_nice": args.crowd_nice},
         "phases": phases,
         "high_p50_loaded_over_unloaded": round(loaded / unloaded, 2) if unloaded and loaded else None,
     }

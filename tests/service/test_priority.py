@@ -191,7 +191,7 @@ async def test_the_priority_bench_runs_its_three_phases(stack: Stack, tmp_path: 
             sys.executable,
             str(Path(__file__).parents[2] / "scripts" / "priority_bench.py"),
             *("--target", gateway.server.address, "--model", "tiny-embed", "--high", "2", "--low", "16"),
-            *("--unloaded-s", "0.5", "--loaded-s", "0.5", "--warmup-s", "0.2", "--out", str(out)),
+            *("--unloaded-s", "0.5", "--loaded-s", "0.5", "--warmup-s", "0.2", "--crowd-nice", "5", "--out", str(out)),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )
@@ -206,3 +206,5 @@ async def test_the_priority_bench_runs_its_three_phases(stack: Stack, tmp_path: 
         assert high["other_errors"] == {} and "stage_p50_ms" in high  # empty here: this gateway sends no timings
     assert phases["priority"]["low"]["callers_answered"] == 16
     assert result["high_p50_loaded_over_unloaded"] > 0
+    assert result["callers"]["crowd_nice"] == 5
+    assert phases["priority"]["low"]["client_cpu_cores"] > 0 and phases["priority"]["high"]["client_cpu_cores"] > 0
