@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+
 import numpy as np
 import numpy.typing as npt
+from google.protobuf.message import Message
 
 from services.common import errors, tensors
 from services.common.priority import DEFAULT, Priority
-from services.common.repository import AccuracyReport, ModelVersion, Task, VersionPolicy
+from services.common.repository import AccuracyReport, Derivation, ModelVersion, Task, VersionMetadata, VersionPolicy
 from services.inference.backends.base import IntArray
 from services.inference.core import ModelDescription, TokenInputs
 from services.inference.generation.engine import FinishReason, GeneratedTokens
@@ -82,7 +86,7 @@ def infer_response(
 
 
 def model_info(description: ModelDescription) -> model_pb2.ModelInfo:
-    return model_pb2.ModelInfo(
+    message = model_pb2.ModelInfo(
         name=description.name,
         task=_TASKS[description.task] if description.task is not None else model_pb2.TASK_UNSPECIFIED,
         versions=description.versions,
@@ -100,6 +104,62 @@ def model_info(description: ModelDescription) -> model_pb2.ModelInfo:
         matryoshka_dimensions=description.matryoshka_dimensions,
         reason=description.reason,
     )
+    if description.provenance is not None:
+        message.provenance.CopyFrom(provenance(description.provenance))
+    return message
+
+
+_MODEL_PRECISIONS: dict[str, model_pb2.Precision.ValueType] = {
+    "fp32": model_pb2.PRECISION_FP32,
+    "fp16": model_pb2.PRECISION_FP16,
+    "int8": model_pb2.PRECISION_INT8,
+}
+_METHODS: dict[str, model_pb2.DerivationMethod.ValueType] = {
+    "prune": model_pb2.DERIVATION_METHOD_PRUNE,
+    "distill": model_pb2.DERIVATION_METHOD_DISTILL,
+}
+_ACCURACY_FIGURES = ("min_cosine", "mean_cosine", "top1_agreement", "max_probability_difference")
+
+
+def provenance(metadata: VersionMetadata) -> model_pb2.Provenance:
+    """A version's metadata.json as ModelInfo.provenance: where it came from and, for a derived one, how."""
+    message = model_pb2.Provenance(
+        source=metadata.source,
+        derived_from=metadata.derived_from or "",
+        precision=_MODEL_PRECISIONS.get(metadata.precision, model_pb2.PRECISION_UNSPECIFIED),
+    )
+    if metadata.created is not None:
+        message.create_time.FromDatetime(metadata.created)
+    if metadata.derivation is not None:
+        message.derivation.CopyFrom(_derivation(metadata.derivation))
+    if metadata.accuracy is not None:
+        report = metadata.accuracy
+        message.accuracy.CopyFrom(model_pb2.AccuracyReport(reference=report.reference, texts=report.texts))
+        _set_given(message.accuracy, report, _ACCURACY_FIGURES)
+    return message
+
+
+def _derivation(derivation: Derivation) -> model_pb2.Derivation:
+    # Settings are numbers, lists and strings of several kinds: each travels as its JSON, so none loses its type.
+    message = model_pb2.Derivation(
+        method=_METHODS.get(derivation.method, model_pb2.DERIVATION_METHOD_UNSPECIFIED),
+        parent=derivation.parent,
+        parameters={name: json.dumps(value) for name, value in derivation.parameters.items()},
+        corpus=derivation.corpus,
+        corpus_sha256=derivation.corpus_sha256,
+        corpus_texts=derivation.corpus_texts,
+        seconds=derivation.seconds,
+    )
+    _set_given(message, derivation, ("steps", "parameter_count", "parent_parameter_count"))
+    return message
+
+
+def _set_given(message: Message, source: object, names: Sequence[str]) -> None:
+    """Copies the named optional fields that `source` has (not None) onto `message`; the others stay unset."""
+    for name in names:
+        value = getattr(source, name)
+        if value is not None:
+            setattr(message, name, value)
 
 
 def requested_params(params: generation_pb2.GenerationParams) -> RequestedParams:
@@ -176,10 +236,7 @@ def _policy(policy: VersionPolicy) -> management_pb2.VersionPolicy:
 
 def _accuracy(report: AccuracyReport) -> management_pb2.AccuracyReport:
     message = management_pb2.AccuracyReport(reference=report.reference, texts=report.texts)
-    for name in ("min_cosine", "mean_cosine", "top1_agreement", "max_probability_difference"):
-        value = getattr(report, name)
-        if value is not None:
-            setattr(message, name, value)
+    _set_given(message, report, _ACCURACY_FIGURES)
     return message
 
 

@@ -15,7 +15,7 @@ from services.common import errors, tensors
 from services.common.errors import Reason
 from services.common.priority import DEFAULT as DEFAULT_PRIORITY
 from services.common.priority import Priority
-from services.common.repository import ModelRepository, ModelVersion, Task
+from services.common.repository import ModelRepository, ModelVersion, Task, VersionMetadata
 from services.common.settings import usable_cpus
 from services.inference.backends.base import BackendOptions, FloatArray, IntArray
 from services.inference.generation.engine import EngineStats, GeneratedTokens
@@ -65,6 +65,8 @@ class ModelDescription:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str = ""
     matryoshka_dimensions: tuple[int, ...] = ()
+    # How the version was made (its metadata.json); None for a version folder made by hand.
+    provenance: VersionMetadata | None = None
 
 
 class Inference:
@@ -356,6 +358,7 @@ class Inference:
             prompts=model.prompts,
             default_prompt_name=model.default_prompt_name,
             matryoshka_dimensions=tuple(model.config.matryoshka_dimensions or ()),
+            provenance=model.metadata,
         )
 
     @staticmethod

@@ -11,6 +11,8 @@ from tandem.sdk.client import TandemClient
 from tandem.sdk.errors import FieldViolation, TandemError
 from tandem.sdk.retry import NO_RETRY, RetryPolicy
 from tandem.sdk.types import (
+    AccuracyReport,
+    Derivation,
     Entity,
     FinishReason,
     GenerationDelta,
@@ -18,6 +20,7 @@ from tandem.sdk.types import (
     GenerationUsage,
     Label,
     ModelInfo,
+    Provenance,
     RerankResult,
     StreamResult,
     TokenEncoding,
@@ -26,7 +29,9 @@ from tandem.sdk.types import (
 
 __all__ = [
     "NO_RETRY",
+    "AccuracyReport",
     "AsyncTandemClient",
+    "Derivation",
     "Entity",
     "FieldViolation",
     "FinishReason",
@@ -35,6 +40,7 @@ __all__ = [
     "GenerationUsage",
     "Label",
     "ModelInfo",
+    "Provenance",
     "RerankResult",
     "RetryPolicy",
     "StreamResult",

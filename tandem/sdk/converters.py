@@ -3,16 +3,22 @@ the SDK that builds or reads tandem.gateway.v1 (and tandem.generation.v1) messag
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import UTC
+from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.descriptor import EnumDescriptor
 
 from tandem.gateway.v1 import gateway_pb2
 from tandem.generation.v1 import generation_pb2
 from tandem.model.v1 import model_pb2
 from tandem.sdk.errors import TandemError
 from tandem.sdk.types import (
+    AccuracyReport,
+    Derivation,
     Entity,
     FinishReason,
     GenerationDelta,
@@ -20,6 +26,7 @@ from tandem.sdk.types import (
     GenerationUsage,
     Label,
     ModelInfo,
+    Provenance,
     RerankResult,
     StreamResult,
     TokenEncoding,
@@ -190,6 +197,53 @@ def model_info(info: model_pb2.ModelInfo) -> ModelInfo:
         multi_label=info.multi_label,
         context_length=info.context_length,
         chat_template=info.chat_template,
+        provenance=provenance(info.provenance) if info.HasField("provenance") else None,
+    )
+
+
+def _optional(message: model_pb2.Derivation | model_pb2.AccuracyReport, name: str) -> Any:
+    return getattr(message, name) if message.HasField(name) else None  # type: ignore[arg-type]
+
+
+def _enum_name(enum: EnumDescriptor, value: int, prefix: str) -> str:
+    """An enum value as the SDK spells it ("int8", "prune"); a value newer than this SDK as its number."""
+    known = enum.values_by_number.get(value)
+    return known.name.removeprefix(prefix).lower() if known is not None else str(value)
+
+
+def provenance(message: model_pb2.Provenance) -> Provenance:
+    derivation = accuracy = None
+    if message.HasField("derivation"):
+        made = message.derivation
+        derivation = Derivation(
+            method=_enum_name(model_pb2.DerivationMethod.DESCRIPTOR, made.method, "DERIVATION_METHOD_"),
+            parent=made.parent,
+            parameters={name: json.loads(value) for name, value in made.parameters.items()},
+            corpus=made.corpus,
+            corpus_sha256=made.corpus_sha256,
+            corpus_texts=made.corpus_texts,
+            seconds=made.seconds,
+            steps=_optional(made, "steps"),
+            parameter_count=_optional(made, "parameter_count"),
+            parent_parameter_count=_optional(made, "parent_parameter_count"),
+        )
+    if message.HasField("accuracy"):
+        report = message.accuracy
+        accuracy = AccuracyReport(
+            reference=report.reference,
+            texts=report.texts,
+            min_cosine=_optional(report, "min_cosine"),
+            mean_cosine=_optional(report, "mean_cosine"),
+            top1_agreement=_optional(report, "top1_agreement"),
+            max_probability_difference=_optional(report, "max_probability_difference"),
+        )
+    return Provenance(
+        source=message.source,
+        derived_from=message.derived_from or None,
+        precision=_enum_name(model_pb2.Precision.DESCRIPTOR, message.precision, "PRECISION_"),
+        created=message.create_time.ToDatetime(tzinfo=UTC) if message.HasField("create_time") else None,
+        derivation=derivation,
+        accuracy=accuracy,
     )
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from datetime import datetime
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -11,6 +12,8 @@ import numpy.typing as npt
 from tandem.sdk.errors import TandemError
 
 __all__ = [
+    "AccuracyReport",
+    "Derivation",
     "Entity",
     "FinishReason",
     "GenerationDelta",
@@ -18,6 +21,7 @@ __all__ = [
     "GenerationUsage",
     "Label",
     "ModelInfo",
+    "Provenance",
     "RerankResult",
     "StreamResult",
     "TokenEncoding",
@@ -71,10 +75,56 @@ class TokenEncoding:
 
 
 @dataclass(frozen=True)
+class Derivation:
+    """How a pruned or distilled version was made: method "prune" or "distill", the parent (the teacher) as
+    name:version, the command's settings (kept layers, sizes, learning rate, seed...), the corpus (a file or
+    "builtin:python-docs") with its SHA-256 and number of texts, training steps (distillation), seconds taken, and
+    the parameter counts of the version and its parent."""
+
+    method: str
+    parent: str
+    parameters: dict[str, Any]
+    corpus: str
+    corpus_sha256: str
+    corpus_texts: int
+    seconds: float
+    steps: int | None = None
+    parameter_count: int | None = None
+    parent_parameter_count: int | None = None
+
+
+@dataclass(frozen=True)
+class AccuracyReport:
+    """How closely a derived version reproduces the original model (reference, as name:version) on `texts` held-out
+    texts: cosines for embedding models, top-1 agreement and the largest probability difference for the others."""
+
+    reference: str
+    texts: int
+    min_cosine: float | None = None
+    mean_cosine: float | None = None
+    top1_agreement: float | None = None
+    max_probability_difference: float | None = None
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """How a version was made, from the metadata.json `tandem models` wrote: where it came from, the version it was
+    derived from (None for one added from a folder), its precision ("fp32", "fp16" or "int8"), when it was created,
+    and for pruned or distilled versions how (derivation) and for derived ones their accuracy."""
+
+    source: str
+    derived_from: str | None
+    precision: str
+    created: datetime | None = None
+    derivation: Derivation | None = None
+    accuracy: AccuracyReport | None = None
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """A served model; task is "embedding", "classification", "token-classification", "rerank" or
     "text-generation". context_length and chat_template (whether generate takes messages) are set for text-generation
-    models only."""
+    models only. provenance says how the serving version was made; None for a version folder made by hand."""
 
     name: str
     task: str
@@ -88,6 +138,7 @@ class ModelInfo:
     multi_label: bool
     context_length: int = 0
     chat_template: bool = False
+    provenance: Provenance | None = None
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """`tandem models prune` and `tandem models distill` on tiny models made here: smaller real models that transformers
 loads, students closer to their parent than before training, seeds and resumed runs that reproduce, the promote gate,
-provenance, and refusals that leave the repository as it was."""
+provenance (in metadata.json, and served by GetModel), and refusals that leave the repository as it was."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import copy
 import json
 import shutil
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,11 @@ from transformers import AutoModel, AutoModelForCausalLM, BertForSequenceClassif
 from services.common.repository import ModelRepository, read_metadata
 from services.inference.export import pruning
 from services.inference.export.distillation import pool
+from tandem.gateway.v1 import gateway_pb2
+from tandem.model.v1 import model_pb2
+from tandem.sdk import AsyncTandemClient
 from tests.fixtures import tiny_models
+from tests.harness import serve_stack
 from tests.service.test_models_cli import Result, run
 
 STEPS = ["--steps", "24", "--batch-size", "8", "--lr", "3e-3", "--checkpoint-every", "10", "--device", "cpu"]
@@ -133,6 +138,85 @@ def test_a_distilled_student_is_closer_to_its_parent_and_its_seed_reproduces_it(
     assert other.code == 0
     three = _weights(repo / "emb" / "4")
     assert not all(torch.equal(one[k], three[k]) for k in one)
+
+
+async def test_get_model_says_how_the_version_was_made(setup: Setup, tmp_path: Path) -> None:
+    """Provenance as callers see it, over real servers on port 0: GetModel (and ListModels, and the SDK) on the
+    gateway gives a pruned and a distilled version's derivation and accuracy as their metadata.json has them, a
+    version added by `tandem models add` its source only, and a version folder made by hand none."""
+    repo = _copy(setup, tmp_path)
+    corpus = ["--corpus", str(setup.corpus), "--texts", str(setup.texts)]
+    pruned = run(repo, setup.home, "prune", "emb", "--ffn", "0.5", "--layers", "1", *corpus)
+    assert pruned.code == 0, pruned.err
+    distilled = run(repo, setup.home, "distill", "emb", "--layers", "1", *corpus, "--steps", "2", *STEPS[2:])
+    assert distilled.code == 0, distilled.err
+    config_file = repo / "emb" / "tandem.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "version_policy": {"all": True}}))
+    shutil.copytree(repo / "emb" / "1", repo / "hand" / "1", ignore=shutil.ignore_patterns("metadata.json"))
+    (repo / "hand" / "tandem.json").write_text(json.dumps({"task": "embedding"}))
+
+    async with serve_stack(repo, tmp_path / "home") as stack:
+
+        async def info(ref: str) -> model_pb2.ModelInfo:
+            return (await stack.stub.GetModel(gateway_pb2.GetModelRequest(model=ref))).model
+
+        for version, method in (("2", model_pb2.DERIVATION_METHOD_PRUNE), ("3", model_pb2.DERIVATION_METHOD_DISTILL)):
+            metadata = read_metadata(repo / "emb" / version)
+            assert metadata is not None and metadata.derivation is not None and metadata.accuracy is not None
+            made = await info(f"emb:{version}")
+            assert (made.version, made.ready) == (version, True), made.reason
+            provenance = made.provenance
+            assert (provenance.derived_from, provenance.precision) == ("emb:1", model_pb2.PRECISION_FP32)
+            assert provenance.source == metadata.source and metadata.created is not None
+            assert provenance.create_time.ToDatetime(tzinfo=UTC) == metadata.created
+            derivation, recorded = provenance.derivation, metadata.derivation
+            assert (derivation.method, derivation.parent) == (method, "emb:1")
+            assert {k: json.loads(v) for k, v in derivation.parameters.items()} == recorded.parameters
+            assert json.loads(derivation.parameters["kept_layers"]) == recorded.parameters["kept_layers"]
+            assert (derivation.corpus, derivation.corpus_sha256, derivation.corpus_texts) == (
+                str(setup.corpus),
+                recorded.corpus_sha256,
+                96,
+            )
+            assert derivation.seconds == pytest.approx(recorded.seconds)
+            assert derivation.parameter_count == recorded.parameter_count
+            assert derivation.parent_parameter_count == recorded.parent_parameter_count
+            assert derivation.parameter_count < derivation.parent_parameter_count
+            assert derivation.HasField("steps") == (method == model_pb2.DERIVATION_METHOD_DISTILL)
+            accuracy = provenance.accuracy
+            assert (accuracy.reference, accuracy.texts) == ("emb:1", 8)
+            assert (accuracy.min_cosine, accuracy.mean_cosine) == (
+                metadata.accuracy.min_cosine,
+                metadata.accuracy.mean_cosine,
+            )
+            assert not accuracy.HasField("top1_agreement")
+        assert (await info("emb:3")).provenance.derivation.steps == 2
+        assert json.loads((await info("emb:2")).provenance.derivation.parameters["intermediate_size"]) == 32
+
+        added = (await info("emb:1")).provenance
+        assert added.source and not added.derived_from and added.HasField("create_time")
+        assert not added.HasField("derivation") and not added.HasField("accuracy")
+        assert not (await info("hand")).HasField("provenance")
+        listed = {m.name: m for m in (await stack.stub.ListModels(gateway_pb2.ListModelsRequest())).models}
+        assert listed["emb"].provenance == (await info(f"emb:{listed['emb'].version}")).provenance
+        assert not listed["hand"].HasField("provenance")
+
+        async with AsyncTandemClient(stack.gateway.address) as client:
+            typed = (await client.get_model("emb:2")).provenance
+            assert (await client.get_model("hand")).provenance is None
+        recorded_metadata = read_metadata(repo / "emb" / "2")
+        assert recorded_metadata is not None and recorded_metadata.derivation is not None
+        assert typed is not None and typed.derivation is not None and typed.accuracy is not None
+        assert (typed.derived_from, typed.precision, typed.created) == ("emb:1", "fp32", recorded_metadata.created)
+        assert (typed.derivation.method, typed.derivation.parameters) == (
+            "prune",
+            recorded_metadata.derivation.parameters,
+        )
+        assert (typed.derivation.steps, typed.accuracy.reference, typed.accuracy.top1_agreement) == (
+            None,
+            "emb:1",
+            None,
+        )
 
 
 class _Interrupted:

@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btandem/model/v1/model.proto\x12\x0ftandem.model.v1\"\xc2\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04task\x18\x02 \x01(\x0e\x32\x15.tandem.model.v1.Task\x12\x10\n\x08versions\x18\x03 \x03(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x18\n\x10max_input_length\x18\x05 \x01(\x05\x12\x1b\n\x13\x65mbedding_dimension\x18\x06 \x01(\x05\x12\x0e\n\x06labels\x18\x07 \x03(\t\x12\r\n\x05ready\x18\x08 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\t \x01(\t\x12\x13\n\x0bmulti_label\x18\n \x01(\x08\x12\x16\n\x0e\x63ontext_length\x18\x0b \x01(\x05\x12\x15\n\rchat_template\x18\x0c \x01(\x08\x12\x38\n\x07prompts\x18\r \x03(\x0b\x32\'.tandem.model.v1.ModelInfo.PromptsEntry\x12\x1b\n\x13\x64\x65\x66\x61ult_prompt_name\x18\x0e \x01(\t\x12\x1d\n\x15matryoshka_dimensions\x18\x0f \x03(\x05\x12\x0e\n\x06reason\x18\x10 \x01(\t\x1a.\n\x0cPromptsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x93\x01\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x12\n\x0eTASK_EMBEDDING\x10\x01\x12\x17\n\x13TASK_CLASSIFICATION\x10\x02\x12\x1d\n\x19TASK_TOKEN_CLASSIFICATION\x10\x03\x12\x0f\n\x0bTASK_RERANK\x10\x04\x12\x18\n\x14TASK_TEXT_GENERATION\x10\x05\x42\\\n\x13\x64\x65v.tandem.model.v1B\nModelProtoP\x01Z%tandem.dev/go/tandem/model/v1;modelv1\xaa\x02\x0fTandem.Model.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btandem/model/v1/model.proto\x12\x0ftandem.model.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf3\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x04task\x18\x02 \x01(\x0e\x32\x15.tandem.model.v1.Task\x12\x10\n\x08versions\x18\x03 \x03(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x18\n\x10max_input_length\x18\x05 \x01(\x05\x12\x1b\n\x13\x65mbedding_dimension\x18\x06 \x01(\x05\x12\x0e\n\x06labels\x18\x07 \x03(\t\x12\r\n\x05ready\x18\x08 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\t \x01(\t\x12\x13\n\x0bmulti_label\x18\n \x01(\x08\x12\x16\n\x0e\x63ontext_length\x18\x0b \x01(\x05\x12\x15\n\rchat_template\x18\x0c \x01(\x08\x12\x38\n\x07prompts\x18\r \x03(\x0b\x32\'.tandem.model.v1.ModelInfo.PromptsEntry\x12\x1b\n\x13\x64\x65\x66\x61ult_prompt_name\x18\x0e \x01(\t\x12\x1d\n\x15matryoshka_dimensions\x18\x0f \x03(\x05\x12\x0e\n\x06reason\x18\x10 \x01(\t\x12/\n\nprovenance\x18\x11 \x01(\x0b\x32\x1b.tandem.model.v1.Provenance\x1a.\n\x0cPromptsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf6\x01\n\nProvenance\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65rived_from\x18\x02 \x01(\t\x12-\n\tprecision\x18\x03 \x01(\x0e\x32\x1a.tandem.model.v1.Precision\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\nderivation\x18\x05 \x01(\x0b\x32\x1b.tandem.model.v1.Derivation\x12\x31\n\x08\x61\x63\x63uracy\x18\x06 \x01(\x0b\x32\x1f.tandem.model.v1.AccuracyReport\"\xa1\x03\n\nDerivation\x12\x31\n\x06method\x18\x01 \x01(\x0e\x32!.tandem.model.v1.DerivationMethod\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12?\n\nparameters\x18\x03 \x03(\x0b\x32+.tandem.model.v1.Derivation.ParametersEntry\x12\x0e\n\x06\x63orpus\x18\x04 \x01(\t\x12\x15\n\rcorpus_sha256\x18\x05 \x01(\t\x12\x14\n\x0c\x63orpus_texts\x18\x06 \x01(\x05\x12\x12\n\x05steps\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\x12\x1c\n\x0fparameter_count\x18\t \x01(\x03H\x01\x88\x01\x01\x12#\n\x16parent_parameter_count\x18\n \x01(\x03H\x02\x88\x01\x01\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_stepsB\x12\n\x10_parameter_countB\x19\n\x17_parent_parameter_count\"\xfc\x01\n\x0e\x41\x63\x63uracyReport\x12\x11\n\treference\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x01(\x05\x12\x17\n\nmin_cosine\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x0bmean_cosine\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x1b\n\x0etop1_agreement\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\'\n\x1amax_probability_difference\x18\x06 \x01(\x01H\x03\x88\x01\x01\x42\r\n\x0b_min_cosineB\x0e\n\x0c_mean_cosineB\x11\n\x0f_top1_agreementB\x1d\n\x1b_max_probability_difference*\x93\x01\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x12\n\x0eTASK_EMBEDDING\x10\x01\x12\x17\n\x13TASK_CLASSIFICATION\x10\x02\x12\x1d\n\x19TASK_TOKEN_CLASSIFICATION\x10\x03\x12\x0f\n\x0bTASK_RERANK\x10\x04\x12\x18\n\x14TASK_TEXT_GENERATION\x10\x05*b\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x12\n\x0ePRECISION_FP32\x10\x01\x12\x12\n\x0ePRECISION_FP16\x10\x02\x12\x12\n\x0ePRECISION_INT8\x10\x03*q\n\x10\x44\x65rivationMethod\x12!\n\x1d\x44\x45RIVATION_METHOD_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44\x45RIVATION_METHOD_PRUNE\x10\x01\x12\x1d\n\x19\x44\x45RIVATION_METHOD_DISTILL\x10\x02\x42\\\n\x13\x64\x65v.tandem.model.v1B\nModelProtoP\x01Z%tandem.dev/go/tandem/model/v1;modelv1\xaa\x02\x0fTandem.Model.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +35,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\023dev.tandem.model.v1B\nModelProtoP\001Z%tandem.dev/go/tandem/model/v1;modelv1\252\002\017Tandem.Model.V1'
   _globals['_MODELINFO_PROMPTSENTRY']._loaded_options = None
   _globals['_MODELINFO_PROMPTSENTRY']._serialized_options = b'8\001'
-  _globals['_TASK']._serialized_start=502
-  _globals['_TASK']._serialized_end=649
-  _globals['_MODELINFO']._serialized_start=49
-  _globals['_MODELINFO']._serialized_end=499
-  _globals['_MODELINFO_PROMPTSENTRY']._serialized_start=453
-  _globals['_MODELINFO_PROMPTSENTRY']._serialized_end=499
+  _globals['_DERIVATION_PARAMETERSENTRY']._loaded_options = None
+  _globals['_DERIVATION_PARAMETERSENTRY']._serialized_options = b'8\001'
+  _globals['_TASK']._serialized_start=1508
+  _globals['_TASK']._serialized_end=1655
+  _globals['_PRECISION']._serialized_start=1657
+  _globals['_PRECISION']._serialized_end=1755
+  _globals['_DERIVATIONMETHOD']._serialized_start=1757
+  _globals['_DERIVATIONMETHOD']._serialized_end=1870
+  _globals['_MODELINFO']._serialized_start=82
+  _globals['_MODELINFO']._serialized_end=581
+  _globals['_MODELINFO_PROMPTSENTRY']._serialized_start=535
+  _globals['_MODELINFO_PROMPTSENTRY']._serialized_end=581
+  _globals['_PROVENANCE']._serialized_start=584
+  _globals['_PROVENANCE']._serialized_end=830
+  _globals['_DERIVATION']._serialized_start=833
+  _globals['_DERIVATION']._serialized_end=1250
+  _globals['_DERIVATION_PARAMETERSENTRY']._serialized_start=1144
+  _globals['_DERIVATION_PARAMETERSENTRY']._serialized_end=1193
+  _globals['_ACCURACYREPORT']._serialized_start=1253
+  _globals['_ACCURACYREPORT']._serialized_end=1505
 # @@protoc_insertion_point(module_scope)

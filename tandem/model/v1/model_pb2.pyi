@@ -6,6 +6,7 @@ Model descriptions shared by the stage services and the gateway."""
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -55,6 +56,58 @@ TASK_TEXT_GENERATION: Task.ValueType  # 5
 """Causal language models: text generated token by token (GatewayService.Generate)."""
 Global___Task: _TypeAlias = Task  # noqa: Y015
 
+class _Precision:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PrecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Precision.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRECISION_UNSPECIFIED: _Precision.ValueType  # 0
+    """Not set."""
+    PRECISION_FP32: _Precision.ValueType  # 1
+    """32-bit floating point."""
+    PRECISION_FP16: _Precision.ValueType  # 2
+    """16-bit floating point."""
+    PRECISION_INT8: _Precision.ValueType  # 3
+    """8-bit integer weights (dynamic quantisation)."""
+
+class Precision(_Precision, metaclass=_PrecisionEnumTypeWrapper):
+    """Precision of a version's weights."""
+
+PRECISION_UNSPECIFIED: Precision.ValueType  # 0
+"""Not set."""
+PRECISION_FP32: Precision.ValueType  # 1
+"""32-bit floating point."""
+PRECISION_FP16: Precision.ValueType  # 2
+"""16-bit floating point."""
+PRECISION_INT8: Precision.ValueType  # 3
+"""8-bit integer weights (dynamic quantisation)."""
+Global___Precision: _TypeAlias = Precision  # noqa: Y015
+
+class _DerivationMethod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DerivationMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DerivationMethod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DERIVATION_METHOD_UNSPECIFIED: _DerivationMethod.ValueType  # 0
+    """Not set."""
+    DERIVATION_METHOD_PRUNE: _DerivationMethod.ValueType  # 1
+    """`tandem models prune`: parts of the parent removed by their importance on a calibration corpus."""
+    DERIVATION_METHOD_DISTILL: _DerivationMethod.ValueType  # 2
+    """`tandem models distill`: a student trained on a corpus to reproduce the parent (the teacher)."""
+
+class DerivationMethod(_DerivationMethod, metaclass=_DerivationMethodEnumTypeWrapper):
+    """How a smaller version was made from its parent."""
+
+DERIVATION_METHOD_UNSPECIFIED: DerivationMethod.ValueType  # 0
+"""Not set."""
+DERIVATION_METHOD_PRUNE: DerivationMethod.ValueType  # 1
+"""`tandem models prune`: parts of the parent removed by their importance on a calibration corpus."""
+DERIVATION_METHOD_DISTILL: DerivationMethod.ValueType  # 2
+"""`tandem models distill`: a student trained on a corpus to reproduce the parent (the teacher)."""
+Global___DerivationMethod: _TypeAlias = DerivationMethod  # noqa: Y015
+
 @_typing.final
 class ModelInfo(_message.Message):
     """A served model and the version that answers requests for it."""
@@ -97,6 +150,7 @@ class ModelInfo(_message.Message):
     DEFAULT_PROMPT_NAME_FIELD_NUMBER: _builtins.int
     MATRYOSHKA_DIMENSIONS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    PROVENANCE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the model in the model repository."""
     task: Global___Task.ValueType
@@ -143,6 +197,12 @@ class ModelInfo(_message.Message):
         "matryoshka_dimensions"; EmbedRequest.dimensions is checked against them (embedding models only).
         """
 
+    @_builtins.property
+    def provenance(self) -> Global___Provenance:
+        """How the serving version was made, from the metadata.json `tandem models` writes into each version it adds or
+        derives (add, export, quantize, prune, distill); unset for a version folder made by hand.
+        """
+
     def __init__(
         self,
         *,
@@ -162,11 +222,218 @@ class ModelInfo(_message.Message):
         default_prompt_name: _builtins.str = ...,
         matryoshka_dimensions: _abc.Iterable[_builtins.int] | None = ...,
         reason: _builtins.str = ...,
+        provenance: Global___Provenance | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["provenance", b"provenance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "chat_template", b"chat_template", "context_length", b"context_length", "default_prompt_name", b"default_prompt_name", "embedding_dimension", b"embedding_dimension", "labels", b"labels", "matryoshka_dimensions", b"matryoshka_dimensions", "max_input_length", b"max_input_length", "multi_label", b"multi_label", "name", b"name", "prompts", b"prompts", "ready", b"ready", "reason", b"reason", "task", b"task", "version", b"version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "chat_template", b"chat_template", "context_length", b"context_length", "default_prompt_name", b"default_prompt_name", "embedding_dimension", b"embedding_dimension", "labels", b"labels", "matryoshka_dimensions", b"matryoshka_dimensions", "max_input_length", b"max_input_length", "multi_label", b"multi_label", "name", b"name", "prompts", b"prompts", "provenance", b"provenance", "ready", b"ready", "reason", b"reason", "task", b"task", "version", b"version", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class Provenance(_message.Message):
+    """How a version was made, as `tandem models` recorded it in the version's metadata.json."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    DERIVED_FROM_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    DERIVATION_FIELD_NUMBER: _builtins.int
+    ACCURACY_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """Where the version came from: the folder or package it was added from, or, for a derived version, its parent and
+    how it was derived, such as "emb:2 (quantize int8)".
+    """
+    derived_from: _builtins.str
+    """The version this one was exported, quantised, pruned or distilled from, as "name:version"; empty for a version
+    added from a folder or package.
+    """
+    precision: Global___Precision.ValueType
+    """Precision of the weights."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When `tandem models` created the version; unset when its metadata.json does not say."""
+
+    @_builtins.property
+    def derivation(self) -> Global___Derivation:
+        """How a pruned or distilled version was made; unset for every other version."""
+
+    @_builtins.property
+    def accuracy(self) -> Global___AccuracyReport:
+        """Accuracy against the original model, measured when the version was derived; unset when none was measured."""
+
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        derived_from: _builtins.str = ...,
+        precision: Global___Precision.ValueType = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        derivation: Global___Derivation | None = ...,
+        accuracy: Global___AccuracyReport | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "create_time", b"create_time", "derivation", b"derivation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "create_time", b"create_time", "derivation", b"derivation", "derived_from", b"derived_from", "precision", b"precision", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Provenance: _TypeAlias = Provenance  # noqa: Y015
+
+@_typing.final
+class Derivation(_message.Message):
+    """How a pruned or distilled version was made from its parent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ParametersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    METHOD_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    CORPUS_FIELD_NUMBER: _builtins.int
+    CORPUS_SHA256_FIELD_NUMBER: _builtins.int
+    CORPUS_TEXTS_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    PARAMETER_COUNT_FIELD_NUMBER: _builtins.int
+    PARENT_PARAMETER_COUNT_FIELD_NUMBER: _builtins.int
+    method: Global___DerivationMethod.ValueType
+    """Pruning or distillation."""
+    parent: _builtins.str
+    """The version pruned, or the teacher distilled, as "name:version"."""
+    corpus: _builtins.str
+    """The calibration (pruning) or training (distillation) texts: a file, or "builtin:python-docs"."""
+    corpus_sha256: _builtins.str
+    """SHA-256 of the corpus texts, as "sha256:<hex>"."""
+    corpus_texts: _builtins.int
+    """Number of texts in the corpus."""
+    steps: _builtins.int
+    """Training steps (distillation only)."""
+    seconds: _builtins.float
+    """Time the pruning or the training took, in seconds."""
+    parameter_count: _builtins.int
+    """Parameters of the derived model, when counted."""
+    parent_parameter_count: _builtins.int
+    """Parameters of the parent, when counted."""
+    @_builtins.property
+    def parameters(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The command's settings (kept layers, sizes, learning rate, seed and so on): name -> the value as JSON, such as
+        "[0, 2]", "32", "0.0001" or "\\"mean\\"".
+        """
+
+    def __init__(
+        self,
+        *,
+        method: Global___DerivationMethod.ValueType = ...,
+        parent: _builtins.str = ...,
+        parameters: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        corpus: _builtins.str = ...,
+        corpus_sha256: _builtins.str = ...,
+        corpus_texts: _builtins.int = ...,
+        steps: _builtins.int | None = ...,
+        seconds: _builtins.float = ...,
+        parameter_count: _builtins.int | None = ...,
+        parent_parameter_count: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_parameter_count", b"_parameter_count", "_parent_parameter_count", b"_parent_parameter_count", "_steps", b"_steps", "parameter_count", b"parameter_count", "parent_parameter_count", b"parent_parameter_count", "steps", b"steps"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_parameter_count", b"_parameter_count", "_parent_parameter_count", b"_parent_parameter_count", "_steps", b"_steps", "corpus", b"corpus", "corpus_sha256", b"corpus_sha256", "corpus_texts", b"corpus_texts", "method", b"method", "parameter_count", b"parameter_count", "parameters", b"parameters", "parent", b"parent", "parent_parameter_count", b"parent_parameter_count", "seconds", b"seconds", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__parameter_count: _TypeAlias = _typing.Literal["parameter_count"]  # noqa: Y015
+    _WhichOneofArgType__parameter_count: _TypeAlias = _typing.Literal["_parameter_count", b"_parameter_count"]  # noqa: Y015
+    _WhichOneofReturnType__parent_parameter_count: _TypeAlias = _typing.Literal["parent_parameter_count"]  # noqa: Y015
+    _WhichOneofArgType__parent_parameter_count: _TypeAlias = _typing.Literal["_parent_parameter_count", b"_parent_parameter_count"]  # noqa: Y015
+    _WhichOneofReturnType__steps: _TypeAlias = _typing.Literal["steps"]  # noqa: Y015
+    _WhichOneofArgType__steps: _TypeAlias = _typing.Literal["_steps", b"_steps"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__parameter_count) -> _WhichOneofReturnType__parameter_count | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__parent_parameter_count) -> _WhichOneofReturnType__parent_parameter_count | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__steps) -> _WhichOneofReturnType__steps | None: ...
+
+Global___Derivation: _TypeAlias = Derivation  # noqa: Y015
+
+@_typing.final
+class AccuracyReport(_message.Message):
+    """How closely a derived version reproduces the original model on held-out texts, measured when it was made: both
+    run on the same texts, the original with transformers in float32.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFERENCE_FIELD_NUMBER: _builtins.int
+    TEXTS_FIELD_NUMBER: _builtins.int
+    MIN_COSINE_FIELD_NUMBER: _builtins.int
+    MEAN_COSINE_FIELD_NUMBER: _builtins.int
+    TOP1_AGREEMENT_FIELD_NUMBER: _builtins.int
+    MAX_PROBABILITY_DIFFERENCE_FIELD_NUMBER: _builtins.int
+    reference: _builtins.str
+    """The original model, as "name:version" (a version derived from a derived one is still compared with the
+    original).
+    """
+    texts: _builtins.int
+    """Number of held-out texts compared."""
+    min_cosine: _builtins.float
+    """Embedding models: lowest cosine similarity between the two embeddings of a text."""
+    mean_cosine: _builtins.float
+    """Embedding models: mean cosine similarity over the texts."""
+    top1_agreement: _builtins.float
+    """Classification, token-classification, rerank and text-generation models: share of top-1 predictions that agree."""
+    max_probability_difference: _builtins.float
+    """Classification, token-classification and rerank models: largest difference of any probability."""
+    def __init__(
+        self,
+        *,
+        reference: _builtins.str = ...,
+        texts: _builtins.int = ...,
+        min_cosine: _builtins.float | None = ...,
+        mean_cosine: _builtins.float | None = ...,
+        top1_agreement: _builtins.float | None = ...,
+        max_probability_difference: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_probability_difference", b"_max_probability_difference", "_mean_cosine", b"_mean_cosine", "_min_cosine", b"_min_cosine", "_top1_agreement", b"_top1_agreement", "max_probability_difference", b"max_probability_difference", "mean_cosine", b"mean_cosine", "min_cosine", b"min_cosine", "top1_agreement", b"top1_agreement"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_probability_difference", b"_max_probability_difference", "_mean_cosine", b"_mean_cosine", "_min_cosine", b"_min_cosine", "_top1_agreement", b"_top1_agreement", "max_probability_difference", b"max_probability_difference", "mean_cosine", b"mean_cosine", "min_cosine", b"min_cosine", "reference", b"reference", "texts", b"texts", "top1_agreement", b"top1_agreement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_probability_difference: _TypeAlias = _typing.Literal["max_probability_difference"]  # noqa: Y015
+    _WhichOneofArgType__max_probability_difference: _TypeAlias = _typing.Literal["_max_probability_difference", b"_max_probability_difference"]  # noqa: Y015
+    _WhichOneofReturnType__mean_cosine: _TypeAlias = _typing.Literal["mean_cosine"]  # noqa: Y015
+    _WhichOneofArgType__mean_cosine: _TypeAlias = _typing.Literal["_mean_cosine", b"_mean_cosine"]  # noqa: Y015
+    _WhichOneofReturnType__min_cosine: _TypeAlias = _typing.Literal["min_cosine"]  # noqa: Y015
+    _WhichOneofArgType__min_cosine: _TypeAlias = _typing.Literal["_min_cosine", b"_min_cosine"]  # noqa: Y015
+    _WhichOneofReturnType__top1_agreement: _TypeAlias = _typing.Literal["top1_agreement"]  # noqa: Y015
+    _WhichOneofArgType__top1_agreement: _TypeAlias = _typing.Literal["_top1_agreement", b"_top1_agreement"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_probability_difference) -> _WhichOneofReturnType__max_probability_difference | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mean_cosine) -> _WhichOneofReturnType__mean_cosine | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_cosine) -> _WhichOneofReturnType__min_cosine | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__top1_agreement) -> _WhichOneofReturnType__top1_agreement | None: ...
+
+Global___AccuracyReport: _TypeAlias = AccuracyReport  # noqa: Y015
