@@ -22,23 +22,13 @@ from gateway.priority import PriorityInterceptor
 from gateway.servicer import registrar
 from gateway.settings import GatewaySettings
 from services.common import stage, tls
-from services.common.default_model import default_model_of, repository_root
+from services.common.default_model import open_repository
 from services.common.metrics import GatewayMetrics
-from services.common.repository import ModelRepository
 from services.common.server import Registrar, RunningServer
 from services.postprocess.core import Postprocessor
 from services.tokenizer.core import Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-def _repository(settings: GatewaySettings) -> ModelRepository:
-    """The model repository of the stages that run in the gateway's process, opened as the stage processes open it."""
-    return ModelRepository(
-        repository_root(settings.model_repository, settings.home, settings.chat_model),
-        default_model_of(settings.model_repository, settings.default_model),
-        gguf_cache=settings.gguf_cache_folder(),
-    )
 
 
 def build_pipeline(settings: GatewaySettings, security: tls.ChannelSecurity | None = None) -> Pipeline:
@@ -47,7 +37,7 @@ def build_pipeline(settings: GatewaySettings, security: tls.ChannelSecurity | No
     tokenizer: TokenizerStage
     postprocess: PostprocessStage
     # One repository for both stages in this process: one listing per model read every second, not one each.
-    repository = _repository(settings) if IN_PROCESS in (settings.tokenizer, settings.postprocess) else None
+    repository = open_repository(settings) if IN_PROCESS in (settings.tokenizer, settings.postprocess) else None
     if repository is not None and settings.tokenizer == IN_PROCESS:
         tokenizer = LocalTokenizer(Tokenizer(repository, max_inputs=settings.max_inputs))
     else:

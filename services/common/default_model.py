@@ -9,6 +9,11 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.common.repository import ModelRepository
+    from services.common.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -121,3 +126,15 @@ def repository_root(configured: Path | None, home: Path, chat_model: bool = True
 def default_model_of(configured: Path | None, default_model: str | None) -> str | None:
     """The model a request that names none gets: the setting, or all-MiniLM-L6-v2 in the built-in repository."""
     return default_model or (DEFAULT_MODEL_NAME if configured is None else None)
+
+
+def open_repository(settings: ServiceSettings) -> ModelRepository:
+    """The model repository a service's settings name, opened the same way by every stage and by the gateway's
+    in-process stages: --model-repository, else the built-in one under --home (with or without the chat model)."""
+    from services.common.repository import ModelRepository
+
+    return ModelRepository(
+        repository_root(settings.model_repository, settings.home, settings.chat_model),
+        default_model_of(settings.model_repository, settings.default_model),
+        gguf_cache=settings.gguf_cache_folder(),
+    )

@@ -10,9 +10,8 @@ from collections.abc import Sequence
 from prometheus_client import REGISTRY
 
 from services.common import stage, tls
-from services.common.default_model import default_model_of, repository_root
+from services.common.default_model import open_repository
 from services.common.metrics import InferenceMetrics
-from services.common.repository import ModelRepository
 from services.inference.backends.base import cuda_present
 from services.inference.core import Inference
 from services.inference.servicer import management_registrar, registrar
@@ -23,11 +22,7 @@ GPU_SWITCH_INTERVAL_MS = 0.5
 
 
 def build_core(settings: InferenceSettings, metrics: InferenceMetrics | None = None) -> Inference:
-    repository = ModelRepository(
-        repository_root(settings.model_repository, settings.home, settings.chat_model),
-        default_model_of(settings.model_repository, settings.default_model),
-        gguf_cache=settings.gguf_cache_folder(),
-    )
+    repository = open_repository(settings)
     return Inference(
         repository,
         home=settings.home,

@@ -6,19 +6,14 @@ import asyncio
 from collections.abc import Sequence
 
 from services.common import stage, tls
-from services.common.default_model import default_model_of, repository_root
-from services.common.repository import ModelRepository
+from services.common.default_model import open_repository
 from services.postprocess.core import Postprocessor
 from services.postprocess.servicer import registrar
 from services.postprocess.settings import PostprocessSettings
 
 
 def build_core(settings: PostprocessSettings) -> Postprocessor:
-    repository = ModelRepository(
-        repository_root(settings.model_repository, settings.home, settings.chat_model),
-        default_model_of(settings.model_repository, settings.default_model),
-        gguf_cache=settings.gguf_cache_folder(),
-    )
+    repository = open_repository(settings)
     return Postprocessor(repository)
 
 

@@ -6,20 +6,15 @@ import asyncio
 from collections.abc import Sequence
 
 from services.common import stage, tls
-from services.common.default_model import default_model_of, repository_root
+from services.common.default_model import open_repository
 from services.common.metrics import TokenizerMetrics
-from services.common.repository import ModelRepository
 from services.tokenizer.core import Tokenizer
 from services.tokenizer.servicer import registrar
 from services.tokenizer.settings import TokenizerSettings
 
 
 def build_core(settings: TokenizerSettings) -> Tokenizer:
-    repository = ModelRepository(
-        repository_root(settings.model_repository, settings.home, settings.chat_model),
-        default_model_of(settings.model_repository, settings.default_model),
-        gguf_cache=settings.gguf_cache_folder(),
-    )
+    repository = open_repository(settings)
     return Tokenizer(repository, max_inputs=settings.max_inputs)
 
 
