@@ -7,6 +7,7 @@ serves (gateway.__main__.services). Tests vary the settings (limits, interceptor
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -233,3 +234,19 @@ async def gateway_over(
         await pipeline.close()
         await management.close()
         await fake.stop(0)
+
+
+async def await_health(channel: grpc.aio.Channel, want: int, attempts: int = 200, interval_s: float = 0.05) -> None:
+    """Polls grpc.health.v1 Check (the server's overall status) on `channel` until it reports `want` (a
+    HealthCheckResponse.ServingStatus); fails with the last status seen after `attempts` tries."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(channel)
+    status = None
+    for _ in range(attempts):
+        status = (await health.Check(health_pb2.HealthCheckRequest())).status
+        if status == want:
+            return
+        await asyncio.sleep(interval_s)
+    names = health_pb2.HealthCheckResponse.ServingStatus
+    raise AssertionError(f"health is {names.Name(status or 0)} after {attempts} tries, want {names.Name(want)}")

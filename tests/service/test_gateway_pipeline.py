@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from gateway.__main__ import follow_stage_health
 from gateway.clients import InferenceClient, PostprocessClient, TokenizerClient
@@ -26,7 +26,7 @@ from services.postprocess.servicer import registrar as postprocess_registrar
 from tandem.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from tandem.inference.v1 import inference_pb2
 from tests.fixtures import reference, tiny_models
-from tests.harness import Stack
+from tests.harness import Stack, await_health
 from tests.status import details_of
 
 MiB = 1024 * 1024
@@ -186,20 +186,9 @@ async def test_a_stage_that_is_down_fails_fast_and_recovers(stack: Stack) -> Non
         assert (d.code, d.reason) == (grpc.StatusCode.UNAVAILABLE, "STAGE_UNAVAILABLE")
         assert "postprocess" in d.message
         async with grpc.aio.insecure_channel(stack.gateway.address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            for _ in range(100):
-                status = (await health.Check(health_pb2.HealthCheckRequest())).status
-                if status == health_pb2.HealthCheckResponse.NOT_SERVING:
-                    break
-                await asyncio.sleep(0.05)
-            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            await await_health(channel, health_pb2.HealthCheckResponse.NOT_SERVING, attempts=100)
             stack.stages["postprocess"] = await start_server(address, [postprocess_registrar(postprocess)])
-            for _ in range(200):
-                status = (await health.Check(health_pb2.HealthCheckRequest())).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-                await asyncio.sleep(0.05)
-            assert status == health_pb2.HealthCheckResponse.SERVING
+            await await_health(channel, health_pb2.HealthCheckResponse.SERVING)
         reply = await stack.stub.Embed(gateway_pb2.EmbedRequest(model="tiny-embed", inputs=["good"]), timeout=20)
         assert len(reply.embeddings) == 1
     finally:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry
 
 from gateway.__main__ import build_pipeline, follow_stage_health
@@ -23,7 +23,7 @@ from services.common.metrics import InferenceMetrics, MetricsInterceptor, Servic
 from tandem.gateway.v1 import gateway_pb2
 from tandem.generation.v1 import generation_pb2
 from tests.fixtures.tiny_causal import expected_continuation
-from tests.harness import Stack, serve_stack
+from tests.harness import Stack, await_health, serve_stack
 
 # The same tests, collected again in this module: they take `stack` and `gen`, which this module defines in-process.
 from tests.service.test_gateway_pipeline import (  # noqa: F401
@@ -131,13 +131,7 @@ async def test_health_follows_the_inference_stage_alone(stack: Stack) -> None:
         await stack.stages["postprocess"].stop(0)
         await stack.stages["tokenizer"].stop(0)
         async with grpc.aio.insecure_channel(stack.gateway.address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            for _ in range(100):
-                status = (await health.Check(health_pb2.HealthCheckRequest())).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-                await asyncio.sleep(0.05)
-            assert status == health_pb2.HealthCheckResponse.SERVING
+            await await_health(channel, health_pb2.HealthCheckResponse.SERVING, attempts=100)
         reply = await stack.stub.Embed(gateway_pb2.EmbedRequest(model="tiny-embed", inputs=["good"]), timeout=20)
         assert len(reply.embeddings) == 1
     finally:
