@@ -5,10 +5,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ from tandem.cli.model_folders import CommandError, Context, has_weights, resolve
 
 # Calibration texts for pruning importance: enough for stable scores, cheap on CPU.
 CALIBRATION_TEXTS = 512
+# Part of a checkpoint's key: a run of an older objective or layer choice is never resumed by this one.
+OBJECTIVE = "2026-12-05: embedding token states matched, layers chosen by closeness"
 
 
 def _corpus(path: Path | None) -> Any:
@@ -186,10 +190,36 @@ def _student_folder(source: ModelVersion, folder: Path) -> ModelVersion:
     return student
 
 
+def _closeness(teacher: Any, spec: Any, tokenizer: Any, corpus: Any) -> Callable[[Any], float]:
+    """How close an embedding model's pooled outputs are to `teacher`'s (mean cosine) on the corpus's first
+    CALIBRATION_TEXTS texts: what chooses the layers a --layers student keeps (pruning.closest_layers)."""
+    import torch
+
+    from services.inference.export.distillation import TokenizedTexts, pool
+
+    texts = TokenizedTexts(tokenizer, corpus.texts[:CALIBRATION_TEXTS], spec, 128)
+    device = next(teacher.parameters()).device
+    batches = [texts.batch(list(range(i, min(i + 64, len(texts)))), device) for i in range(0, len(texts), 64)]
+
+    def pooled(model: Any) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            return [pool(model(**b).last_hidden_state, b["attention_mask"], spec.pooling) for b in batches]
+
+    want = pooled(teacher)
+
+    def closeness(model: Any) -> float:
+        got = pooled(model)
+        cosines = [torch.nn.functional.cosine_similarity(g, w, dim=-1) for g, w in zip(got, want, strict=True)]
+        return float(torch.cat(cosines).mean())
+
+    return closeness
+
+
 def _checkpoint(ctx: Context, source: ModelVersion, options: DistillOptions, corpus_hash: str) -> Path:
     """Where this run's checkpoint lives: under HOME (never in the repository), keyed by everything that decides the
     result, so --resume only ever continues the same run."""
     key = {
+        "objective": OBJECTIVE,
         "parent": source.ref,
         "fingerprint": tokenizer_fingerprint(source.path),
         "corpus": corpus_hash,
@@ -233,10 +263,17 @@ def distill(ctx: Context, ref: str, options: DistillOptions, texts_file: Path | 
             k: v for k, v in vars(options).items() if k not in ("resume", "corpus", "student", "device")
         }
         parameters["student"] = str(options.student.resolve()) if options.student is not None else "parent layers"
+        tokenizer = AutoTokenizer.from_pretrained(str(source.path))
+        spec = Student(source.task, source.pooling, source.multi_label)
         if options.layers is not None:
-            kept = pruning.spread_layers(pruning.layer_count(student), options.layers)
+            if source.task is Task.EMBEDDING and options.student is None:
+                kept = pruning.closest_layers(student, options.layers, _closeness(teacher, spec, tokenizer, corpus))
+            else:
+                kept = pruning.spread_layers(pruning.layer_count(student), options.layers)
             pruning.keep_layers(student, kept)
             parameters["kept_layers"] = kept
+            if options.student is None:
+                spec = dataclasses.replace(spec, teacher_layers=tuple(kept))
         settings = DistillSettings(
             steps=options.steps,
             batch_size=options.batch_size,
@@ -247,8 +284,6 @@ def distill(ctx: Context, ref: str, options: DistillOptions, texts_file: Path | 
             checkpoint_every=options.checkpoint_every,
             device=device,
         )
-        spec = Student(source.task, source.pooling, source.multi_label)
-        tokenizer = AutoTokenizer.from_pretrained(str(source.path))
         try:
             result = train(teacher, student, spec, tokenizer, corpus.texts, settings, checkpoint, options.resume)
         except DistillationError as exc:

@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--student", type=Path, default=None, metavar="FOLDER", help="student: a Hugging Face folder")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=2.0, help="classifiers and text generation: softening")
     p.add_argument("--max-tokens", type=int, default=128, help="texts are cut to this many tokens in training")

@@ -5,8 +5,11 @@ Foundation License (https://docs.python.org/3/license.html): the Python Language
 `pydoc_data.topics` (the text `help("assert")` prints), then the docstrings of the standard library's modules,
 classes and functions (read with `ast`, nothing imported; tests, IDLE, lib2to3 and site-packages left out).
 Headings, code, doctest and grammar blocks (indented lines) are left out; paragraphs are cut at sentence ends into
-texts of at most MAX_WORDS words. Its hash is recorded, as the texts change with the Python version. It is
-technical prose: a corpus from the model's own domain (--corpus) usually distils better.
+texts of at most MAX_WORDS words. Then, for each of those texts, a span of 1 to SPAN_WORDS of its consecutive words
+(drawn by a generator with a fixed seed): short inputs such as queries, greetings and labels, which paragraphs of
+prose never are, and on which a distilled embedding student otherwise does worst (docs/models.md). Its hash is
+recorded, as the texts change with the Python version. It is technical prose: a corpus from the model's own domain
+(--corpus) usually distils better.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import random
 import re
 import sysconfig
 from collections.abc import Sequence
@@ -22,6 +26,7 @@ from pathlib import Path
 
 BUILTIN = "builtin:python-docs"
 MAX_WORDS = 48
+SPAN_WORDS = 8
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
 _SKIPPED = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__", "turtledemo"}
 _HEADING_RULE = re.compile(r"^[*=\-~^]{3,}$")
@@ -96,7 +101,15 @@ def builtin_corpus() -> Corpus:
             continue
         for doc in _docstrings(path):
             texts += _prose(doc)
-    return Corpus.of(list(dict.fromkeys(texts)), BUILTIN)
+    texts = list(dict.fromkeys(texts))
+    rng = random.Random(0)
+    spans = []
+    for text in texts:
+        words = text.split()
+        n = rng.randint(1, min(SPAN_WORDS, len(words)))
+        start = rng.randint(0, len(words) - n)
+        spans.append(" ".join(words[start : start + n]))
+    return Corpus.of(texts + spans, BUILTIN)
 
 
 def read_corpus(path: Path | None) -> Corpus:

