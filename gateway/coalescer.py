@@ -29,7 +29,7 @@ from opentelemetry import trace
 from gateway.priority import current_priority
 from services.common import errors, timing, tracing
 from services.common.errors import Reason
-from services.common.priority import Priority, WeightedQueue, admits
+from services.common.priority import ADMISSION_SHARES, Priority, WeightedQueue, admits
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,9 @@ class Coalescer(Generic[Key, Result]):
         # model's queue never overflows with what this gateway sent.
         self.max_queued = max_queued
         self._admitted: Counter[Key] = Counter()
-        # Per key, a moving average of how long answered requests took from submit to answer (seconds).
-        self._latency: dict[Key, float] = {}
+        # Per key and level, a moving average of how long answered requests took from submit to answer (seconds):
+        # per level, as a high-priority caller's express run answers in a fraction of a low-priority one's time.
+        self._latency: dict[tuple[Key, Priority], float] = {}
         # Per key, the refused callers told to come back later: a heap of (when, inputs), and their inputs in all.
         self._promised: dict[Key, list[tuple[float, int]]] = {}
         self._promised_inputs: Counter[Key] = Counter()
@@ -106,7 +107,7 @@ class Coalescer(Generic[Key, Result]):
             raise errors.resource_exhausted(
                 f"too many texts in progress for this model at the gateway: {admitted}, limit {self.max_queued}"
                 f" ({level.label} priority)",
-                retry_after_s=self._pushback(key, len(inputs)),
+                retry_after_s=self._pushback(key, len(inputs), level),
                 priority=level.label,
             )
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
@@ -129,9 +130,10 @@ class Coalescer(Generic[Key, Result]):
             return self.max_inputs
         return cap
 
-    def _delay(self, key: Key, waiting: int) -> float:
-        base = max(self._latency.get(key, MIN_RETRY_S), MIN_RETRY_S)
-        stretched = base * (1 + waiting / self.max_queued) if self.max_queued else base
+    def _delay(self, key: Key, waiting: int, level: Priority) -> float:
+        base = max(self._latency.get((key, level), MIN_RETRY_S), MIN_RETRY_S)
+        places = self.max_queued * ADMISSION_SHARES[level] if self.max_queued else 0
+        stretched = base * (1 + waiting / places) if places else base
         if stretched <= MAX_RETRY_S:
             return stretched
         # Past the cap every caller would get the same delay and come back together: spread them over what is left.
@@ -149,22 +151,23 @@ class Coalescer(Generic[Key, Result]):
             return 0
         return self._promised_inputs[key]
 
-    def _pushback(self, key: Key, inputs: int) -> float:
+    def _pushback(self, key: Key, inputs: int, level: Priority) -> float:
         """The RetryInfo delay for a caller refused now, and a note that it was told so.
 
-        About when a place will be free for it: the time admitted requests take to be answered now, stretched by
-        the callers already told to come back (their inputs ahead of this one, in units of --coalesce-max-queued
-        answered per that time). A fixed delay made every refused caller come back after one answer time, so a
-        crowd several times the limit kept the gateway refusing several callers for each one it admitted (at
-        concurrency 256 and a limit of 64, 3.6 refusals per answer); spaced out by their place, refused callers
-        come back about as fast as places free up, and the gateway's cycles go to answers and fast refusals.
-        Within [MIN_RETRY_S, MAX_RETRY_S]; once the stretch passes the top, at random between the answer time and
-        the top. A caller that ignores RetryInfo is refused again, as before, and its early calls count as callers
-        waiting, so a crowd of such callers pushes the delays of well-behaved ones toward MAX_RETRY_S (per-key rate
-        limits are what stop it).
+        About when a place will be free for it: the time admitted requests take to be answered now, stretched by the
+        callers already told to come back (their inputs ahead of this one, in units of the places the caller's level may
+        fill, --coalesce-max-queued times its admission share, answered per that time). Both per level: a low-priority
+        caller waits for low-priority answers, not for an average pulled down by fast express runs. A fixed delay made
+        every refused caller come back after one answer time, so a crowd several times the limit kept the gateway
+        refusing several callers for each one it admitted (at concurrency 256 and a limit of 64, 3.6 refusals per
+        answer); spaced out by their place, refused callers come back about as fast as places free up, and the gateway's
+        cycles go to answers and fast refusals. Within [MIN_RETRY_S, MAX_RETRY_S]; once the stretch passes the top, at
+        random between the answer time and the top. A caller that ignores RetryInfo is refused again, as before, and its
+        early calls count as callers waiting, so a crowd of such callers pushes the delays of well-behaved ones toward
+        MAX_RETRY_S (per-key rate limits are what stop it).
         """
         now = time.monotonic()
-        delay = self._delay(key, self._waiting(key, now))
+        delay = self._delay(key, self._waiting(key, now), level)
         heapq.heappush(self._promised.setdefault(key, []), (now + delay, inputs))
         self._promised_inputs[key] += inputs
         return delay
@@ -172,8 +175,9 @@ class Coalescer(Generic[Key, Result]):
     def _observe(self, key: Key, waiters: Sequence[_Waiter[Result]]) -> None:
         now = time.monotonic()
         sample = sum(now - w.submitted for w in waiters) / len(waiters)
-        previous = self._latency.get(key)
-        self._latency[key] = sample if previous is None else previous + 0.2 * (sample - previous)
+        slot = (key, waiters[0].priority)  # a run holds callers of one level (see _take)
+        previous = self._latency.get(slot)
+        self._latency[slot] = sample if previous is None else previous + 0.2 * (sample - previous)
 
     def _release(self, key: Key, count: int) -> None:
         self._admitted[key] -= count
