@@ -345,3 +345,43 @@ async def test_express_runs_go_up_to_as_many_again_as_the_run_slots() -> None:
     await asyncio.gather(*low, *high)
     assert [run[0] for run in gated.runs][4:] == [["high2"], ["low2"]]
     assert not coalescer._express and not coalescer._inflight
+
+
+async def test_refused_callers_wait_for_answers_of_their_own_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RetryInfo delays are per level: a refused low-priority caller is told the low-priority answer time, not an
+    average pulled down by fast high-priority runs, stretched by the callers ahead of it in units of the low level's
+    share of the places (6 of 8)."""
+    from gateway import coalescer as module
+
+    class Clock:  # the coalescer's clock only; the event loop keeps the real one
+        now = 1000.0
+
+        def monotonic(self) -> float:
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(module, "time", clock)
+    answer_s = {Priority.HIGH: 0.02, Priority.LOW: 0.4}
+    gate: asyncio.Event | None = None
+
+    async def run(key: str, inputs: list[str], deadline: float) -> list[str]:
+        if gate is not None:
+            await gate.wait()
+        clock.now += answer_s[current_priority.get()]  # the run took this long
+        return [text.upper() for text in inputs]
+
+    coalescer: Coalescer[str, list[str]] = Coalescer(run, split, max_inflight=1, max_queued=8)
+    assert await submit_at(coalescer, Priority.HIGH, "fast") == ["FAST"]
+    assert await submit_at(coalescer, Priority.LOW, "slow") == ["SLOW"]
+    gate = asyncio.Event()
+    held = [asyncio.ensure_future(submit_at(coalescer, Priority.LOW, f"low{i}")) for i in range(6)]
+    await settle()
+    delays = []
+    for i in range(2):
+        with pytest.raises(errors.TandemError) as caught:
+            await submit_at(coalescer, Priority.LOW, f"refused{i}")
+        assert caught.value.retry_after_s is not None
+        delays.append(caught.value.retry_after_s)
+    assert delays == [pytest.approx(0.4), pytest.approx(0.4 * (1 + 1 / 6))]
+    gate.set()
+    assert len(await asyncio.gather(*held)) == 6
