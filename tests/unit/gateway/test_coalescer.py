@@ -33,6 +33,24 @@ class Recorder:
         return [f"{key}:{text.upper()}" for text in inputs]
 
 
+class Clock:
+    """Stands in for the coalescer module's `time` (the event loop keeps the real clock); tests move `now`."""
+
+    now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    from gateway import coalescer as module
+
+    fake = Clock()
+    monkeypatch.setattr(module, "time", fake)
+    return fake
+
+
 def split(result: list[str], counts: list[int]) -> list[list[str]]:
     out, start = [], 0
     for n in counts:
@@ -150,22 +168,13 @@ async def test_past_max_queued_a_request_is_refused_at_once() -> None:
     assert await coalescer.submit("k", ["later"], 1e9) == ["k:LATER"]  # the count went back down
 
 
-async def test_refused_callers_are_told_to_come_back_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_refused_callers_are_told_to_come_back_in_turn(clock: Clock) -> None:
     """Each caller refused while others are already told to wait is asked to wait longer, by its place: a crowd of
     refused callers comes back spread out instead of all at once. Once their suggested times pass, the delay falls
     back to the base one; the refused inputs (2 for one caller) count for their size. Past MAX_RETRY_S the delays
     are spread below it instead of all being the same."""
-    from gateway import coalescer as module
     from services.common import errors
 
-    class Clock:  # the coalescer's clock only; the event loop keeps the real one
-        now = 1000.0
-
-        def monotonic(self) -> float:
-            return self.now
-
-    clock = Clock()
-    monkeypatch.setattr(module, "time", clock)
     release = asyncio.Event()
 
     async def held(key: str, inputs: list[str], deadline: float) -> list[str]:
@@ -347,20 +356,10 @@ async def test_express_runs_go_up_to_as_many_again_as_the_run_slots() -> None:
     assert not coalescer._express and not coalescer._inflight
 
 
-async def test_refused_callers_wait_for_answers_of_their_own_level(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_refused_callers_wait_for_answers_of_their_own_level(clock: Clock) -> None:
     """RetryInfo delays are per level: a refused low-priority caller is told the low-priority answer time, not an
     average pulled down by fast high-priority runs, stretched by the callers ahead of it in units of the low level's
     share of the places (6 of 8)."""
-    from gateway import coalescer as module
-
-    class Clock:  # the coalescer's clock only; the event loop keeps the real one
-        now = 1000.0
-
-        def monotonic(self) -> float:
-            return self.now
-
-    clock = Clock()
-    monkeypatch.setattr(module, "time", clock)
     answer_s = {Priority.HIGH: 0.02, Priority.LOW: 0.4}
     gate: asyncio.Event | None = None
 
