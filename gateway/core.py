@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import logging
 import time
@@ -23,6 +24,7 @@ from gateway.generation import ChatMessage, GeneratedText, Generation
 from gateway.priority import current_priority
 from services.common import errors, tensors, timing
 from services.common.errors import Reason
+from services.common.logging import request_id
 from services.common.references import check_reference
 from tandem.generation.v1 import generation_pb2
 from tandem.inference.v1 import inference_pb2
@@ -31,6 +33,9 @@ from tandem.postprocess.v1 import postprocess_pb2
 from tandem.tokenizer.v1 import tokenizer_pb2
 
 log = logging.getLogger(__name__)
+
+# The request id of the model catalog's background refreshes (ModelCatalog), in the gateway's and the stages' logs.
+CATALOG_REQUEST_ID = "model-catalog"
 
 _TASK_NAMES: dict[int, str] = {
     model_pb2.TASK_EMBEDDING: "embedding",
@@ -199,7 +204,11 @@ class ModelCatalog:
         info = (await self.inference.get_model(ref, deadline)).model
         self._store(ref, info, now, now)
         if self._refresher is None and self.keep_warm_s > 0 and self.ttl_s > 0:
-            self._refresher = asyncio.get_running_loop().create_task(self._keep_warm(), name="model-catalog")
+            # A context of its own: the task outlives the request that starts it, whose id, priority, trace span
+            # and timing record must not follow its calls.
+            self._refresher = asyncio.get_running_loop().create_task(
+                self._keep_warm(), name=CATALOG_REQUEST_ID, context=contextvars.Context()
+            )
         return info
 
     def _store(self, ref: str, info: model_pb2.ModelInfo, read_at: float, asked_at: float) -> None:
@@ -211,6 +220,7 @@ class ModelCatalog:
         self._cache[ref] = (read_at + self.ttl_s, info, asked_at)
 
     async def _keep_warm(self) -> None:
+        request_id.set(CATALOG_REQUEST_ID)  # what the stages log its calls under
         interval = self.ttl_s / 2
         while True:
             await asyncio.sleep(interval)

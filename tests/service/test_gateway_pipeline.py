@@ -293,14 +293,17 @@ async def test_a_batch_whose_token_rows_outgrow_the_message_limit_is_embedded(st
 
 
 async def test_the_model_catalog_stays_fresh_for_models_in_use(
-    served_repository: Path, tmp_path_factory: pytest.TempPathFactory
+    served_repository: Path, tmp_path_factory: pytest.TempPathFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A model asked for recently is read again in the background before its entry expires, so a request arriving
-    after a pause finds a fresh entry; one no longer asked for is left to expire; one that is gone is dropped."""
+    after a pause finds a fresh entry; one no longer asked for is left to expire; one that is gone is dropped. The
+    background reads are logged under the catalog's own request id, not under the request that started them."""
     import asyncio
+    import logging
     import shutil
     import time
 
+    from gateway.core import CATALOG_REQUEST_ID
     from tests.harness import serve_stack
 
     repository = tmp_path_factory.mktemp("catalog-repository")
@@ -312,9 +315,14 @@ async def test_the_model_catalog_stays_fresh_for_models_in_use(
         catalog = stack.pipeline.catalog
         catalog.keep_warm_s = 1.5
         for model in ("tiny-embed", "gone-soon"):
-            await stack.stub.Embed(gateway_pb2.EmbedRequest(model=model, inputs=["a"]))
+            await stack.stub.Embed(
+                gateway_pb2.EmbedRequest(model=model, inputs=["a"]), metadata=(("x-request-id", "starter"),)
+            )
         shutil.rmtree(repository / "gone-soon")
-        await asyncio.sleep(1.0)  # over three TTLs
+        with caplog.at_level(logging.DEBUG, logger="services.common.server"):
+            await asyncio.sleep(1.0)  # over three TTLs
+        reads = [r for r in caplog.records if "InferenceService/GetModel called" in r.getMessage()]
+        assert reads and {getattr(r, "request_id") for r in reads} == {CATALOG_REQUEST_ID}  # noqa: B009
         assert catalog._cache["tiny-embed"][0] > time.monotonic(), "read again before it expired"
         assert "gone-soon" not in catalog._cache, "the stage no longer knows it: dropped"
         await asyncio.sleep(2.0)  # past keep_warm_s without a request: no longer refreshed
