@@ -11,7 +11,14 @@ import grpc
 from prometheus_client import REGISTRY
 
 from gateway.auth import AuthInterceptor, KeyRing
-from gateway.clients import InferenceClient, PostprocessClient, PostprocessStage, TokenizerClient, TokenizerStage
+from gateway.clients import (
+    InferenceClient,
+    PostprocessClient,
+    PostprocessStage,
+    TokenizerClient,
+    TokenizerStage,
+    uses_inference_stream,
+)
 from gateway.core import Pipeline
 from gateway.limits import RateLimiter, RateLimitInterceptor
 from gateway.local import IN_PROCESS, LocalPostprocess, LocalTokenizer
@@ -48,7 +55,13 @@ def build_pipeline(settings: GatewaySettings, security: tls.ChannelSecurity | No
         postprocess = PostprocessClient(settings.postprocess, size, settings.hedge_after_s, security=security)
     return Pipeline(
         tokenizer,
-        InferenceClient(settings.inference, size, settings.hedge_after_s, security=security),
+        InferenceClient(
+            settings.inference,
+            size,
+            settings.hedge_after_s,
+            security=security,
+            stream=uses_inference_stream(settings.inference_stream, settings.inference),
+        ),
         postprocess,
         default_timeout_s=settings.default_timeout_s,
         max_inputs=settings.max_inputs,

@@ -11,12 +11,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
+from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from services.common import errors, timing, tracing
 from services.common.errors import Reason
 from services.common.logging import request_id
+from services.common.multiplex import Multiplexer, StreamBrokenError
 from services.common.server import REQUEST_ID_KEY
 from services.common.tls import ChannelSecurity, secure_or_insecure_channel
 from tandem.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -116,7 +118,9 @@ class StageClient(Generic[Stub]):
         security: ChannelSecurity | None = None,
     ) -> None:
         self.target = target
-        self.hedge_after_s = hedge_after_s
+        # A hedge goes to another replica; behind a Unix socket there is one process, so none is sent (which also
+        # spares every call the task and timer that racing two attempts takes).
+        self.hedge_after_s = 0.0 if target.startswith("unix:") else hedge_after_s
         # TLS (or mTLS) when `security` is given; the health checks share the channel, so they are secured too.
         # A CLIENT span per attempt (hedges and retries each get one) carries `traceparent` to the stage.
         self.channel = secure_or_insecure_channel(
@@ -177,20 +181,21 @@ class StageClient(Generic[Stub]):
         `stage` names the call's share of the caller's x-tandem-timing trailer (tokenize, infer, postprocess).
         """
         if stage is None:
-            return await self._call(rpc, request, deadline)
+            return await self._hedged(lambda: self._attempt(rpc, request, deadline))
         with timing.stage(stage):
-            return await self._call(rpc, request, deadline)
+            return await self._hedged(lambda: self._attempt(rpc, request, deadline))
 
-    async def _call(self, rpc: Callable[..., Awaitable[Response]], request: Any, deadline: float) -> Response:
+    async def _hedged(self, start: Callable[[], Awaitable[Response]]) -> Response:
+        """`start()`, and with hedging on a second one if the first has not answered after hedge_after_s."""
         if self.hedge_after_s <= 0:
-            return await self._attempt(rpc, request, deadline)
-        first = asyncio.ensure_future(self._attempt(rpc, request, deadline))
+            return await start()
+        first = asyncio.ensure_future(start())
         attempts: set[asyncio.Future[Response]] = {first}
         try:
             done, _ = await asyncio.wait(attempts, timeout=self.hedge_after_s)
             if not done:
                 log.warning("no answer from the %s stage after %.1fs: hedging", self.stage, self.hedge_after_s)
-                attempts.add(asyncio.ensure_future(self._attempt(rpc, request, deadline)))
+                attempts.add(asyncio.ensure_future(start()))
             while True:
                 done, attempts = await asyncio.wait(attempts, return_when=asyncio.FIRST_COMPLETED)
                 for attempt in done:
@@ -311,13 +316,105 @@ class TokenizerClient(StageClient["tokenizer_pb2_grpc.TokenizerServiceAsyncStub"
         return await self.call(self._stub.EncodePrompt, request, deadline, "tokenize")
 
 
+def uses_inference_stream(setting: str, target: str) -> bool:
+    """Whether Infer calls go multiplexed on an InferStream (GatewaySettings.inference_stream). Never while tracing:
+    a call of its own gives each request its CLIENT span and carries its trace context to the stage."""
+    if setting == "off" or tracing.enabled():
+        return False
+    return setting == "on" or target.startswith("unix:")
+
+
+# The request id the multiplexed stream itself is opened (and its failures logged) under; each request carries its
+# own in its message.
+STREAM_REQUEST_ID = "inference-stream"
+
+
 class InferenceClient(StageClient["inference_pb2_grpc.InferenceServiceAsyncStub"]):
+    """With `stream`, Infer calls go multiplexed on one InferStream (services.common.multiplex) instead of a call
+    each, with the same retries (the next try after UNAVAILABLE or a broken stream), hedging, deadline and codes."""
+
     forwarded_timings = ("queue", "compute")
     stage = "inference"
     stub_type = inference_pb2_grpc.InferenceServiceStub
 
+    def __init__(
+        self,
+        target: str,
+        max_message_bytes: int,
+        hedge_after_s: float = 0.0,
+        *,
+        security: ChannelSecurity | None = None,
+        stream: bool = False,
+    ) -> None:
+        super().__init__(target, max_message_bytes, hedge_after_s, security=security)
+        self._mux: Multiplexer[tuple[inference_pb2.InferRequest, float], inference_pb2.InferStreamResponse] | None = (
+            Multiplexer(self._open_stream, _stream_request, _stream_cancel, _answer_id) if stream else None
+        )
+
+    @property
+    def streamed(self) -> bool:
+        return self._mux is not None
+
+    @property
+    def multiplexer(self) -> Multiplexer[tuple[inference_pb2.InferRequest, float], inference_pb2.InferStreamResponse]:
+        """The stream's caller side (only when streamed)."""
+        assert self._mux is not None
+        return self._mux
+
+    def _open_stream(self) -> Any:
+        request_id.set(STREAM_REQUEST_ID)  # in the stream's own context (Multiplexer), never a caller's
+        return self._stub.InferStream(metadata=((REQUEST_ID_KEY, STREAM_REQUEST_ID),))
+
     async def infer(self, request: inference_pb2.InferRequest, deadline: float) -> inference_pb2.InferResponse:
-        return await self.call(self._stub.Infer, request, deadline, "infer")
+        mux = self._mux
+        if mux is None:
+            return await self.call(self._stub.Infer, request, deadline, "infer")
+        with timing.stage("infer"):
+            return await self._hedged(lambda: self._infer_streamed(mux, request, deadline))
+
+    async def _infer_streamed(
+        self,
+        mux: Multiplexer[tuple[inference_pb2.InferRequest, float], inference_pb2.InferStreamResponse],
+        request: inference_pb2.InferRequest,
+        deadline: float,
+    ) -> inference_pb2.InferResponse:
+        """_attempt's discipline over the stream: up to MAX_TRIES, the next after UNAVAILABLE or a broken stream."""
+        for retry in range(MAX_TRIES):
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                raise errors.deadline_exceeded(
+                    f"deadline exceeded before calling the {self.stage} stage", stage=self.stage
+                )
+            try:
+                async with asyncio.timeout(timeout):
+                    answer = await mux.call((request, timeout))
+            except TimeoutError:
+                raise errors.deadline_exceeded(
+                    f"deadline exceeded waiting for the {self.stage} stage", stage=self.stage
+                ) from None
+            except StreamBrokenError as broken:
+                if retry == MAX_TRIES - 1:
+                    raise errors.unavailable(
+                        f"the {self.stage} stage is unavailable: {broken}",
+                        reason=Reason.STAGE_UNAVAILABLE,
+                        stage=self.stage,
+                    ) from None
+            else:
+                for name, seconds in answer.timings.items():
+                    if name in self.forwarded_timings:
+                        timing.add(name, seconds)
+                if answer.HasField("response"):
+                    return answer.response
+                err = errors.from_upstream(status_pb2.Status.FromString(answer.status))
+                if err.code != grpc.StatusCode.UNAVAILABLE or retry == MAX_TRIES - 1:
+                    raise err
+            await asyncio.sleep(random.uniform(0, min(MAX_BACKOFF_S, BACKOFF_S * 2**retry)))
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        if self._mux is not None:
+            await self._mux.close()
+        await super().close()
 
     async def list_models(self, deadline: float) -> inference_pb2.ListModelsResponse:
         return await self.call(self._stub.ListModels, inference_pb2.ListModelsRequest(), deadline)
@@ -330,6 +427,21 @@ class InferenceClient(StageClient["inference_pb2_grpc.InferenceServiceAsyncStub"
     ) -> tuple[Any, inference_pb2.GenerateResponse | None]:
         """The Generate stream and its first message (the prompt is prefilled and admitted by then)."""
         return await self.open_stream(self._stub.Generate, request, deadline)
+
+
+def _stream_request(id: int, message: tuple[inference_pb2.InferRequest, float]) -> inference_pb2.InferStreamRequest:
+    request, timeout = message
+    return inference_pb2.InferStreamRequest(
+        id=id, request=request, timeout_seconds=timeout, request_id=request_id.get()
+    )
+
+
+def _stream_cancel(id: int) -> inference_pb2.InferStreamRequest:
+    return inference_pb2.InferStreamRequest(id=id, cancel=True)
+
+
+def _answer_id(answer: inference_pb2.InferStreamResponse) -> int:
+    return answer.id
 
 
 class PostprocessClient(StageClient["postprocess_pb2_grpc.PostprocessServiceAsyncStub"]):

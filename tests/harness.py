@@ -98,6 +98,8 @@ async def serve_stack(
     tokenizer_listen: str = "127.0.0.1:0",
     gguf_cache: Path | None = None,
     in_process: bool = False,
+    inference_listen: str = "127.0.0.1:0",
+    inference_stream: bool = False,
 ) -> AsyncIterator[Stack]:
     """The three stages and a gateway over `repository`, the inference stage's exports and caches under `home`.
 
@@ -107,7 +109,8 @@ async def serve_stack(
     `gguf_cache` is where GGUF models are converted to (default `home`/gguf), as `--gguf-cache` sets it.
     With `in_process`, the gateway answers tokenizer and postprocess calls with those stages' cores in its own
     process (gateway flags `--tokenizer in-process --postprocess in-process`); their servers still run, for tests
-    that call them directly.
+    that call them directly. `inference_listen` is where the inference stage listens (`unix:PATH`, as `tandem serve`
+    binds it); with `inference_stream` the gateway sends its Infer calls multiplexed on an InferStream.
     """
     cache = gguf_cache if gguf_cache is not None else home / "gguf"
     tokenizer = Tokenizer(ModelRepository(tokenizer_repository or repository, gguf_cache=cache))
@@ -126,7 +129,7 @@ async def serve_stack(
     try:
         for role, listen, registrars in (
             ("tokenizer", tokenizer_listen, [tokenizer_registrar(tokenizer)]),
-            ("inference", "127.0.0.1:0", [inference_registrar(core), management_registrar(core)]),
+            ("inference", inference_listen, [inference_registrar(core), management_registrar(core)]),
             ("postprocess", "127.0.0.1:0", [postprocess_registrar(postprocess)]),
         ):
             stages[role] = await start_server(
@@ -136,7 +139,7 @@ async def serve_stack(
             LocalTokenizer(tokenizer)
             if in_process
             else TokenizerClient(stages["tokenizer"].address, 64 * MiB, security=links),
-            InferenceClient(stages["inference"].address, 64 * MiB, security=links),
+            InferenceClient(stages["inference"].address, 64 * MiB, security=links, stream=inference_stream),
             LocalPostprocess(postprocess)
             if in_process
             else PostprocessClient(stages["postprocess"].address, 64 * MiB, security=links),

@@ -35,8 +35,12 @@ def _request_id_from(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
         if key == REQUEST_ID_KEY and value:
             text = value.decode() if isinstance(value, bytes) else value
             return text[:128]
-    # 32 hex digits, as uuid4().hex gave, without its system call and object per call: ids need to be unique, not
-    # unpredictable.
+    return new_request_id()
+
+
+def new_request_id() -> str:
+    """32 hex digits, as uuid4().hex gave, without its system call and object per call: ids need to be unique, not
+    unpredictable."""
     return f"{random.getrandbits(128):032x}"
 
 
@@ -234,6 +238,9 @@ class RunningServer:
     service_names: tuple[str, ...]
     # Told every health change (the `tandem_serving` gauge, which the stage-down alert reads).
     on_serving: Callable[[bool], None] | None = None
+    # Told when draining starts, before the grace period: what must stop taking work that calls alone cannot tell
+    # (a multiplexed stream, which would otherwise stay open until the grace period ends).
+    on_drain: Callable[[], None] | None = None
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -245,6 +252,8 @@ class RunningServer:
     async def stop(self, grace_s: float) -> None:
         """NOT_SERVING first so balancers move away, then finish in-flight calls within the grace period."""
         await self.set_serving(False)
+        if self.on_drain is not None:
+            self.on_drain()
         await self.server.stop(grace_s)
 
 

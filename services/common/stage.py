@@ -43,6 +43,7 @@ async def serve(
     health: Callable[[RunningServer], Coroutine[Any, Any, None]] | None = None,
     public: bool = False,
     options: Sequence[tuple[str, Any]] = (),
+    on_drain: Callable[[], None] | None = None,
 ) -> None:
     """Serves `registrars` with the stage's interceptors and /metrics until SIGTERM, then drains and runs `close`.
 
@@ -50,7 +51,8 @@ async def serve(
     take minutes), and turns SERVING once it is done. With `health` it starts NOT_SERVING and `health` sets it for
     as long as the server runs (the gateway's follows its stages'). `interceptors` run after tracing and metrics, so
     the calls they refuse are traced and counted. `public` is the gateway's port: request ids are echoed to callers
-    and connections are never recycled. `options` are more gRPC server arguments.
+    and connections are never recycled. `options` are more gRPC server arguments. `on_drain` is told when shutting
+    down starts (before the grace period).
     """
     security = security or tls.load(settings)
     service_metrics = ServiceMetrics(role)
@@ -72,6 +74,7 @@ async def serve(
         echo_request_id=public,  # a stage's only caller, the gateway, sent the id itself
         on_serving=service_metrics.set_serving,
     )
+    running.on_drain = on_drain
     metrics_server = serve_metrics(REGISTRY, settings.listen, settings.metrics_port)
     if warm_up is not None:
         log.info("%s listening on %s; loading models", role, running.address)

@@ -69,6 +69,7 @@ async def serve(settings: InferenceSettings, security: tls.ServiceTls | None = N
         [registrar(core), management_registrar(core)],
         warm_up=core.start,
         close=core.close,
+        on_drain=core.drain,
     )
 
 

@@ -3,6 +3,7 @@ with others, run, and answered; also what ListModels and GetModel tell about eac
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -111,6 +112,12 @@ class Inference:
             observers=observers,
         )
         self.management = ModelManagement(self.registry)
+        # Set when the stage starts shutting down: multiplexed streams then refuse new requests and end (see drain).
+        self.draining = asyncio.Event()
+
+    def drain(self) -> None:
+        """The stage is shutting down: requests already taken are answered, streams take no new ones."""
+        self.draining.set()
 
     async def start(self) -> None:
         """Loads and warms up what every model's policy wants, then watches the repository (see ModelRegistry)."""

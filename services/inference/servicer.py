@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
+from services.common import errors, multiplex, timing
+from services.common.errors import Reason
+from services.common.logging import request_id
+from services.common.metrics import message_metrics
+from services.common.server import new_request_id
 from services.inference import converters
 from services.inference.core import Inference
 from services.inference.management import ModelManagement
@@ -16,6 +23,7 @@ from tandem.inference.v1 import inference_pb2, inference_pb2_grpc
 from tandem.management.v1 import management_pb2, management_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
+log = logging.getLogger(__name__)
 
 
 def deadline_of(context: Context) -> float | None:
@@ -31,18 +39,57 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Infer(  # noqa: N802
         self, request: inference_pb2.InferRequest, context: Context
     ) -> inference_pb2.InferResponse:
+        return await self._infer(request, deadline_of(context))
+
+    async def _infer(self, request: inference_pb2.InferRequest, deadline: float | None) -> inference_pb2.InferResponse:
         inputs = converters.token_inputs(request)
         model, output, pooled = await self.core.infer(
             request.model,
             inputs.input_ids,
             inputs.token_type_ids,
             inputs.cu_seqlens,
-            deadline_of(context),
+            deadline,
             request.tokenizer_fingerprint,
             pool=request.pool,
             priority=converters.priority(request),
         )
         return converters.infer_response(model, output, pooled)
+
+    async def InferStream(  # noqa: N802
+        self, request_iterator: AsyncIterator[inference_pb2.InferStreamRequest], context: Context
+    ) -> AsyncIterator[inference_pb2.InferStreamResponse]:
+        async for answer in multiplex.answer_each(request_iterator, self._answer, _refuse, self.core.draining):
+            yield answer
+
+    async def _answer(self, message: inference_pb2.InferStreamRequest) -> inference_pb2.InferStreamResponse:
+        """One request of an InferStream, in a task of its own: what Infer would do, its status in the answer.
+        Counted as an Infer call (services.common.metrics.MULTIPLEXED); logged under the caller's request id."""
+        request_id.set(message.request_id[:128] or new_request_id())
+        record = timing.begin()
+        counted = message_metrics()
+        started = time.perf_counter()
+        if counted is not None:
+            counted.started()
+        code = "CANCELLED"
+        try:
+            deadline = time.monotonic() + message.timeout_seconds if message.timeout_seconds > 0 else None
+            response = await self._infer(message.request, deadline)
+            answer = inference_pb2.InferStreamResponse(id=message.id, response=response)
+            code = "OK"
+        except errors.TandemError as err:
+            code = err.code.name
+            answer = _failed(message.id, err)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unexpected error in InferStream")
+            code = "INTERNAL"
+            answer = _failed(message.id, errors.internal())
+        finally:
+            if counted is not None:
+                counted.finished(code, time.perf_counter() - started)
+        answer.timings.update(record.timings)
+        return answer
 
     async def Generate(  # noqa: N802
         self, request: inference_pb2.GenerateRequest, context: Context
@@ -70,6 +117,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: inference_pb2.GetModelRequest, context: Context
     ) -> inference_pb2.GetModelResponse:
         return converters.get_model_response(self.core.model(request.model))
+
+
+def _failed(request: int, err: errors.TandemError) -> inference_pb2.InferStreamResponse:
+    return inference_pb2.InferStreamResponse(id=request, status=err.to_status_proto().SerializeToString())
+
+
+def _refuse(message: inference_pb2.InferStreamRequest) -> inference_pb2.InferStreamResponse:
+    return _failed(
+        message.id,
+        errors.unavailable("the inference stage is shutting down", reason=Reason.STAGE_UNAVAILABLE, stage="inference"),
+    )
 
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name

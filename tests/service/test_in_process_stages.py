@@ -62,15 +62,21 @@ def with_metrics(role: str) -> list[grpc.aio.ServerInterceptor]:
 @pytest.fixture(scope="module")
 async def stack(served_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     """As the session's stack (tests/conftest.py), with the light stages in the gateway's process."""
+    home = tmp_path_factory.mktemp("home")
     async with serve_stack(
         served_repository,
-        tmp_path_factory.mktemp("home"),
+        home,
         pipeline_options={"max_inputs": 100},
         interceptors=with_metrics,
         in_process=True,
+        # As `tandem serve --in-process tokenizer,postprocess` runs it: the inference stage on a Unix socket, the
+        # gateway's Infer calls multiplexed on one InferStream (gateway --inference-stream auto).
+        inference_listen=f"unix:{home}/inference.sock",
+        inference_stream=True,
     ) as running:
         assert isinstance(running.pipeline.tokenizer, LocalTokenizer)
         assert isinstance(running.pipeline.postprocess, LocalPostprocess)
+        assert running.pipeline.inference.streamed
         yield running
 
 

@@ -27,7 +27,7 @@ from tandem.model.v1 import model_pb2 as tandem_dot_model_dot_v1_dot_model__pb2
 from tandem.tensor.v1 import tensor_pb2 as tandem_dot_tensor_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#tandem/inference/v1/inference.proto\x12\x13tandem.inference.v1\x1a%tandem/generation/v1/generation.proto\x1a\x1btandem/model/v1/model.proto\x1a\x1dtandem/tensor/v1/tensor.proto\"\xa8\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1c.tandem.tensor.v1.TokenBatch\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x0c\n\x04pool\x18\x04 \x01(\x08\x12/\n\x08priority\x18\x05 \x01(\x0e\x32\x1d.tandem.inference.v1.Priority\"i\n\rInferResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\x06output\x18\x03 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12\x0e\n\x06pooled\x18\x04 \x01(\x08\"\x13\n\x11ListModelsRequest\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.tandem.model.v1.ModelInfo\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"=\n\x10GetModelResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.tandem.model.v1.ModelInfo\"\x8b\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x03\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x36\n\x06params\x18\x04 \x01(\x0b\x32&.tandem.generation.v1.GenerationParams\"\xfe\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x34\n\x08logprobs\x18\x02 \x03(\x0b\x32\".tandem.generation.v1.TokenLogprob\x12\x39\n\rfinish_reason\x18\x03 \x01(\x0e\x32\".tandem.generation.v1.FinishReason\x12\x15\n\rstop_token_id\x18\x04 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x06 \x01(\x05\x12\r\n\x05model\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\t*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x11\n\rPRIORITY_HIGH\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x10\n\x0cPRIORITY_LOW\x10\x03\x32\xf5\x02\n\x10InferenceService\x12N\n\x05Infer\x12!.tandem.inference.v1.InferRequest\x1a\".tandem.inference.v1.InferResponse\x12]\n\nListModels\x12&.tandem.inference.v1.ListModelsRequest\x1a\'.tandem.inference.v1.ListModelsResponse\x12W\n\x08GetModel\x12$.tandem.inference.v1.GetModelRequest\x1a%.tandem.inference.v1.GetModelResponse\x12Y\n\x08Generate\x12$.tandem.inference.v1.GenerateRequest\x1a%.tandem.inference.v1.GenerateResponse0\x01\x42p\n\x17\x64\x65v.tandem.inference.v1B\x0eInferenceProtoP\x01Z-tandem.dev/go/tandem/inference/v1;inferencev1\xaa\x02\x13Tandem.Inference.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#tandem/inference/v1/inference.proto\x12\x13tandem.inference.v1\x1a%tandem/generation/v1/generation.proto\x1a\x1btandem/model/v1/model.proto\x1a\x1dtandem/tensor/v1/tensor.proto\"\xa8\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1c.tandem.tensor.v1.TokenBatch\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x0c\n\x04pool\x18\x04 \x01(\x08\x12/\n\x08priority\x18\x05 \x01(\x0e\x32\x1d.tandem.inference.v1.Priority\"\x91\x01\n\x12InferStreamRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x32\n\x07request\x18\x02 \x01(\x0b\x32!.tandem.inference.v1.InferRequest\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0e\n\x06\x63\x61ncel\x18\x05 \x01(\x08\"\xdf\x01\n\x13InferStreamResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x34\n\x08response\x18\x02 \x01(\x0b\x32\".tandem.inference.v1.InferResponse\x12\x0e\n\x06status\x18\x03 \x01(\x0c\x12\x46\n\x07timings\x18\x04 \x03(\x0b\x32\x35.tandem.inference.v1.InferStreamResponse.TimingsEntry\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"i\n\rInferResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\x06output\x18\x03 \x01(\x0b\x32\x18.tandem.tensor.v1.Tensor\x12\x0e\n\x06pooled\x18\x04 \x01(\x08\"\x13\n\x11ListModelsRequest\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.tandem.model.v1.ModelInfo\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"=\n\x10GetModelResponse\x12)\n\x05model\x18\x01 \x01(\x0b\x32\x1a.tandem.model.v1.ModelInfo\"\x8b\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x03\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x36\n\x06params\x18\x04 \x01(\x0b\x32&.tandem.generation.v1.GenerationParams\"\xfe\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x34\n\x08logprobs\x18\x02 \x03(\x0b\x32\".tandem.generation.v1.TokenLogprob\x12\x39\n\rfinish_reason\x18\x03 \x01(\x0e\x32\".tandem.generation.v1.FinishReason\x12\x15\n\rstop_token_id\x18\x04 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x06 \x01(\x05\x12\r\n\x05model\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\t*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x11\n\rPRIORITY_HIGH\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x10\n\x0cPRIORITY_LOW\x10\x03\x32\xdb\x03\n\x10InferenceService\x12N\n\x05Infer\x12!.tandem.inference.v1.InferRequest\x1a\".tandem.inference.v1.InferResponse\x12]\n\nListModels\x12&.tandem.inference.v1.ListModelsRequest\x1a\'.tandem.inference.v1.ListModelsResponse\x12W\n\x08GetModel\x12$.tandem.inference.v1.GetModelRequest\x1a%.tandem.inference.v1.GetModelResponse\x12Y\n\x08Generate\x12$.tandem.inference.v1.GenerateRequest\x1a%.tandem.inference.v1.GenerateResponse0\x01\x12\x64\n\x0bInferStream\x12\'.tandem.inference.v1.InferStreamRequest\x1a(.tandem.inference.v1.InferStreamResponse(\x01\x30\x01\x42p\n\x17\x64\x65v.tandem.inference.v1B\x0eInferenceProtoP\x01Z-tandem.dev/go/tandem/inference/v1;inferencev1\xaa\x02\x13Tandem.Inference.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,24 +35,32 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.inference.v1.inferen
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\027dev.tandem.inference.v1B\016InferenceProtoP\001Z-tandem.dev/go/tandem/inference/v1;inferencev1\252\002\023Tandem.Inference.V1'
-  _globals['_PRIORITY']._serialized_start=1020
-  _globals['_PRIORITY']._serialized_end=1114
+  _globals['_INFERSTREAMRESPONSE_TIMINGSENTRY']._loaded_options = None
+  _globals['_INFERSTREAMRESPONSE_TIMINGSENTRY']._serialized_options = b'8\001'
+  _globals['_PRIORITY']._serialized_start=1394
+  _globals['_PRIORITY']._serialized_end=1488
   _globals['_INFERREQUEST']._serialized_start=160
   _globals['_INFERREQUEST']._serialized_end=328
-  _globals['_INFERRESPONSE']._serialized_start=330
-  _globals['_INFERRESPONSE']._serialized_end=435
-  _globals['_LISTMODELSREQUEST']._serialized_start=437
-  _globals['_LISTMODELSREQUEST']._serialized_end=456
-  _globals['_LISTMODELSRESPONSE']._serialized_start=458
-  _globals['_LISTMODELSRESPONSE']._serialized_end=522
-  _globals['_GETMODELREQUEST']._serialized_start=524
-  _globals['_GETMODELREQUEST']._serialized_end=556
-  _globals['_GETMODELRESPONSE']._serialized_start=558
-  _globals['_GETMODELRESPONSE']._serialized_end=619
-  _globals['_GENERATEREQUEST']._serialized_start=622
-  _globals['_GENERATEREQUEST']._serialized_end=761
-  _globals['_GENERATERESPONSE']._serialized_start=764
-  _globals['_GENERATERESPONSE']._serialized_end=1018
-  _globals['_INFERENCESERVICE']._serialized_start=1117
-  _globals['_INFERENCESERVICE']._serialized_end=1490
+  _globals['_INFERSTREAMREQUEST']._serialized_start=331
+  _globals['_INFERSTREAMREQUEST']._serialized_end=476
+  _globals['_INFERSTREAMRESPONSE']._serialized_start=479
+  _globals['_INFERSTREAMRESPONSE']._serialized_end=702
+  _globals['_INFERSTREAMRESPONSE_TIMINGSENTRY']._serialized_start=656
+  _globals['_INFERSTREAMRESPONSE_TIMINGSENTRY']._serialized_end=702
+  _globals['_INFERRESPONSE']._serialized_start=704
+  _globals['_INFERRESPONSE']._serialized_end=809
+  _globals['_LISTMODELSREQUEST']._serialized_start=811
+  _globals['_LISTMODELSREQUEST']._serialized_end=830
+  _globals['_LISTMODELSRESPONSE']._serialized_start=832
+  _globals['_LISTMODELSRESPONSE']._serialized_end=896
+  _globals['_GETMODELREQUEST']._serialized_start=898
+  _globals['_GETMODELREQUEST']._serialized_end=930
+  _globals['_GETMODELRESPONSE']._serialized_start=932
+  _globals['_GETMODELRESPONSE']._serialized_end=993
+  _globals['_GENERATEREQUEST']._serialized_start=996
+  _globals['_GENERATEREQUEST']._serialized_end=1135
+  _globals['_GENERATERESPONSE']._serialized_start=1138
+  _globals['_GENERATERESPONSE']._serialized_end=1392
+  _globals['_INFERENCESERVICE']._serialized_start=1491
+  _globals['_INFERENCESERVICE']._serialized_end=1966
 # @@protoc_insertion_point(module_scope)

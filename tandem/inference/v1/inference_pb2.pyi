@@ -100,6 +100,106 @@ class InferRequest(_message.Message):
 Global___InferRequest: _TypeAlias = InferRequest  # noqa: Y015
 
 @_typing.final
+class InferStreamRequest(_message.Message):
+    """One request of an InferStream, or the cancellation of one."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Chosen by the caller, unique among its requests still unanswered on this stream; the answer carries it."""
+    timeout_seconds: _builtins.float
+    """The request's time left, in seconds, when it was sent (the stream itself has no deadline); 0 for none."""
+    request_id: _builtins.str
+    """The caller's request id (what x-request-id metadata carries on a call), for the stage's log lines."""
+    cancel: _builtins.bool
+    """Cancels request `id` (its caller went away): it leaves the batcher's queue; no answer follows."""
+    @_builtins.property
+    def request(self) -> Global___InferRequest:
+        """What a unary Infer call would carry."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        request: Global___InferRequest | None = ...,
+        timeout_seconds: _builtins.float = ...,
+        request_id: _builtins.str = ...,
+        cancel: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "id", b"id", "request", b"request", "request_id", b"request_id", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InferStreamRequest: _TypeAlias = InferStreamRequest  # noqa: Y015
+
+@_typing.final
+class InferStreamResponse(_message.Message):
+    """The answer to one InferStreamRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TimingsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    TIMINGS_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The request's id."""
+    status: _builtins.bytes
+    """Set when it failed: the serialized google.rpc.Status a unary Infer call would have ended with (code, message,
+    details such as ErrorInfo and RetryInfo).
+    """
+    @_builtins.property
+    def response(self) -> Global___InferResponse:
+        """Set when the request succeeded."""
+
+    @_builtins.property
+    def timings(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """The stage's timings of the request in seconds (queue, compute): what x-tandem-timing trailers carry on a call."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        response: Global___InferResponse | None = ...,
+        status: _builtins.bytes = ...,
+        timings: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "response", b"response", "status", b"status", "timings", b"timings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InferStreamResponse: _TypeAlias = InferStreamResponse  # noqa: Y015
+
+@_typing.final
 class InferResponse(_message.Message):
     """Model outputs for every sequence of the request, in request order."""
 

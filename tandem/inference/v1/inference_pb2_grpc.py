@@ -55,6 +55,11 @@ class InferenceServiceStub:
                 request_serializer=tandem_dot_inference_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=tandem_dot_inference_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.InferStream = channel.stream_stream(
+                '/tandem.inference.v1.InferenceService/InferStream',
+                request_serializer=tandem_dot_inference_dot_v1_dot_inference__pb2.InferStreamRequest.SerializeToString,
+                response_deserializer=tandem_dot_inference_dot_v1_dot_inference__pb2.InferStreamResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -91,6 +96,19 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InferStream(self, request_iterator, context):
+        """Many Infer calls multiplexed on one long-lived stream: each InferStreamRequest is answered by one
+        InferStreamResponse with the same id, in the order they finish. A message costs the caller and this stage
+        about half of what a call of its own costs (no call setup, headers or trailers per request), so the gateway
+        uses it on a link to one stage process on its host (a Unix socket; docs/performance.md). Per-request
+        failures are answered in the stream, which goes on; the stream itself fails only when the stage goes away.
+        The caller ends its side to close the stream; the stage ends its side once every request is answered, and,
+        while it drains (shutting down), answers new requests UNAVAILABLE and ends the stream once the rest are done.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +131,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=tandem_dot_inference_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
                     response_serializer=tandem_dot_inference_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'InferStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.InferStream,
+                    request_deserializer=tandem_dot_inference_dot_v1_dot_inference__pb2.InferStreamRequest.FromString,
+                    response_serializer=tandem_dot_inference_dot_v1_dot_inference__pb2.InferStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +247,33 @@ class InferenceService:
             '/tandem.inference.v1.InferenceService/Generate',
             tandem_dot_inference_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
             tandem_dot_inference_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InferStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tandem.inference.v1.InferenceService/InferStream',
+            tandem_dot_inference_dot_v1_dot_inference__pb2.InferStreamRequest.SerializeToString,
+            tandem_dot_inference_dot_v1_dot_inference__pb2.InferStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,15 @@ class InferenceServiceStub:
     the sequence joins the running batch at the next step). Cancelling the call ends the sequence at the next step
     and frees its cache blocks.
     """
+    InferStream: _grpc.StreamStreamMultiCallable[_inference_pb2.InferStreamRequest, _inference_pb2.InferStreamResponse]
+    """Many Infer calls multiplexed on one long-lived stream: each InferStreamRequest is answered by one
+    InferStreamResponse with the same id, in the order they finish. A message costs the caller and this stage
+    about half of what a call of its own costs (no call setup, headers or trailers per request), so the gateway
+    uses it on a link to one stage process on its host (a Unix socket; docs/performance.md). Per-request
+    failures are answered in the stream, which goes on; the stream itself fails only when the stage goes away.
+    The caller ends its side to close the stream; the stage ends its side once every request is answered, and,
+    while it drains (shutting down), answers new requests UNAVAILABLE and ends the stream once the rest are done.
+    """
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -60,6 +69,15 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """Generates tokens after a prompt with a text-generation model, streamed as they are made (continuous batching:
     the sequence joins the running batch at the next step). Cancelling the call ends the sequence at the next step
     and frees its cache blocks.
+    """
+    InferStream: _aio.StreamStreamMultiCallable[_inference_pb2.InferStreamRequest, _inference_pb2.InferStreamResponse]  # type: ignore[assignment]
+    """Many Infer calls multiplexed on one long-lived stream: each InferStreamRequest is answered by one
+    InferStreamResponse with the same id, in the order they finish. A message costs the caller and this stage
+    about half of what a call of its own costs (no call setup, headers or trailers per request), so the gateway
+    uses it on a link to one stage process on its host (a Unix socket; docs/performance.md). Per-request
+    failures are answered in the stream, which goes on; the stream itself fails only when the stage goes away.
+    The caller ends its side to close the stream; the stage ends its side once every request is answered, and,
+    while it drains (shutting down), answers new requests UNAVAILABLE and ends the stream once the rest are done.
     """
 
 class InferenceServiceServicer:
@@ -94,6 +112,20 @@ class InferenceServiceServicer:
         """Generates tokens after a prompt with a text-generation model, streamed as they are made (continuous batching:
         the sequence joins the running batch at the next step). Cancelling the call ends the sequence at the next step
         and frees its cache blocks.
+        """
+
+    def InferStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_inference_pb2.InferStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inference_pb2.InferStreamResponse], _abc.AsyncIterator[_inference_pb2.InferStreamResponse]]:
+        """Many Infer calls multiplexed on one long-lived stream: each InferStreamRequest is answered by one
+        InferStreamResponse with the same id, in the order they finish. A message costs the caller and this stage
+        about half of what a call of its own costs (no call setup, headers or trailers per request), so the gateway
+        uses it on a link to one stage process on its host (a Unix socket; docs/performance.md). Per-request
+        failures are answered in the stream, which goes on; the stream itself fails only when the stage goes away.
+        The caller ends its side to close the stream; the stage ends its side once every request is answered, and,
+        while it drains (shutting down), answers new requests UNAVAILABLE and ends the stream once the rest are done.
         """
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
