@@ -104,6 +104,16 @@ class Batcher:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.instances, thread_name_prefix=f"infer-{name}", initializer=lower_priority, initargs=(nice,)
         )
+        # Calls of low-priority rows only run on threads LOW_PRIORITY_NICE steps less urgent still, so that the
+        # operating system, not just the batcher's queue, puts a higher-priority call first when both run at once
+        # (threads never become more urgent again without privileges, hence threads of their own).
+        self._low_executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.instances,
+            thread_name_prefix=f"infer-{name}-low",
+            initializer=lower_priority,
+            initargs=(nice + LOW_PRIORITY_NICE,),
+        )
+        self._alone_running = False
 
     @property
     def pending(self) -> int:
@@ -203,16 +213,21 @@ class Batcher:
                 if self._calls or self._queue:  # more work than this instance can start now: wake the others
                     self._wakeup.set()
                 continue
-            call = self._calls.popleft().items
-            alone = self.backend.runs_alone and not self._calls and not self._queue and not self._running
+            cut_call = self._calls.popleft()
+            call = cut_call.items
+            alone = self.backend.runs_alone and not self._alone_running and self._may_run_alone(cut_call)
             self._running[worker] = call
             try:
-                await self._run_call(call, alone)
+                await self._run_call(call, alone, low=cut_call.priority == Priority.LOW)
             except Exception:
                 log.exception("model call of %s failed", self.name)
                 self._fail([r for r, _ in call], errors.internal())
             finally:
                 self._running.pop(worker, None)
+
+    def _may_run_alone(self, call: _Call) -> bool:
+        """A call runs on all of the stage's threads when it has the model to itself."""
+        return not self._calls and not self._queue and not self._running
 
     def _outranked(self) -> bool:
         """Whether queued work has a higher priority than every call already cut (the first is the highest)."""
@@ -264,11 +279,18 @@ class Batcher:
         live = [r for r in taken if self._wanted(r, time.monotonic())]
         if not live:
             return
-        items = [(r, i) for r in live for i in range(r.count)]
-        lengths = np.concatenate([r.lengths for r in live])
-        shared = time.monotonic() < self._high_until and all(r.priority != Priority.HIGH for r in live)
-        for call in cut(lengths, self._shared_config if shared else self.config, self.call_cost_tokens):
-            self._queue_call(_Call([items[j] for j in call]))
+        # While high-priority work comes, its rows get calls of their own (none waits for lower rows cut into the
+        # same call), and the other rows calls cut short (see __init__).
+        high = [r for r in live if r.priority == Priority.HIGH]
+        rest = [r for r in live if r.priority != Priority.HIGH]
+        shared = time.monotonic() < self._high_until
+        for requests, config in ((high, self.config), (rest, self._shared_config if shared else self.config)):
+            if not requests:
+                continue
+            items = [(r, i) for r in requests for i in range(r.count)]
+            lengths = np.concatenate([r.lengths for r in requests])
+            for call in cut(lengths, config, self.call_cost_tokens):
+                self._queue_call(_Call([items[j] for j in call]))
 
     def _queue_call(self, call: _Call) -> None:
         """Behind the calls of its level or higher, ahead of lower ones that may still be overtaken."""
@@ -279,7 +301,7 @@ class Batcher:
             passed.overtaken += 1
         self._calls.insert(position, call)
 
-    async def _run_call(self, call: list[tuple[Request, int]], alone: bool = False) -> None:
+    async def _run_call(self, call: list[tuple[Request, int]], alone: bool = False, low: bool = False) -> None:
         now = time.monotonic()
         chosen = [item for item in call if self._wanted(item[0], now)]
         if not chosen:
@@ -290,8 +312,15 @@ class Batcher:
             if request.started_at is None:
                 request.started_at = started
                 self.observer.queued(started - request.queued_at)
-        with self._model_run_span(chosen, riders, alone):
-            out, pooled = await asyncio.get_running_loop().run_in_executor(self._executor, self._execute, chosen, alone)
+        executor = self._low_executor if low else self._executor
+        if alone:
+            self._alone_running = True
+        try:
+            with self._model_run_span(chosen, riders, alone):
+                out, pooled = await asyncio.get_running_loop().run_in_executor(executor, self._execute, chosen, alone)
+        finally:
+            if alone:
+                self._alone_running = False
         seconds = time.perf_counter() - started
         for request in riders:
             request.compute_s += seconds
@@ -378,12 +407,15 @@ class Batcher:
             if not request.future.done():
                 request.future.set_exception(errors.unavailable(f"model {self.name} is shutting down", model=self.name))
         await asyncio.to_thread(self._executor.shutdown, wait=True)
+        await asyncio.to_thread(self._low_executor.shutdown, wait=True)
         self.backend.close()
 
 
 # How many times the model's per-call cost a call without high-priority rows may carry while high-priority work comes,
 # and for how long after the last high-priority request that lasts (see Batcher.__init__).
 SHARED_CALL_COSTS = 8
+# How much less urgent (Linux niceness, on top of the stage's compute_nice) the threads of low-priority calls are.
+LOW_PRIORITY_NICE = 9
 HIGH_PRIORITY_MEMORY_S = 1.0
 # How many later calls of higher levels one cut call lets go first before it is next whatever comes: the ratio of the
 # highest weight to the lowest, so cut calls are no more starved than queued requests are (see priority.WEIGHTS).

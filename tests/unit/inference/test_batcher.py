@@ -18,7 +18,7 @@ from services.common.pooling import pool_ragged
 from services.common.priority import Priority
 from services.common.repository import ModelConfig, Task
 from services.inference.backends.base import Backend, FloatArray, IntArray
-from services.inference.batching.batcher import MAX_OVERTAKEN, SHARED_CALL_COSTS, Batcher
+from services.inference.batching.batcher import LOW_PRIORITY_NICE, MAX_OVERTAKEN, SHARED_CALL_COSTS, Batcher
 
 
 class EchoBackend(Backend):
@@ -559,3 +559,48 @@ async def test_while_high_priority_work_comes_other_calls_are_cut_short() -> Non
     assert np.array_equal(await shared.submit(ids, types, cu, None, priority=Priority.LOW), expected(seqs, True))
     assert backend.calls == [(1, 1)] + [(4, 4)] * 5  # 16 padded tokens a call: 4 rows of 4
     await shared.close()
+
+
+async def test_in_a_round_with_high_priority_rows_they_get_calls_of_their_own() -> None:
+    """A round taken while calls run mixes levels; the high-priority rows never share a call with lower rows (which
+    would hold them to a call as long as the round allows), and go first."""
+    batcher, backend = make()
+    backend.gate.clear()
+    first = asyncio.ensure_future(submit(batcher, [[7, 7]]))
+    await until(backend.started.is_set, "a call holding the only instance")
+    lows = [[i + 1] * 3 for i in range(6)]
+    low = asyncio.ensure_future(batcher.submit(*ragged(lows), None, priority=Priority.LOW))
+    high = asyncio.ensure_future(batcher.submit(*ragged([[50, 50, 50]]), None, priority=Priority.HIGH))
+    await until(lambda: batcher.pending == 8, "both queued behind the running call")
+    backend.gate.set()
+    low_rows, high_rows, _ = await asyncio.gather(low, high, first)
+    np.testing.assert_array_equal(low_rows, expected(lows, True))
+    np.testing.assert_array_equal(high_rows, expected([[50, 50, 50]], True))
+    # [7, 7] ran first; then the high row alone (all rows are 3 tokens: without the split, one call of 7 rows).
+    assert backend.calls[:2] == [(1, 2), (1, 3)]
+    assert backend.seen[1] == [50, 50, 50]
+    assert sum(rows for rows, _ in backend.calls[2:]) == 6
+    await batcher.close()
+
+
+async def test_calls_of_low_priority_rows_run_on_less_urgent_threads() -> None:
+    backend = EchoBackend(token_level=True)
+    niceness: list[tuple[int, int]] = []
+    plain_run = backend.run
+
+    def run(input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray | None) -> FloatArray:
+        niceness.append((int(input_ids[0, 0]), os.getpriority(os.PRIO_PROCESS, 0)))  # 0: the calling thread
+        return plain_run(input_ids, attention_mask, token_type_ids)
+
+    backend.run = run  # type: ignore[method-assign]
+    batcher = Batcher(backend, ModelConfig(task=Task.EMBEDDING), "echo", nice=2)
+    loop_niceness = os.getpriority(os.PRIO_PROCESS, 0)
+    await batcher.submit(*ragged([[1]]), None, priority=Priority.LOW)
+    await batcher.submit(*ragged([[2]]), None, priority=Priority.NORMAL)
+    await batcher.submit(*ragged([[3]]), None, priority=Priority.HIGH)
+    assert niceness == [
+        (1, min(loop_niceness + 2 + LOW_PRIORITY_NICE, 19)),
+        (2, min(loop_niceness + 2, 19)),
+        (3, min(loop_niceness + 2, 19)),
+    ]
+    await batcher.close()
