@@ -192,6 +192,7 @@ class _Stream(Generic[Out]):
             try:
                 await self.call.write(message)
             except Exception as exc:  # the stream failed or ended: its reader fails the waiters
+                self.broken = True  # the next request opens a new stream, whether or not the reader has seen it yet
                 raise StreamBrokenError(str(exc)) from None
 
     def send_soon(self, message: Any) -> None:
