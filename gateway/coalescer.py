@@ -226,6 +226,15 @@ class Coalescer(Generic[Key, Result]):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+        def left(future: asyncio.Future[Result]) -> None:
+            # Every caller of the run gave up: nobody waits for its answer, so its stage calls are cancelled too (the
+            # inference stage drops their rows), and its slot goes to the next run.
+            if future.cancelled() and not task.done() and all(w.future.cancelled() for w in batch):
+                task.cancel()
+
+        for waiter in batch:
+            waiter.future.add_done_callback(left)
+
     async def _run(self, key: Key, batch: list[_Waiter[Result]], express: bool = False) -> None:
         try:
             live = [w for w in batch if not w.future.done()]

@@ -186,8 +186,8 @@ async def test_each_request_runs_under_its_callers_request_id(stack: Stack, held
 
 
 async def test_a_caller_that_goes_away_cancels_its_request_in_the_stage(stack: Stack, held: Held) -> None:
-    """The gateway's call is cancelled (its caller left; a coalesced run whose callers all left is not, by the
-    coalescer's design): a cancel message takes the request out of the stage, and the stream goes on."""
+    """The gateway's stage call is cancelled: a cancel message takes the request out of the stage, and the stream
+    goes on."""
     held.release.set()
     await embed(stack, "warm")
     held.release.clear()
@@ -197,6 +197,21 @@ async def test_a_caller_that_goes_away_cancels_its_request_in_the_stage(stack: S
     await asyncio.wait_for(held.entered.wait(), 10)
     leaving.cancel()
     await asyncio.wait_for(held.cancelled.wait(), 10)  # the cancel message reached the stage's request
+    held.release.set()
+    assert len((await embed(stack, "the stream goes on")).embeddings) == 1
+
+
+async def test_a_public_caller_that_leaves_cancels_its_request_in_the_stage(stack: Stack, held: Held) -> None:
+    """End to end: the caller cancels its Embed; its run at the gateway had no other caller, so the run stops and
+    the stage's request with it."""
+    held.release.set()
+    await embed(stack, "warm")
+    held.release.clear()
+    held.entered.clear()
+    call = stack.stub.Embed(gateway_pb2.EmbedRequest(model="tiny-embed", inputs=["leaving"]), timeout=20)
+    await asyncio.wait_for(held.entered.wait(), 10)
+    call.cancel()
+    await asyncio.wait_for(held.cancelled.wait(), 10)
     held.release.set()
     assert len((await embed(stack, "the stream goes on")).embeddings) == 1
 

@@ -384,3 +384,47 @@ async def test_refused_callers_wait_for_answers_of_their_own_level(clock: Clock)
     assert delays == [pytest.approx(0.4), pytest.approx(0.4 * (1 + 1 / 6))]
     gate.set()
     assert len(await asyncio.gather(*held)) == 6
+
+
+async def test_a_run_whose_callers_all_left_is_cancelled_and_frees_its_slot() -> None:
+    cancelled = asyncio.Event()
+    release = asyncio.Event()
+    runs: list[list[str]] = []
+
+    async def run(key: str, inputs: list[str], deadline: float) -> list[str]:
+        runs.append(list(inputs))
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return [text.upper() for text in inputs]
+
+    coalescer: Coalescer[str, list[str]] = Coalescer(run, split, max_inflight=1)
+    first = asyncio.ensure_future(coalescer.submit("m", ["a"], deadline=1e9))
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(coalescer.submit("m", ["b"], deadline=1e9))  # waits: the only slot is taken
+    await asyncio.sleep(0)
+    assert runs == [["a"]]
+    first.cancel()
+    await asyncio.wait_for(cancelled.wait(), 5)  # the run of a caller that left stops
+    await asyncio.sleep(0)
+    assert runs == [["a"], ["b"]]  # and its slot went to the next run at once
+    release.set()
+    assert await asyncio.wait_for(second, 5) == ["B"]
+    await coalescer.close()
+
+
+async def test_a_run_keeps_going_while_one_of_its_callers_waits() -> None:
+    recorder = Recorder(delay_s=0.05)
+    coalescer: Coalescer[str, list[str]] = Coalescer(recorder.run, split, max_inflight=1)
+    blocker = asyncio.ensure_future(coalescer.submit("m", ["x"], deadline=1e9))
+    await asyncio.sleep(0)
+    leaving = asyncio.ensure_future(coalescer.submit("m", ["a"], deadline=1e9))
+    staying = asyncio.ensure_future(coalescer.submit("m", ["b"], deadline=1e9))
+    await blocker
+    await asyncio.sleep(0)  # "a" and "b" are merged into one run
+    leaving.cancel()
+    assert await staying == ["m:B"]
+    assert recorder.runs[-1] == ["a", "b"]
+    await coalescer.close()
