@@ -54,14 +54,14 @@ async def answer_each(
 
     async def run(request: K) -> None:
         try:
-            result = await answer(request)
-        except asyncio.CancelledError:
-            return
+            answers.put_nowait(await answer(request))
+        except asyncio.CancelledError:  # a cancel message, or the stream went away: no answer
+            pass
         finally:
             running.pop(request.id, None)
-        answers.put_nowait(result)
-        if not running and (not reading or draining.is_set()):
-            answers.put_nowait(None)
+            # The last request out ends the stream once nothing more may come (answered or cancelled alike).
+            if not running and (not reading or draining.is_set()):
+                answers.put_nowait(None)
 
     async def read() -> None:
         nonlocal reading
