@@ -96,6 +96,14 @@ def stage_error(stage: str, exc: grpc.aio.AioRpcError) -> errors.TandemError:
     return errors.TandemError(exc.details() or f"{stage} stage failed", code=code, reason=Reason.INTERNAL)
 
 
+class _RetryableError(Exception):
+    """A try that failed in a way another try may not: UNAVAILABLE, a stage's CANCELLED, a broken stream."""
+
+    def __init__(self, error: errors.TandemError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 class StageClient(Generic[Stub]):
     """A channel to one stage (any number of replicas behind the target) and the call discipline.
 
@@ -141,6 +149,29 @@ class StageClient(Generic[Stub]):
         replica that died while sending its answer), and one that failed CANCELLED (a replica draining past its
         grace period).
         """
+
+        async def once(time_left: float) -> Response:
+            call: Any = rpc(request, timeout=time_left, metadata=((REQUEST_ID_KEY, request_id.get()),))
+            try:
+                response: Response = await call
+            except grpc.aio.AioRpcError as exc:
+                raise self._failure(exc) from None
+            if self.forwarded_timings and hasattr(call, "trailing_metadata"):
+                self._forward_timings(await call.trailing_metadata())
+            return response
+
+        return await self._tries(once, deadline)
+
+    def _failure(self, exc: grpc.aio.AioRpcError) -> Exception:
+        """The stage's error, as a _RetryableError when another try may succeed: UNAVAILABLE, or CANCELLED, which here
+        was the stage's doing (a replica draining past its grace period), not ours (ours arrives as CancelledError)."""
+        error = stage_error(self.stage, exc)
+        retryable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        return _RetryableError(error) if retryable else error
+
+    async def _tries(self, once: Callable[[float], Awaitable[Response]], deadline: float) -> Response:
+        """`once(time_left)` up to MAX_TRIES times, the next after it raised _RetryableError (on the next replica,
+        after a jittered pause), while time is left; the last try's error is the call's."""
         for retry in range(MAX_TRIES):
             timeout = deadline - time.monotonic()
             if timeout <= 0:
@@ -148,17 +179,11 @@ class StageClient(Generic[Stub]):
                     f"deadline exceeded before calling the {self.stage} stage", stage=self.stage
                 )
             try:
-                call: Any = rpc(request, timeout=timeout, metadata=((REQUEST_ID_KEY, request_id.get()),))
-                response: Response = await call
-                if self.forwarded_timings and hasattr(call, "trailing_metadata"):
-                    self._forward_timings(await call.trailing_metadata())
-                return response
-            except grpc.aio.AioRpcError as exc:
-                # CANCELLED here was the stage's doing (a replica draining past its grace period), not ours: our own
-                # cancellation arrives as asyncio.CancelledError instead.
-                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) or retry == MAX_TRIES - 1:
-                    raise stage_error(self.stage, exc) from None
-                await asyncio.sleep(random.uniform(0, min(MAX_BACKOFF_S, BACKOFF_S * 2**retry)))
+                return await once(timeout)
+            except _RetryableError as failed:
+                if retry == MAX_TRIES - 1:
+                    raise failed.error from None
+            await asyncio.sleep(random.uniform(0, min(MAX_BACKOFF_S, BACKOFF_S * 2**retry)))
         raise AssertionError("unreachable")
 
     def _forward_timings(self, trailers: Any) -> None:
@@ -210,24 +235,19 @@ class StageClient(Generic[Stub]):
         """Starts a server-streaming call and reads its first message: (the call, the first message, or None when the
         stream ended at once). Retried like unary calls (next replica after UNAVAILABLE) only up to the first message,
         since nothing was produced before it; a stream that breaks later fails with the stage's status."""
-        for retry in range(MAX_TRIES):
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                raise errors.deadline_exceeded(
-                    f"deadline exceeded before calling the {self.stage} stage", stage=self.stage
-                )
-            call = rpc(request, timeout=timeout, metadata=((REQUEST_ID_KEY, request_id.get()),))
+
+        async def once(time_left: float) -> tuple[Any, Any]:
+            call = rpc(request, timeout=time_left, metadata=((REQUEST_ID_KEY, request_id.get()),))
             try:
                 first = await call.read()
-                return call, None if first is grpc.aio.EOF else first
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) or retry == MAX_TRIES - 1:
-                    raise stage_error(self.stage, exc) from None
-                await asyncio.sleep(random.uniform(0, min(MAX_BACKOFF_S, BACKOFF_S * 2**retry)))
+                raise self._failure(exc) from None
             except BaseException:
                 call.cancel()
                 raise
-        raise AssertionError("unreachable")
+            return call, None if first is grpc.aio.EOF else first
+
+        return await self._tries(once, deadline)
 
     def open_duplex(self, rpc: Callable[..., Any], deadline: float) -> Any:
         """Starts a bidirectional stream with the caller's remaining time as its timeout."""
@@ -379,37 +399,32 @@ class InferenceClient(StageClient["inference_pb2_grpc.InferenceServiceAsyncStub"
         deadline: float,
     ) -> inference_pb2.InferResponse:
         """_attempt's discipline over the stream: up to MAX_TRIES, the next after UNAVAILABLE or a broken stream."""
-        for retry in range(MAX_TRIES):
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                raise errors.deadline_exceeded(
-                    f"deadline exceeded before calling the {self.stage} stage", stage=self.stage
-                )
+
+        async def once(time_left: float) -> inference_pb2.InferResponse:
             try:
-                async with asyncio.timeout(timeout):
-                    answer = await mux.call((request, timeout))
+                async with asyncio.timeout(time_left):
+                    answer = await mux.call((request, time_left))
             except TimeoutError:
                 raise errors.deadline_exceeded(
                     f"deadline exceeded waiting for the {self.stage} stage", stage=self.stage
                 ) from None
             except StreamBrokenError as broken:
-                if retry == MAX_TRIES - 1:
-                    raise errors.unavailable(
+                raise _RetryableError(
+                    errors.unavailable(
                         f"the {self.stage} stage is unavailable: {broken}",
                         reason=Reason.STAGE_UNAVAILABLE,
                         stage=self.stage,
-                    ) from None
-            else:
-                for name, seconds in answer.timings.items():
-                    if name in self.forwarded_timings:
-                        timing.add(name, seconds)
-                if answer.HasField("response"):
-                    return answer.response
-                err = errors.from_upstream(status_pb2.Status.FromString(answer.status))
-                if err.code != grpc.StatusCode.UNAVAILABLE or retry == MAX_TRIES - 1:
-                    raise err
-            await asyncio.sleep(random.uniform(0, min(MAX_BACKOFF_S, BACKOFF_S * 2**retry)))
-        raise AssertionError("unreachable")
+                    )
+                ) from None
+            for name, seconds in answer.timings.items():
+                if name in self.forwarded_timings:
+                    timing.add(name, seconds)
+            if answer.HasField("response"):
+                return answer.response
+            error = errors.from_upstream(status_pb2.Status.FromString(answer.status))
+            raise _RetryableError(error) if error.code == grpc.StatusCode.UNAVAILABLE else error
+
+        return await self._tries(once, deadline)
 
     async def close(self) -> None:
         if self._mux is not None:
