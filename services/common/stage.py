@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 import grpc
 from prometheus_client import REGISTRY
 
+from services.common import diagnostics, tls, tracing
 from services.common import logging as tandem_logging
-from services.common import tls, tracing
 from services.common.metrics import CallObserver, MetricsInterceptor, ServiceMetrics, serve_metrics
 from services.common.server import (
     Registrar,
@@ -55,6 +55,7 @@ async def serve(
     down starts (before the grace period).
     """
     security = security or tls.load(settings)
+    diagnostics.install(asyncio.get_running_loop())  # SIGUSR1: what every thread and task is doing, to stderr
     service_metrics = ServiceMetrics(role)
     running = await start_server(
         settings.listen,

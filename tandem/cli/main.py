@@ -169,6 +169,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("  chat         chat with a running gateway's generation model (tandem chat --help)")
         sys.exit(0 if args else 2)
     command, rest = args[0], args[1:]
+    from services.common import diagnostics
+
+    diagnostics.install()  # SIGUSR1: every thread's stack, to stderr (the stages add their asyncio tasks)
     if command == "serve":
         sys.exit(serve(rest))
     if command == "models":

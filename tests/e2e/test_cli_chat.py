@@ -7,18 +7,21 @@ session."""
 from __future__ import annotations
 
 import codecs
+import contextlib
 import fcntl
 import os
 import re
 import select
+import signal
 import socket
 import subprocess
 import sys
 import termios
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +43,15 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 class Served:
     address: str
     metrics_url: str
+    pid: int  # tandem serve's
+
+    def dump_stacks(self) -> None:
+        """SIGUSR1 to the four services (services/common/diagnostics.py): their threads and asyncio tasks go to their
+        stderr, which pytest shows with the failure."""
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
+        for pid in children.read_text().split() if children.exists() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGUSR1)
 
 
 def free_port() -> int:
@@ -56,8 +68,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tiny_causal.make_llama_chat(repository)
     port = free_port()
     extra = ["--inference-args", f"--metrics-port {port}"]
-    with tandem_serve(tmp_path_factory.mktemp("home"), repository=repository, extra=extra) as (address, _):
-        yield Served(address, f"http://127.0.0.1:{port}/metrics")
+    with tandem_serve(tmp_path_factory.mktemp("home"), repository=repository, extra=extra) as (address, proc):
+        yield Served(address, f"http://127.0.0.1:{port}/metrics", proc.pid)
 
 
 def tandem(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -166,9 +178,11 @@ def _take_terminal() -> None:
 
 
 class Terminal:
-    """`tandem ARGS...` on a pseudo-terminal: what it prints as the user would see it (ANSI and \\r dropped)."""
+    """`tandem ARGS...` on a pseudo-terminal: what it prints as the user would see it (ANSI and \\r dropped).
+    `on_timeout` runs when an expect() times out, before the failure is raised (the servers' stack dumps)."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, on_timeout: Callable[[], None] = lambda: None) -> None:
+        self.on_timeout = on_timeout
         master, slave = os.openpty()
         self.proc = subprocess.Popen(
             [*CLI, *args],
@@ -198,7 +212,7 @@ class Terminal:
                 return text
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([self.fd], [], [], left)[0]:
-                raise AssertionError(f"no {pattern!r} within {timeout} s; output: {text!r}")
+                raise AssertionError(f"no {pattern!r} within {timeout} s; output: {text!r}{self.stacks()}")
             try:
                 chunk = os.read(self.fd, 65536)
             except OSError:  # EIO: the child has gone
@@ -206,6 +220,24 @@ class Terminal:
             if not chunk:
                 raise AssertionError(f"chat exited ({self.proc.wait()}) before {pattern!r}; output: {text!r}")
             self.seen += self.decoder.decode(chunk)
+
+    def stacks(self) -> str:
+        """Where the command and the servers are stuck: SIGUSR1 to each (tandem's processes then write their threads'
+        stacks, and the servers their asyncio tasks, to stderr); the command's, read back from the terminal."""
+        self.on_timeout()
+        if self.proc.poll() is not None:
+            return ""
+        os.kill(self.proc.pid, signal.SIGUSR1)
+        dump, deadline = "", time.monotonic() + 2
+        while (left := deadline - time.monotonic()) > 0 and select.select([self.fd], [], [], left)[0]:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            dump += self.decoder.decode(chunk)
+        return f"\n--- the command's threads (SIGUSR1):\n{dump.replace(chr(13), '')}"
 
     def prompt(self, timeout: float = 30) -> str:
         """Everything up to the next `> ` prompt (which chat prints only once an answer is done)."""
@@ -219,12 +251,12 @@ class Terminal:
 
 
 @pytest.fixture
-def terminal() -> Iterator[type[Terminal]]:
+def terminal(served: Served) -> Iterator[type[Terminal]]:
     opened: list[Terminal] = []
 
     class Opened(Terminal):
         def __init__(self, *args: str) -> None:
-            super().__init__(*args)
+            super().__init__(*args, on_timeout=served.dump_stacks)
             opened.append(self)
 
     yield Opened
@@ -248,6 +280,18 @@ def test_chat_at_a_terminal_streams_keeps_history_and_resets(served: Served, ter
     [f1], [f2], [f3] = verbose_fields(first), verbose_fields(second), verbose_fields(third)
     assert (f1["messages"], f2["messages"], f3["messages"]) == ("1", "3", "1")
     assert int(f2["prompt_tokens"]) > int(f1["prompt_tokens"]) == int(f3["prompt_tokens"])
+    chat.send("/exit\n")
+    assert chat.proc.wait(10) == 0
+
+
+def test_sigusr1_writes_the_chat_s_threads_and_the_session_goes_on(served: Served, terminal: type[Terminal]) -> None:
+    """What a failed expect() adds to its message (Terminal.stacks), and what a person sends a stuck command."""
+    chat = terminal("chat", "--model", MODEL, "--max-new-tokens", "40", "--addr", served.address)
+    chat.prompt()
+    dump = chat.stacks()
+    assert "(most recent call first)" in dump and "tandem/cli/chat.py" in dump, dump
+    chat.send(QUESTION + "\n")
+    assert f"{ANSWER}\n" in chat.prompt()
     chat.send("/exit\n")
     assert chat.proc.wait(10) == 0
 
