@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any, TextIO
 
 import grpc
 
-from tandem.sdk import GenerationDelta, GenerationUsage, TandemClient, TandemError
+from tandem.sdk import GenerationDelta, GenerationStream, GenerationUsage, TandemClient, TandemError
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S = 600.0
@@ -157,24 +159,42 @@ def stream_answer(
     params: Mapping[str, Any],
 ) -> Answer:
     """Writes the answer to `out` delta by delta (flushed each time) and returns it. Ctrl-C while it streams returns
-    the partial answer with `interrupted` set, after cancelling the call: closing the SDK's generator cancels the gRPC
-    call, which stops the generation on the server. Raises TandemError when the call fails."""
+    the partial answer with `interrupted` set, after cancelling the call (which stops the generation on the server).
+    Raises TandemError when the call fails."""
     answer = Answer()
     stream = client.generate(prompt, model=model, messages=messages, **params)
     try:
-        for delta in stream:
-            _add(answer, delta)
-            if delta.text:
-                out.write(delta.text)
-                out.flush()
+        with _interrupt_cancels(stream):
+            for delta in stream:
+                _add(answer, delta)
+                if delta.text:
+                    out.write(delta.text)
+                    out.flush()
     except KeyboardInterrupt:
-        # The interrupt lands either inside the generator (its `finally` has cancelled the call already) or in the
-        # loop body (close() raises GeneratorExit at its yield and the same `finally` cancels). Either way the
-        # server sees the call cancelled and drops the sequence.
+        # Off the main thread, where no handler could be set: the interrupt came inside the iteration or the loop
+        # body; closing the stream below cancels the call either way.
         answer.interrupted = True
     finally:
         stream.close()
+    # A Ctrl-C after the last delta came cuts nothing short: the answer is whole.
+    answer.interrupted = answer.interrupted or (stream.cancelled and answer.finish_reason is None)
     return answer
+
+
+@contextlib.contextmanager
+def _interrupt_cancels(stream: GenerationStream) -> Iterator[None]:
+    """While the answer streams, SIGINT cancels the call instead of raising KeyboardInterrupt: raised anywhere inside
+    gRPC's code, between two steps of its bookkeeping, it may leave the call's state (and the channel the next turn of
+    a chat uses) half updated. The iteration then ends quietly and the handler that was there before comes back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, lambda signum, frame: stream.cancel())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
 
 
 def _add(answer: Answer, delta: GenerationDelta) -> None:

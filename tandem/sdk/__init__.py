@@ -7,7 +7,7 @@ the results, channel.py the channel options and TLS credentials.
 
 from tandem.sdk.aio import AsyncTandemClient
 from tandem.sdk.channel import tls_credentials
-from tandem.sdk.client import TandemClient
+from tandem.sdk.client import GenerationStream, TandemClient
 from tandem.sdk.errors import FieldViolation, TandemError
 from tandem.sdk.retry import NO_RETRY, RetryPolicy
 from tandem.sdk.types import (
@@ -37,6 +37,7 @@ __all__ = [
     "FinishReason",
     "GenerationDelta",
     "GenerationResult",
+    "GenerationStream",
     "GenerationUsage",
     "Label",
     "ModelInfo",

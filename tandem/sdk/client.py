@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Self, TypeVar
 
@@ -45,7 +46,7 @@ from tandem.sdk.types import (
     Vectors,
 )
 
-__all__ = ["TandemClient"]
+__all__ = ["GenerationStream", "TandemClient"]
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -238,14 +239,15 @@ class TandemClient:
         ignore_eos: bool = False,
         logprobs: int = 0,
         timeout: float | None = None,
-    ) -> Generator[GenerationDelta, None, None]:
+    ) -> GenerationStream:
         """Streams the text a text-generation model writes after `prompt`, or after `messages` (a conversation of
         {"role": ..., "content": ...}, rendered with the model's chat template); give exactly one of them.
 
         Yields a GenerationDelta per message as it arrives; the last has finish_reason and usage. `timeout` bounds
         the whole stream (the client's timeout unless given). The call is retried like any other until its first
-        delta arrives, never after. Leaving the loop early (or closing the iterator) cancels the call, which stops
-        the generation on the server. The parameters are those of tandem.generation.v1.GenerationParams
+        delta arrives, never after. Leaving the loop early (or closing the stream), or the stream's cancel(), cancels
+        the call, which stops the generation on the server; cancel() may come from another thread or a signal handler
+        (see GenerationStream). The parameters are those of tandem.generation.v1.GenerationParams
         (protos/tandem/generation/v1/generation.proto); the defaults decode greedily up to the model's default
         length.
         """
@@ -265,7 +267,7 @@ class TandemClient:
             ignore_eos=ignore_eos,
             logprobs=logprobs,
         )
-        return self._generate(request, timeout)
+        return GenerationStream(self, request, timeout)
 
     def generate_text(
         self,
@@ -308,12 +310,69 @@ class TandemClient:
             collector.add(delta)
         return collector.result()
 
-    def _generate(
-        self, request: gateway_pb2.GenerateRequest, timeout: float | None
-    ) -> Generator[GenerationDelta, None, None]:
-        attempts = Attempts(self.retry, self.timeout if timeout is None else timeout)
-        while True:
-            call = self.stub.Generate(request, timeout=attempts.start(), metadata=self.metadata)
+
+@dataclass
+class _StreamState:
+    """What a GenerationStream shares with its generator (which must not hold the stream itself: a stream left
+    unclosed is then freed as soon as its last reference goes, and its call cancelled at once, not by the garbage
+    collector's next cycle)."""
+
+    call: grpc.Call | None = None
+    cancelled: bool = False
+    ended: bool = False
+
+
+class GenerationStream(Iterator[GenerationDelta]):
+    """What TandemClient.generate() returns: iterate it for the deltas.
+
+    close() (or leaving a loop over it, once it is garbage) cancels the call; so does cancel(), which unlike close()
+    may be called while another thread, or the signal handler's own thread, is inside next(): from a watchdog thread,
+    or from a SIGINT handler, so that Ctrl-C never raises KeyboardInterrupt inside gRPC's code (where it can land while
+    gRPC updates the call's state; tandem chat works this way). After cancel() the iteration ends without an error and
+    `cancelled` is True; cancel() on a stream that already ended changes nothing.
+    """
+
+    def __init__(self, client: TandemClient, request: gateway_pb2.GenerateRequest, timeout: float | None) -> None:
+        self._state = _StreamState()
+        self._deltas = _generation(client, request, timeout, self._state)
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether cancel() cut the stream short."""
+        return self._state.cancelled
+
+    def cancel(self) -> bool:
+        """Cancels the call (the server stops generating); False when the stream had already ended."""
+        state = self._state
+        if state.ended:
+            return False
+        state.cancelled = True  # before the call's cancel(): the iteration must see it when the call fails CANCELLED
+        call = state.call
+        if call is not None and not call.cancel() and call.code() == grpc.StatusCode.OK:
+            state.cancelled = False  # every delta had arrived: nothing was cut short
+            return False
+        return True
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> GenerationDelta:
+        return next(self._deltas)
+
+    def close(self) -> None:
+        self._deltas.close()
+
+
+def _generation(
+    client: TandemClient, request: gateway_pb2.GenerateRequest, timeout: float | None, state: _StreamState
+) -> Generator[GenerationDelta, None, None]:
+    attempts = Attempts(client.retry, client.timeout if timeout is None else timeout)
+    try:
+        while not state.cancelled:
+            call = client.stub.Generate(request, timeout=attempts.start(), metadata=client.metadata)
+            state.call = call
+            if state.cancelled:  # cancel() came while the call was being made
+                call.cancel()
             started = False
             try:
                 for response in call:
@@ -321,11 +380,15 @@ class TandemClient:
                     yield converters.generation_delta(response)
                 return
             except grpc.RpcError as rpc_error:
+                if state.cancelled:
+                    return
                 error = TandemError.from_rpc_error(rpc_error)
                 # Text already yielded cannot be taken back: only a stream that sent nothing is retried.
                 delay = None if started else attempts.delay_s(error)
                 if delay is None:
                     raise error from rpc_error
             finally:
-                call.cancel()  # no-op after a full read; stops the generation when the caller leaves the loop early
+                call.cancel()  # no-op after a full read; stops the generation when the caller leaves early
             time.sleep(delay)
+    finally:
+        state.ended = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from concurrent import futures
@@ -188,6 +189,37 @@ async def test_sync_breaking_out_cancels_the_call(generation_stack: Stack, engin
     await asyncio.to_thread(use)
     await stopped(generation_stack)
     assert engine_runs == [False, False, True]
+
+
+async def test_sync_cancel_from_another_thread_ends_the_stream_quietly(
+    generation_stack: Stack, engine_runs: list[bool]
+) -> None:
+    """GenerationStream.cancel() while the iterating thread waits inside gRPC (what tandem chat's SIGINT handler does):
+    the iteration ends without an error, the server drops the sequence, and the client's channel serves the next call.
+    Before the first next() it makes no call at all; after the stream ended it changes nothing."""
+
+    def use() -> None:
+        with TandemClient(generation_stack.gateway.address) as sync_client:
+            stream = sync_client.generate(PROMPT, **LONG)
+            first = next(stream)
+            assert first.finish_reason is None
+            threading.Timer(0.05, stream.cancel).start()
+            rest = list(stream)  # ends when cancelled, without raising
+            assert stream.cancelled and all(d.finish_reason is None for d in rest)
+            assert not stream.cancel()  # it has ended
+
+            early = sync_client.generate(PROMPT, **LONG)
+            assert early.cancel() and early.cancelled
+            assert list(early) == []
+
+            whole = sync_client.generate(PROMPT, model=MODEL, max_new_tokens=3, ignore_eos=True)
+            deltas = list(whole)
+            assert deltas[-1].finish_reason == "length"
+            assert not whole.cancel() and not whole.cancelled
+
+    await asyncio.to_thread(use)
+    await stopped(generation_stack)
+    assert engine_runs == [False, True]  # the cancelled one cut short; none for the stream cancelled before a call
 
 
 async def test_errors_carry_code_and_field(client: AsyncTandemClient, generation_stack: Stack) -> None:
