@@ -165,17 +165,18 @@ def stream_answer(
     stream = client.generate(prompt, model=model, messages=messages, **params)
     try:
         with _interrupt_cancels(stream):
-            for delta in stream:
-                _add(answer, delta)
-                if delta.text:
-                    out.write(delta.text)
-                    out.flush()
+            try:
+                for delta in stream:
+                    _add(answer, delta)
+                    if delta.text:
+                        out.write(delta.text)
+                        out.flush()
+            finally:
+                stream.close()  # inside the handler's time too: it cancels the call, in gRPC's code
     except KeyboardInterrupt:
         # Off the main thread, where no handler could be set: the interrupt came inside the iteration or the loop
-        # body; closing the stream below cancels the call either way.
+        # body, and closing the stream cancelled the call either way.
         answer.interrupted = True
-    finally:
-        stream.close()
     # A Ctrl-C after the last delta came cuts nothing short: the answer is whole.
     answer.interrupted = answer.interrupted or (stream.cancelled and answer.finish_reason is None)
     return answer
@@ -183,9 +184,13 @@ def stream_answer(
 
 @contextlib.contextmanager
 def _interrupt_cancels(stream: GenerationStream) -> Iterator[None]:
-    """While the answer streams, SIGINT cancels the call instead of raising KeyboardInterrupt: raised anywhere inside
-    gRPC's code, between two steps of its bookkeeping, it may leave the call's state (and the channel the next turn of
-    a chat uses) half updated. The iteration then ends quietly and the handler that was there before comes back."""
+    """While the answer streams, SIGINT cancels the call instead of raising KeyboardInterrupt. Raised inside gRPC's
+    code, a KeyboardInterrupt can land just after gRPC's channel took its lock (a Python `threading.Condition` entered
+    from Cython, which then never releases it: the main thread owns the reentrant lock and goes on, while the channel's
+    thread that delivers every call's events waits for it forever), so every later call on the channel hangs: the
+    next question of a chat got no answer (reproduced in a 1-second-recycling stack after 39 Ctrl-Cs; the stack dump
+    showed the channel thread waiting in `next_call_event`). The iteration then ends quietly and the handler that was
+    there before comes back."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
