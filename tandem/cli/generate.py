@@ -174,8 +174,7 @@ def stream_answer(
             finally:
                 stream.close()  # inside the handler's time too: it cancels the call, in gRPC's code
     except KeyboardInterrupt:
-        # Off the main thread, where no handler could be set: the interrupt came inside the iteration or the loop
-        # body, and closing the stream cancelled the call either way.
+        # Only while the handler was being set: no call had been made yet.
         answer.interrupted = True
     # A Ctrl-C after the last delta came cuts nothing short: the answer is whole.
     answer.interrupted = answer.interrupted or (stream.cancelled and answer.finish_reason is None)

@@ -210,16 +210,21 @@ class Terminal:
             if re.search(pattern, text):
                 self.seen = ""
                 return text
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+            chunk = self._read(deadline - time.monotonic())
+            if chunk is None:
                 raise AssertionError(f"no {pattern!r} within {timeout} s; output: {text!r}{self.stacks()}")
-            try:
-                chunk = os.read(self.fd, 65536)
-            except OSError:  # EIO: the child has gone
-                chunk = b""
             if not chunk:
                 raise AssertionError(f"chat exited ({self.proc.wait()}) before {pattern!r}; output: {text!r}")
             self.seen += self.decoder.decode(chunk)
+
+    def _read(self, left: float) -> bytes | None:
+        """What the command wrote next: None if nothing within `left` seconds, b"" once it has gone."""
+        if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+            return None
+        try:
+            return os.read(self.fd, 65536)
+        except OSError:  # EIO: the child has gone
+            return b""
 
     def stacks(self) -> str:
         """Where the command and the servers are stuck: SIGUSR1 to each (tandem's processes then write their threads'
@@ -229,13 +234,7 @@ class Terminal:
             return ""
         os.kill(self.proc.pid, signal.SIGUSR1)
         dump, deadline = "", time.monotonic() + 2
-        while (left := deadline - time.monotonic()) > 0 and select.select([self.fd], [], [], left)[0]:
-            try:
-                chunk = os.read(self.fd, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
+        while chunk := self._read(deadline - time.monotonic()):
             dump += self.decoder.decode(chunk)
         return f"\n--- the command's threads (SIGUSR1):\n{dump.replace(chr(13), '')}"
 
