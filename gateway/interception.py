@@ -7,6 +7,7 @@ error table, so they turn their own domain errors into rich statuses with `abort
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias
@@ -38,8 +39,10 @@ def _wrapped(inner: Any, before: Before, on_message: OnMessage | None, request_s
     if inspect.isasyncgenfunction(inner):
 
         async def generator(arg: Any, context: Context) -> AsyncIterator[Any]:
-            async for response in inner(await start(arg, context), context):
-                yield response
+            # Closed with this one (services.common.server's wrappers say why).
+            async with contextlib.aclosing(inner(await start(arg, context), context)) as responses:
+                async for response in responses:
+                    yield response
 
         return generator
 

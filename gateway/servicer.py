@@ -62,11 +62,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             )
             return converters.embed_response(result)
 
-        async for item, outcome in ordered(request_iterator, handle, self.stream_window):
-            if isinstance(outcome, errors.TandemError):
-                yield gateway_pb2.EmbedStreamResponse(id=item.id, error=converters.stream_error(outcome))
-            else:
-                yield gateway_pb2.EmbedStreamResponse(id=item.id, response=outcome)
+        # Closing the stream cancels the requests still running at once.
+        async with contextlib.aclosing(ordered(request_iterator, handle, self.stream_window)) as outcomes:
+            async for item, outcome in outcomes:
+                if isinstance(outcome, errors.TandemError):
+                    yield gateway_pb2.EmbedStreamResponse(id=item.id, error=converters.stream_error(outcome))
+                else:
+                    yield gateway_pb2.EmbedStreamResponse(id=item.id, response=outcome)
 
     async def Classify(  # noqa: N802
         self, request: gateway_pb2.ClassifyRequest, context: Context

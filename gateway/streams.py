@@ -94,7 +94,7 @@ async def ordered(
     requests: AsyncIterator[Item],
     handle: Callable[[Item], Awaitable[Answer]],
     window: int,
-) -> AsyncIterator[tuple[Item, Answer | errors.TandemError]]:
+) -> AsyncGenerator[tuple[Item, Answer | errors.TandemError], None]:
     """Yields (request, result or domain error) in request order; unexpected errors end the stream."""
     async with contextlib.aclosing(fan_out(requests, handle, window)) as answers:
         async for request, done in answers:

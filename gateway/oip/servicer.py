@@ -81,8 +81,10 @@ class InferenceProtocolServicer(pb_grpc.GRPCInferenceServiceServicer):
                 log.exception("unexpected error in ModelStreamInfer (request id %r)", request.id)
                 yield converters.stream_error(request, errors.internal())
 
-        async for response in interleaved(request_iterator, answer, self.plane.max_stream_in_flight):
-            yield response
+        responses = interleaved(request_iterator, answer, self.plane.max_stream_in_flight)
+        async with contextlib.aclosing(responses):  # closing the stream closes every request's answers at once
+            async for response in responses:
+                yield response
 
     async def ModelStatistics(  # noqa: N802
         self, request: pb.ModelStatisticsRequest, context: Context

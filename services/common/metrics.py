@@ -8,6 +8,7 @@ fresh `CollectorRegistry`, so the same metric names never collide and every scra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -241,8 +242,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 m.in_flight.inc()
                 cancelled = False
                 try:
-                    async for response in inner_ss(request_iterator, context):
-                        yield response
+                    async with contextlib.aclosing(inner_ss(request_iterator, context)) as responses:
+                        async for response in responses:
+                            yield response
                 except (asyncio.CancelledError, GeneratorExit):
                     cancelled = True
                     raise
@@ -262,8 +264,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 m.in_flight.inc()
                 cancelled = False
                 try:
-                    async for response in inner_us(request, context):
-                        yield response
+                    async with contextlib.aclosing(inner_us(request, context)) as responses:
+                        async for response in responses:
+                            yield response
                     # Timings known only at the end of the stream (time to first token, tokens/s) go in its trailer.
                     record.timings["total"] = time.perf_counter() - started
                     trailer = [(timing.TIMING_KEY, timing.format_timings(record.timings))]

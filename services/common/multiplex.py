@@ -17,7 +17,7 @@ import contextvars
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ async def answer_each(
     answer: Callable[[K], Awaitable[Out]],
     refuse: Callable[[K], Out],
     draining: asyncio.Event,
-) -> AsyncIterator[Out]:
+) -> AsyncGenerator[Out, None]:
     """The stage's side of a multiplexed stream: each request answered by `answer` in a task of its own (so a slow
     one holds up none behind it), the answers yielded as they finish; a cancel message cancels its request's task.
 

@@ -174,8 +174,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def stream_stream(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 async with _error_table(context, rid, method, echo, stream=True):
                     requests = request_iterator if answered_in_stream else _parsed_stream(request_iterator)
-                    async for response in inner_ss(requests, context):
-                        yield response
+                    async with contextlib.aclosing(inner_ss(requests, context)) as responses:
+                        async for response in responses:
+                            yield response
 
             return grpc.stream_stream_rpc_method_handler(
                 stream_stream, _tolerant(handler.request_deserializer), handler.response_serializer
@@ -186,8 +187,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             if inspect.isasyncgenfunction(inner_us):
 
                 async def unary_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                    async with _error_table(context, rid, method, echo, stream=True):
-                        async for response in inner_us(_parsed(request), context):
+                    async with (
+                        _error_table(context, rid, method, echo, stream=True),
+                        contextlib.aclosing(inner_us(_parsed(request), context)) as responses,
+                    ):
+                        async for response in responses:
                             yield response
 
                 behaviour = unary_stream

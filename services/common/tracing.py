@@ -17,7 +17,7 @@ import inspect
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -229,9 +229,9 @@ class ServerTracing(grpc.aio.ServerInterceptor):
                 failure: BaseException | None = None
                 try:
                     with trace.use_span(span, record_exception=False, set_status_on_exception=False):
-                        responses: AsyncIterator[Any] = inner_ss(request_iterator, context)
-                        async for response in responses:
-                            yield response
+                        async with contextlib.aclosing(inner_ss(request_iterator, context)) as responses:
+                            async for response in responses:
+                                yield response
                 except BaseException as exc:
                     failure = exc
                     raise
@@ -253,9 +253,9 @@ class ServerTracing(grpc.aio.ServerInterceptor):
                 failure: BaseException | None = None
                 try:
                     with trace.use_span(span, record_exception=False, set_status_on_exception=False):
-                        responses: AsyncIterator[Any] = inner_us(request, context)
-                        async for response in responses:
-                            yield response
+                        async with contextlib.aclosing(inner_us(request, context)) as responses:
+                            async for response in responses:
+                                yield response
                 except BaseException as exc:
                     failure = exc
                     raise

@@ -58,8 +58,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def InferStream(  # noqa: N802
         self, request_iterator: AsyncIterator[inference_pb2.InferStreamRequest], context: Context
     ) -> AsyncIterator[inference_pb2.InferStreamResponse]:
-        async for answer in multiplex.answer_each(request_iterator, self._answer, _refuse, self.core.draining):
-            yield answer
+        answers = multiplex.answer_each(request_iterator, self._answer, _refuse, self.core.draining)
+        async with contextlib.aclosing(answers):  # closing the stream cancels the requests still running at once
+            async for answer in answers:
+                yield answer
 
     async def _answer(self, message: inference_pb2.InferStreamRequest) -> inference_pb2.InferStreamResponse:
         """One request of an InferStream, in a task of its own: what Infer would do, its status in the answer.
