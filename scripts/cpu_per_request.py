@@ -45,12 +45,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--model", default="")
+    parser.add_argument("--texts-per-request", type=int, default=1)
     opts = parser.parse_args()
     roles = children(opts.pid)
     stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(opts.target))
 
     def call(i: int) -> None:
-        stub.Embed(gateway_pb2.EmbedRequest(model=opts.model, inputs=[f"a short search query number {i}"]))
+        inputs = [f"a short search query number {i} {j}" for j in range(opts.texts_per_request)]
+        stub.Embed(gateway_pb2.EmbedRequest(model=opts.model, inputs=inputs))
 
     for i in range(50):
         call(i)
