@@ -47,9 +47,10 @@ class _Unobserved:
 class Batcher:
     """Merges concurrent requests for one model version into padded model calls, run in one worker thread.
 
-    Each round takes the queued requests (waiting up to max_queue_delay_ms for more while under max_batch_size
-    sequences), sorts their sequences by length so that padding stays small, cuts them into calls bounded by
-    max_batch_size sequences and max_batch_tokens padded tokens, and routes the output rows back to their callers.
+    Each round takes the queued requests (waiting up to max_queue_delay_ms for more while under a full call for every
+    instance, max_batch_size x instances sequences), sorts their sequences by length so that padding stays small, cuts
+    them into calls bounded by max_batch_size sequences and max_batch_tokens padded tokens, and routes the output rows
+    back to their callers.
 
     Requests are taken in priority order, weighted so that lower levels are never starved (services/common/priority.py);
     a free instance that finds higher-priority work queued than the next call already cut cuts that work and lets it go
@@ -241,10 +242,15 @@ class Batcher:
                 request.future.set_exception(error)
 
     async def _take(self) -> list[Request]:
-        """Whole requests from the queue, lingering for more while under max_batch_size sequences."""
+        """Whole requests from the queue, lingering for more while under a full call for every instance.
+
+        Not one call's worth: requests of max_batch_size texts would each make a round of their own, and a round's
+        rows are only sorted among themselves. Cut together, the short rows of two such requests share calls and so do
+        the long ones (all-MiniLM-L6-v2, 4 callers of 32 short texts, 2 instances: 0.88 of the model's length-sorted
+        speed alone with rounds of one request, 0.93 with two; `tandem bench` 783 -> 833 and 757 -> 830 texts/s)."""
         taken: list[Request] = []
         count = 0
-        limit = self.config.max_batch_size
+        limit = self.config.max_batch_size * self.instances
         linger_until = time.monotonic() + self.config.max_queue_delay_ms / 1000
         while True:
             while self._queue and (count < limit or not taken):

@@ -151,6 +151,24 @@ async def test_sequences_are_sorted_by_length_to_limit_padding() -> None:
     await batcher.close()
 
 
+async def test_a_round_takes_a_full_call_for_every_instance_so_requests_are_cut_together() -> None:
+    """Two queued requests of a short and a long row each: cut together, the short rows share a call and the long rows
+    another; a round of one request at a time would pad each short row to its long one."""
+    batcher, backend = make(max_batch_size=2, instances=2, batch_call_cost_tokens=1000)
+    backend.gate.clear()
+    busy = asyncio.ensure_future(submit(batcher, [[9]] * 4))  # one call on each instance
+    await until(lambda: backend.active == 2, "both instances busy")
+    first, second = [[1] * 2, [1] * 8], [[2] * 2, [2] * 8]
+    calls = [asyncio.ensure_future(submit(batcher, seqs)) for seqs in (first, second)]
+    await until(lambda: batcher.pending == 8, "both requests queued")
+    backend.gate.set()
+    await busy
+    for seqs, call in zip((first, second), calls, strict=True):
+        np.testing.assert_array_equal(await call, expected(seqs, True))
+    assert sorted(backend.calls) == [(2, 1), (2, 1), (2, 2), (2, 8)]
+    await batcher.close()
+
+
 async def test_a_round_is_cut_where_padding_costs_more_than_a_call() -> None:
     seqs = [[1] * 3, [2] * 10, [3] * 3, [4] * 10, [5] * 3]
     # Padding three 3-token rows to 10 costs 21 tokens: more than a 2-token call, less than a 100-token one.
