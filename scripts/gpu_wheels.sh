@@ -15,7 +15,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   typing-inspection annotated-types opentelemetry-api opentelemetry-sdk opentelemetry-semantic-conventions \
   opentelemetry-instrumentation opentelemetry-instrumentation-grpc opentelemetry-exporter-otlp-proto-grpc \
   opentelemetry-exporter-otlp-proto-common opentelemetry-proto wrapt loky cloudpickle prometheus-client \
-  pytest-asyncio pytest-timeout hypothesis sortedcontainers cryptography cffi pycparser
+  pytest-asyncio pytest-timeout hypothesis sortedcontainers cryptography cffi pycparser uvloop
 # The tokenizer files of the random models scripts/gpu_check.sh builds there (tandem/bench/random_model.py).
 mkdir -p .whl/tokenizer
 model=$(PYTHONPATH=$PWD "${PYTHON:-.venv/bin/python}" -c 'from services.common.default_model import packaged_model_dir; print(packaged_model_dir())')

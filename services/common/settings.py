@@ -11,6 +11,8 @@ from loky import cpu_count
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.event_loop import EventLoop
+
 
 def usable_cpus() -> int:
     """CPUs this process may use: the fewest of the machine's, its affinity mask's and its container's CPU quota
@@ -50,6 +52,9 @@ class ServiceSettings(BaseSettings):
     log_level: str = Field("INFO", description="log level")
     json_logs: bool = Field(False, description="log one JSON object per line")
     grace_s: float = Field(10.0, description="seconds to finish in-flight calls after SIGTERM")
+    event_loop: EventLoop = Field(
+        "auto", description="asyncio event loop: uvloop (faster turns), asyncio, or auto (uvloop where installed)"
+    )
     reflection: bool = Field(True, description="serve gRPC server reflection")
     max_message_bytes: int = Field(64 * 1024 * 1024, description="largest gRPC message sent or received")
     parent_pid: int | None = Field(None, description="exit when this process (a supervisor) exits")

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import grpc
 from prometheus_client import REGISTRY
 
-from services.common import diagnostics, tls, tracing
+from services.common import diagnostics, event_loop, tls, tracing
 from services.common import logging as tandem_logging
 from services.common.metrics import CallObserver, MetricsInterceptor, ServiceMetrics, serve_metrics
 from services.common.server import (
@@ -110,5 +110,11 @@ def main(
     tracing.configure(settings.otlp_endpoint, role, settings.otel_service_name, settings.trace_sample_ratio)
     security = tls.load_or_exit(settings, prog)
     exit_with_parent(settings.parent_pid)
+    try:
+        loop = event_loop.name(settings.event_loop)
+    except event_loop.EventLoopUnavailableError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    log.info("%s running on the %s event loop", role, loop)
     freeze_imported_objects()
-    asyncio.run(serve_stage(settings, security))
+    event_loop.run(serve_stage(settings, security), settings.event_loop)

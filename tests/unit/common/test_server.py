@@ -3,7 +3,6 @@ is still found."""
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import weakref
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 
 import gateway.__main__ as gateway_main
-from services.common import stage, tls
+from services.common import event_loop, stage, tls
 from services.tokenizer.settings import TokenizerSettings
 
 
@@ -30,11 +29,11 @@ def test_services_start_serving_with_imported_objects_out_of_the_collectors_reac
     with torch imported); main() freezes what start-up created, and garbage made while serving is still found."""
     frozen_at_serve: list[int] = []
 
-    def fake_run(main: Coroutine[Any, Any, None]) -> None:
+    def fake_run(main: Coroutine[Any, Any, None], choice: str) -> None:
         frozen_at_serve.append(gc.get_freeze_count())
         main.close()
 
-    monkeypatch.setattr(asyncio, "run", fake_run)
+    monkeypatch.setattr(event_loop, "run", fake_run)
     monkeypatch.setattr(logging.getLogger(), "handlers", list(logging.getLogger().handlers))
     try:
         if role == "gateway":
