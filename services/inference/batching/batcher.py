@@ -247,7 +247,8 @@ class Batcher:
         Not one call's worth: requests of max_batch_size texts would each make a round of their own, and a round's
         rows are only sorted among themselves. Cut together, the short rows of two such requests share calls and so do
         the long ones (all-MiniLM-L6-v2, 4 callers of 32 short texts, 2 instances: 0.88 of the model's length-sorted
-        speed alone with rounds of one request, 0.93 with two; `tandem bench` 783 -> 833 and 757 -> 830 texts/s)."""
+        speed alone with rounds of one request, 0.93-0.94 with two, 0.98 with four, scripts/batch_composition.py;
+        `tandem bench` 783 -> 833 and 757 -> 830 texts/s)."""
         taken: list[Request] = []
         count = 0
         limit = self.config.max_batch_size * self.instances

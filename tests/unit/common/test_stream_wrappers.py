@@ -92,15 +92,8 @@ async def _no_requests() -> AsyncIterator[Any]:
 async def test_closing_the_wrapper_closes_the_handler_inside_at_once(kind: str, wrapper: str) -> None:
     closed: list[str] = []
 
-    async def unary_stream(request: Any, context: Any) -> AsyncIterator[str]:
-        try:
-            for i in range(10):
-                yield f"answer {i}"
-                await asyncio.sleep(0)
-        finally:
-            closed.append("handler")
-
-    async def stream_stream(requests: Any, context: Any) -> AsyncIterator[str]:
+    async def answers(request_or_requests: Any, context: Any) -> AsyncIterator[str]:
+        """The handler for either kind: both take (the request or the requests' iterator, the context)."""
         try:
             for i in range(10):
                 yield f"answer {i}"
@@ -109,10 +102,10 @@ async def test_closing_the_wrapper_closes_the_handler_inside_at_once(kind: str, 
             closed.append("handler")
 
     if kind == "unary_stream":
-        wrapped = await WRAPPERS[wrapper]()(grpc.unary_stream_rpc_method_handler(unary_stream))
+        wrapped = await WRAPPERS[wrapper]()(grpc.unary_stream_rpc_method_handler(answers))
         stream = wrapped.unary_stream(object(), _Context())
     else:
-        wrapped = await WRAPPERS[wrapper]()(grpc.stream_stream_rpc_method_handler(stream_stream))
+        wrapped = await WRAPPERS[wrapper]()(grpc.stream_stream_rpc_method_handler(answers))
         stream = wrapped.stream_stream(_no_requests(), _Context())
     previous = tracing.install(tracing.provider_for("tandem-test", []))
     try:
