@@ -31,6 +31,7 @@ def build_core(settings: InferenceSettings, metrics: InferenceMetrics | None = N
         spinning=settings.intra_op_spinning,
         instances=settings.model_instances,
         run_alone=settings.run_alone,
+        inline_lone_tokens=settings.inline_lone_tokens,
         compute_nice=settings.compute_nice,
         watch_s=settings.watch_interval_s or None,
         unload_idle_s=settings.unload_idle_s,

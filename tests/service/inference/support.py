@@ -50,6 +50,8 @@ class ProbeBackend(Backend):
         self.runs_alone = inner.runs_alone
         self.calls = 0
         self.alone_calls = 0
+        # The thread each lone call ran on.
+        self.alone_threads: list[int] = []
         self.seen: list[list[int]] = []
         self.gate = threading.Event()
         self.gate.set()
@@ -62,6 +64,7 @@ class ProbeBackend(Backend):
     def run_alone(self, input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray | None) -> FloatArray:
         self._record(input_ids, attention_mask)
         self.alone_calls += 1
+        self.alone_threads.append(threading.get_ident())
         return self.inner.run_alone(input_ids, attention_mask, token_type_ids)
 
     def _record(self, input_ids: IntArray, attention_mask: IntArray) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 from pathlib import Path
 
 import grpc
@@ -31,7 +32,16 @@ from services.inference.servicer import SERVICE_NAME
 from tandem.inference.v1 import inference_pb2
 from tandem.model.v1 import model_pb2
 from tests.fixtures.reference import reference_embeddings
-from tests.service.inference.support import ATOL, TEXTS, Served, encode_texts, infer, reference, token_batch
+from tests.service.inference.support import (
+    ATOL,
+    TEXTS,
+    Probes,
+    Served,
+    encode_texts,
+    infer,
+    reference,
+    token_batch,
+)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Serving and model descriptions
@@ -168,6 +178,37 @@ async def test_a_lone_call_runs_on_every_thread_with_the_same_numbers(served: Se
     np.testing.assert_allclose(
         probe.inner.run_alone(ids, mask, np.zeros_like(ids)), probe.inner.run(ids, mask, np.zeros_like(ids)), atol=1e-5
     )
+
+
+async def test_a_short_lone_call_runs_on_the_event_loop_thread_with_the_same_numbers(
+    served: Served, tmp_path: Path
+) -> None:
+    short = encode_texts(served.repo / "tiny-embed", TEXTS[1:2])
+    limit = len(short[0]["input_ids"])
+    long = [{"input_ids": short[0]["input_ids"][:-1] + [7] * 10 + [2]}]
+    probes = Probes()
+    core = Inference(
+        ModelRepository(_only(served.repo, "tiny-embed", tmp_path / "repo")),
+        home=tmp_path / "home",
+        intra_op_threads=2,
+        inline_lone_tokens=limit,
+        backend_factory=probes.factory,
+    )
+    await core.start()
+    try:
+        probe = probes.by_model["tiny-embed"]
+        warm_up = len(probe.alone_threads)  # loading ran the lone session once, on the loading thread
+        for seqs in (short, long):
+            ids = np.array([t for s in seqs for t in s["input_ids"]], dtype=np.int64)
+            cu = np.array([0, len(ids)], dtype=np.int32)
+            _, rows, _ = await core.infer("tiny-embed", ids, None, cu, None)
+            want = np.concatenate(reference(served.repo / "tiny-embed", AutoModel, seqs, "last_hidden_state"))
+            np.testing.assert_allclose(rows, want, atol=ATOL)
+        # Both ran alone: the one within the limit on this event loop's thread, the longer one on a worker thread.
+        loop_thread = threading.get_ident()
+        assert [thread == loop_thread for thread in probe.alone_threads[warm_up:]] == [True, False]
+    finally:
+        await core.close()
 
 
 def test_io_binding_gives_the_same_numbers_and_turns_itself_off_if_it_cannot_run(

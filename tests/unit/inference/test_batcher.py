@@ -245,6 +245,42 @@ async def test_a_call_with_the_model_to_itself_runs_alone_and_others_run_beside_
     await batcher.close()
 
 
+class ThreadRecordingBackend(EchoBackend):
+    """An EchoBackend that notes which thread ran each call: (lone?, shape, thread id)."""
+
+    def __init__(self) -> None:
+        super().__init__(token_level=True, runs_alone=True)
+        self.threads: list[tuple[bool, tuple[int, int], int]] = []
+
+    def run_alone(self, input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray | None) -> FloatArray:
+        self.threads.append((True, input_ids.shape, threading.get_ident()))
+        return self._run(input_ids, attention_mask, token_type_ids)
+
+    def run(self, input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray | None) -> FloatArray:
+        self.threads.append((False, input_ids.shape, threading.get_ident()))
+        return super().run(input_ids, attention_mask, token_type_ids)
+
+
+@pytest.mark.parametrize("inline_tokens", [0, 8])
+async def test_a_short_lone_call_runs_on_the_event_loop_thread_up_to_the_inline_limit(inline_tokens: int) -> None:
+    backend = ThreadRecordingBackend()
+    config = ModelConfig(task=Task.EMBEDDING, instances=2, batch_call_cost_tokens=0)
+    batcher = Batcher(backend, config, "echo", inline_tokens=inline_tokens)
+    loop_thread = threading.get_ident()
+    short, long = [[4, 5, 6]], [[7] * 12]
+    np.testing.assert_array_equal(await submit(batcher, short), expected(short, True))
+    np.testing.assert_array_equal(await submit(batcher, long), expected(long, True))
+    # Two sequences of 3 and 2 tokens in one request: cut into two calls that run side by side, never alone.
+    pair = [[1, 1, 1], [2, 2]]
+    np.testing.assert_array_equal(await submit(batcher, pair), expected(pair, True))
+    lone = [(shape, thread == loop_thread) for alone, shape, thread in backend.threads if alone]
+    # The short lone call (3 padded tokens) is on the loop's thread when the limit allows it; the long one (12) never.
+    assert lone == [((1, 3), inline_tokens >= 3), ((1, 12), False)]
+    assert all(thread != loop_thread for alone, _, thread in backend.threads if not alone)
+    assert sorted(shape for alone, shape, _ in backend.threads if not alone) == [(1, 2), (1, 3)]
+    await batcher.close()
+
+
 async def test_a_backend_without_a_lone_path_runs_every_call_the_same_way() -> None:
     batcher, backend = make(runs_alone=False, instances=2)
     np.testing.assert_array_equal(await submit(batcher, [[1, 2]]), expected([[1, 2]], True))
