@@ -40,6 +40,15 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=2, help="one-thread sessions side by side")
     parser.add_argument("--call-cost-tokens", type=float, default=22.0, help="the stage's logged cost per call")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--round-requests", default="4,2,1", help="requests a round takes, comma-separated (one kind each)"
+    )
+    parser.add_argument(
+        "--ceiling-batch",
+        type=int,
+        default=0,
+        help="the ceiling's batch (the bench's --bare-batch, 32; 0: one request's texts)",
+    )
     opts = parser.parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(str(opts.model_dir))
@@ -75,7 +84,8 @@ def main() -> None:
     def plan(kind: str) -> list[Rows]:
         if kind == "ceiling: corpus sorted":
             by_length = np.argsort(lengths, kind="stable")
-            return [by_length[i : i + n] for i in range(0, len(by_length), n)]
+            size = opts.ceiling_batch or n
+            return [by_length[i : i + size] for i in range(0, len(by_length), size)]
         if kind == "one unsorted call a request":
             return [order[i : i + n] for i in range(0, len(order), n)]
         per = n * int(kind.split()[2])  # "rounds of K request(s)"
@@ -106,11 +116,10 @@ def main() -> None:
             t.join()
         return len(lengths) / (time.perf_counter() - started)
 
+    rounds = [int(k) for k in opts.round_requests.split(",")]
     kinds = [
         "ceiling: corpus sorted",
-        "rounds of 4 requests",
-        "rounds of 2 requests",
-        "rounds of 1 request",
+        *(f"rounds of {k} request{'s' if k > 1 else ''}" for k in rounds),
         "one unsorted call a request",
     ]
     run(plan(kinds[-1]))  # warm-up
