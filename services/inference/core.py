@@ -85,7 +85,7 @@ class Inference:
         spinning: bool = True,
         instances: int | None = None,
         run_alone: bool | None = None,
-        inline_lone_tokens: int = 0,
+        inline_lone_ms: float = 0.0,
         compute_nice: int = 0,
         backend_factory: BackendFactory = create_backend,
         watch_s: float | None = 1.0,
@@ -101,7 +101,7 @@ class Inference:
             spinning=spinning,
             instances=instances,
             run_alone=run_alone,
-            inline_lone_tokens=inline_lone_tokens,
+            inline_lone_ms=inline_lone_ms,
         )
         self.registry = ModelRegistry(
             repository,

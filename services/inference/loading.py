@@ -213,5 +213,5 @@ def start_batcher(
         call_cost_tokens=call_cost_tokens,
         nice=nice,
         pooling=model.pooling,
-        inline_tokens=options.inline_lone_tokens,
+        inline_ms=options.inline_lone_ms,
     )

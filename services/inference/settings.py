@@ -35,13 +35,14 @@ class InferenceSettings(ServiceSettings):
         description="overrides every tandem.json's run_alone: a call with the model to itself runs on all threads "
         "(a second session, a second copy of the weights); unset follows tandem.json (default on)",
     )
-    inline_lone_tokens: int = Field(
-        64,
+    inline_lone_ms: float = Field(
+        5.0,
         ge=0,
-        description="a lone call (see --run-alone) of at most this many padded tokens runs on the event loop's own "
-        "thread instead of a worker thread: it skips two thread hand-offs (on 2 cores: one short text at a time "
-        "0.04-0.45 ms faster, 4 callers of one text 8-17% more texts/s) while the loop waits for the call (one short "
-        "text of all-MiniLM-L6-v2: about 2 ms here; lower it for a larger model); 0 turns it off",
+        description="a lone call (see --run-alone) expected to take at most this long (from the lone calls before "
+        "it) runs on the event loop's own thread instead of a worker thread: it skips two thread hand-offs "
+        "(all-MiniLM-L6-v2 on 2 cores: one short text at a time 0.04-0.45 ms faster, 4 callers of one text 8-17% more "
+        "texts/s) while the loop waits for the call, so longer calls (a larger model) keep the worker thread; 0 turns "
+        "it off",
     )
     compute_nice: int = Field(
         10,

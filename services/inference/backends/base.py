@@ -75,8 +75,8 @@ class BackendOptions:
     instances: int | None = None
     # Overrides every model's tandem.json "run_alone" when set.
     run_alone: bool | None = None
-    # A lone call of at most this many padded tokens runs on the event loop's thread (Batcher.inline_tokens); 0: never.
-    inline_lone_tokens: int = 0
+    # A lone call expected to take at most this long runs on the event loop's thread (Batcher.inline_s); 0: never.
+    inline_lone_ms: float = 0.0
 
     def instances_of(self, model: ModelVersion) -> int:
         """Model calls that run at once for this version: the stage's override, tandem.json's, or by device.

@@ -69,7 +69,7 @@ class Batcher:
         call_cost_tokens: float | None = None,
         nice: int = 0,
         pooling: str | None = None,
-        inline_tokens: int = 0,
+        inline_ms: float = 0.0,
     ) -> None:
         self.backend = backend
         self.observer: BatchObserver = observer or _Unobserved()
@@ -116,14 +116,18 @@ class Batcher:
             initargs=(nice + LOW_PRIORITY_NICE,),
         )
         self._alone_running = False
-        # A lone call of at most this many padded tokens runs on the event loop's own thread: handing it to a worker
+        # A lone call expected to take at most inline_s runs on the event loop's own thread: handing it to a worker
         # thread and its result back costs two thread wake-ups, a sizeable share of a short call (three paired
-        # `tandem bench` runs on 2 cores, in-process shape: one caller of one short text p50 4.47 -> 4.02, 4.41 -> 4.20
-        # and 4.18 -> 4.14 ms; 4 callers 281 -> 309, 264 -> 310 and 259 -> 280 texts/s; 32 callers alike within the
-        # noise). Only a lone call: nothing else is queued or running, so the loop has nothing to do meanwhile but
-        # take new requests, which wait at most that one short call. Waiting for the next call to come before
-        # inlining (the stage idle for 1 ms first) kept the one-caller gain and lost the four-caller one.
-        self.inline_tokens = inline_tokens
+        # `tandem bench` runs on 2 cores, in-process shape, all-MiniLM-L6-v2: one caller of one short text p50
+        # 4.47 -> 4.02, 4.41 -> 4.20 and 4.18 -> 4.14 ms; 4 callers 281 -> 309, 264 -> 310 and 259 -> 280 texts/s;
+        # 32 callers alike within the noise). Only a lone call: nothing else is queued or running, so the loop has
+        # nothing to do meanwhile but take new requests, which wait for it; hence the bound on its time, not its
+        # tokens: a BERT-base-sized model's 15 ms call inlined cost 4 callers 6-13% of their texts/s. Waiting for the
+        # stage to be idle for 1 ms before inlining kept the one-caller gain and lost the four-caller one.
+        self.inline_s = inline_ms / 1000
+        # Seconds per padded token of the lone calls so far (a moving average), counting the call's own cost in
+        # tokens (call_cost_tokens) as the planner does; None until a lone call has run (it runs on a worker).
+        self._lone_s_per_token: float | None = None
 
     @property
     def pending(self) -> int:
@@ -323,6 +327,7 @@ class Batcher:
         if not chosen:
             return
         riders = list(dict.fromkeys(r for r, _ in chosen))
+        width = max(int(r.lengths[i]) for r, i in chosen)
         started = time.perf_counter()
         for request in riders:
             if request.started_at is None:
@@ -333,7 +338,7 @@ class Batcher:
             self._alone_running = True
         try:
             with self._model_run_span(chosen, riders, alone):
-                if alone and not low and len(chosen) * max(int(r.lengths[i]) for r, i in chosen) <= self.inline_tokens:
+                if alone and not low and self._inline(len(chosen) * width):
                     out, pooled = self._execute(chosen, alone)
                 else:
                     out, pooled = await asyncio.get_running_loop().run_in_executor(
@@ -345,7 +350,10 @@ class Batcher:
         seconds = time.perf_counter() - started
         for request in riders:
             request.compute_s += seconds
-        width = max(int(r.lengths[i]) for r, i in chosen)
+        if alone:
+            sample = seconds / (len(chosen) * width + self.call_cost_tokens)
+            last = self._lone_s_per_token
+            self._lone_s_per_token = sample if last is None else last + 0.2 * (sample - last)
         self.observer.batch(len(chosen), len(chosen) * width, seconds)
         self._scatter(chosen, out, pooled)
         for request, _ in chosen:
@@ -353,6 +361,13 @@ class Batcher:
             if request.remaining == 0 and not request.future.done():
                 assert request.output is not None
                 request.future.set_result(request.output)
+
+    def _inline(self, padded_tokens: int) -> bool:
+        """Whether a lone call of this many padded tokens is expected to take at most inline_s (see __init__)."""
+        per_token = self._lone_s_per_token
+        if self.inline_s <= 0 or per_token is None:
+            return False
+        return per_token * (padded_tokens + self.call_cost_tokens) <= self.inline_s
 
     def _scatter(self, chosen: list[tuple[Request, int]], out: FloatArray, pooled: FloatArray | None) -> None:
         """Each output row into its caller's output, on the event loop: the calls of one request may finish on

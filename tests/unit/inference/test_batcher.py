@@ -246,14 +246,16 @@ async def test_a_call_with_the_model_to_itself_runs_alone_and_others_run_beside_
 
 
 class ThreadRecordingBackend(EchoBackend):
-    """An EchoBackend that notes which thread ran each call: (lone?, shape, thread id)."""
+    """An EchoBackend that notes which thread ran each call, (lone?, shape, thread id), and takes `call_s` a call."""
 
-    def __init__(self) -> None:
+    def __init__(self, call_s: float = 0.0) -> None:
         super().__init__(token_level=True, runs_alone=True)
         self.threads: list[tuple[bool, tuple[int, int], int]] = []
+        self.call_s = call_s
 
     def run_alone(self, input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray | None) -> FloatArray:
         self.threads.append((True, input_ids.shape, threading.get_ident()))
+        time.sleep(self.call_s)
         return self._run(input_ids, attention_mask, token_type_ids)
 
     def run(self, input_ids: IntArray, attention_mask: IntArray, token_type_ids: IntArray | None) -> FloatArray:
@@ -261,21 +263,30 @@ class ThreadRecordingBackend(EchoBackend):
         return super().run(input_ids, attention_mask, token_type_ids)
 
 
-@pytest.mark.parametrize("inline_tokens", [0, 8])
-async def test_a_short_lone_call_runs_on_the_event_loop_thread_up_to_the_inline_limit(inline_tokens: int) -> None:
-    backend = ThreadRecordingBackend()
+@pytest.mark.parametrize(
+    ("inline_ms", "call_s", "on_loop"),
+    [
+        (60_000.0, 0.0, True),  # expected well within the bound: on the loop's thread once a lone call was timed
+        (20.0, 0.06, False),  # each call takes 60 ms, three times the bound: always on a worker thread
+        (0.0, 0.0, False),  # off
+    ],
+    ids=["within", "too-slow", "off"],
+)
+async def test_a_lone_call_runs_on_the_event_loop_thread_when_expected_within_the_bound(
+    inline_ms: float, call_s: float, on_loop: bool
+) -> None:
+    backend = ThreadRecordingBackend(call_s)
     config = ModelConfig(task=Task.EMBEDDING, instances=2, batch_call_cost_tokens=0)
-    batcher = Batcher(backend, config, "echo", inline_tokens=inline_tokens)
+    batcher = Batcher(backend, config, "echo", inline_ms=inline_ms)
     loop_thread = threading.get_ident()
-    short, long = [[4, 5, 6]], [[7] * 12]
-    np.testing.assert_array_equal(await submit(batcher, short), expected(short, True))
-    np.testing.assert_array_equal(await submit(batcher, long), expected(long, True))
+    for seqs in ([[4, 5, 6]], [[7] * 12], [[1, 2]]):
+        np.testing.assert_array_equal(await submit(batcher, seqs), expected(seqs, True))
     # Two sequences of 3 and 2 tokens in one request: cut into two calls that run side by side, never alone.
     pair = [[1, 1, 1], [2, 2]]
     np.testing.assert_array_equal(await submit(batcher, pair), expected(pair, True))
     lone = [(shape, thread == loop_thread) for alone, shape, thread in backend.threads if alone]
-    # The short lone call (3 padded tokens) is on the loop's thread when the limit allows it; the long one (12) never.
-    assert lone == [((1, 3), inline_tokens >= 3), ((1, 12), False)]
+    # The first lone call has no timing to go by, so it runs on a worker thread and is timed.
+    assert lone == [((1, 3), False), ((1, 12), on_loop), ((1, 2), on_loop)]
     assert all(thread != loop_thread for alone, _, thread in backend.threads if not alone)
     assert sorted(shape for alone, shape, _ in backend.threads if not alone) == [(1, 2), (1, 3)]
     await batcher.close()
