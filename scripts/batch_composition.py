@@ -22,14 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
 from transformers import AutoTokenizer
 
 from services.common.repository.config import ModelConfig, Task
+from services.inference.backends.onnx import OnnxBackend
 from services.inference.batching.planner import cut
 from tandem.bench.corpus import make_texts
 
 Rows = npt.NDArray[np.intp]
+Feed = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]
+CPU = ["CPUExecutionProvider"]
 
 
 def main() -> None:
@@ -57,27 +59,18 @@ def main() -> None:
     config = ModelConfig(task=Task.EMBEDDING)
     n = opts.texts_per_request
 
-    def session() -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(str(opts.model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    # The stage's own backend, one thread a session, as an instance runs (its threads do not spin on 2 shared cores).
+    onnx = opts.model_dir / "model.onnx"
+    sessions = [OnnxBackend(onnx, CPU, threads=1, spinning=False) for _ in range(opts.instances)]
 
-    sessions = [session() for _ in range(opts.instances)]
-    names = {i.name for i in sessions[0].get_inputs()}
-
-    def feed(rows: Rows) -> dict[str, npt.NDArray[np.int64]]:
+    def feed(rows: Rows) -> Feed:
         width = int(lengths[rows].max())
         input_ids = np.zeros((len(rows), width), dtype=np.int64)
         mask = np.zeros_like(input_ids)
         for k, r in enumerate(rows):
             input_ids[k, : lengths[r]] = ids[r]
             mask[k, : lengths[r]] = 1
-        inputs = {"input_ids": input_ids, "attention_mask": mask}
-        if "token_type_ids" in names:
-            inputs["token_type_ids"] = np.zeros_like(input_ids)
-        return inputs
+        return input_ids, mask, np.zeros_like(input_ids)
 
     order = np.arange(len(lengths))
 
@@ -96,17 +89,17 @@ def main() -> None:
         return calls
 
     def run(calls: list[Rows]) -> float:
-        work: queue.SimpleQueue[dict[str, npt.NDArray[np.int64]]] = queue.SimpleQueue()
+        work: queue.SimpleQueue[Feed] = queue.SimpleQueue()
         for call in calls:
             work.put(feed(call))
 
-        def worker(s: ort.InferenceSession) -> None:
+        def worker(s: OnnxBackend) -> None:
             while True:
                 try:
                     inputs = work.get_nowait()
                 except queue.Empty:
                     return
-                s.run(None, inputs)
+                s.run(*inputs)
 
         started = time.perf_counter()
         threads = [threading.Thread(target=worker, args=(s,)) for s in sessions]

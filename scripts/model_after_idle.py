@@ -16,27 +16,18 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
 from transformers import AutoTokenizer
 
+from services.inference.backends.onnx import OnnxBackend
 from tandem.bench.corpus import make_texts
 
-Feed = dict[str, npt.NDArray[np.int64]]
-
-
-def session(path: Path, threads: int, spinning: bool, stop_spinning: bool) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    if stop_spinning:
-        options.add_session_config_entry("session.force_spinning_stop", "1")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+IntArray = npt.NDArray[np.int64]
+CPU = ["CPUExecutionProvider"]
 
 
 def main() -> None:
@@ -50,39 +41,41 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(str(opts.model_dir))
     onnx = opts.model_dir / "model.onnx"
-    sessions = {
-        "bare, spinning (the bench's best)": session(onnx, opts.threads, True, False),
-        "bare, no spinning": session(onnx, opts.threads, False, False),
-        "stage's lone-call session": session(onnx, opts.threads, True, True),
+    # The stage's own backend: the bench's bare sessions (threads spinning or not) and the lone-call session (its
+    # threads stop spinning after each call), whose calls go through run_alone.
+    lone = OnnxBackend(onnx, CPU, threads=1, spinning=True, alone_threads=opts.threads)
+    calls = {
+        "bare, spinning (the bench's best)": OnnxBackend(onnx, CPU, opts.threads, spinning=True).run,
+        "bare, no spinning": OnnxBackend(onnx, CPU, opts.threads, spinning=False).run,
+        "stage's lone-call session": lone.run_alone,
     }
-    names = {i.name for i in next(iter(sessions.values())).get_inputs()}
-    feeds: list[Feed] = [
-        {k: np.asarray(v, dtype=np.int64) for k, v in tokenizer([text], return_tensors="np").items() if k in names}
-        for text in make_texts("short", opts.calls)
-    ]
+    feeds: list[tuple[IntArray, IntArray, IntArray]] = []
+    for text in make_texts("short", opts.calls):
+        ids = np.asarray(tokenizer([text], return_tensors="np")["input_ids"], dtype=np.int64)
+        feeds.append((ids, np.ones_like(ids), np.zeros_like(ids)))
     gaps = [float(g) / 1000 for g in opts.gaps_ms.split(",")]
 
-    def run(s: ort.InferenceSession, gap: float) -> list[float]:
+    def run(call: Callable[[IntArray, IntArray, IntArray], object], gap: float) -> list[float]:
         times = []
         for feed in feeds:
             if gap:
                 time.sleep(gap)
             started = time.perf_counter()
-            s.run(None, feed)
+            call(*feed)
             times.append(time.perf_counter() - started)
         return times
 
-    for s in sessions.values():  # warm-up
-        run(s, 0)
-    times: dict[tuple[str, float], list[float]] = {(name, gap): [] for name in sessions for gap in gaps}
+    for call in calls.values():  # warm-up
+        run(call, 0)
+    times: dict[tuple[str, float], list[float]] = {(name, gap): [] for name in calls for gap in gaps}
     for _ in range(opts.rounds):
         for gap in gaps:
-            for name, s in sessions.items():
-                times[(name, gap)] += run(s, gap)
+            for name, call in calls.items():
+                times[(name, gap)] += run(call, gap)
     print(f"{opts.threads} thread(s), one short text a call, p50 of {opts.calls} x {opts.rounds} calls in ms")
     print("| session | " + " | ".join(f"gap {gap * 1000:g} ms" for gap in gaps) + " |")
     print("| --- |" + " --- |" * len(gaps))
-    for name in sessions:
+    for name in calls:
         cells = " | ".join(f"{statistics.median(times[(name, gap)]) * 1000:.2f}" for gap in gaps)
         print(f"| {name} | {cells} |")
 
