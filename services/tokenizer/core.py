@@ -92,7 +92,12 @@ class LoadedTokenizer:
     def encode(self, texts: Sequence[str], pairs: Sequence[str], options: TokenizeOptions) -> Encoded:
         inputs: list[str] | list[tuple[str, str]] = list(zip(texts, pairs, strict=True)) if pairs else list(texts)
         tokenizer = self.truncating if options.truncate else self.plain
-        encodings = tokenizer.encode_batch(inputs, add_special_tokens=options.add_special_tokens)
+        # encode_batch_fast skips the character offsets (and so the token strings and word ids, which it leaves
+        # wrong): the same ids and type ids for about 17% less tokenizer CPU (32 short texts: 364 -> 304 us).
+        encode = (
+            tokenizer.encode_batch if options.return_offsets or options.return_tokens else tokenizer.encode_batch_fast
+        )
+        encodings = encode(inputs, add_special_tokens=options.add_special_tokens)
         lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int32, count=len(encodings))
         if not options.truncate:
             too_long = np.flatnonzero(lengths > self.model.max_length)

@@ -42,17 +42,24 @@ def reference(repo: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(repo / DEFAULT_MODEL_NAME / "1"))
 
 
+@pytest.mark.parametrize("return_tokens", [True, False], ids=["with-tokens", "ids-only"])
 async def test_ids_match_the_model_tokenizer(
-    stub: tokenizer_pb2_grpc.TokenizerServiceAsyncStub, default_repository: Path
+    stub: tokenizer_pb2_grpc.TokenizerServiceAsyncStub, default_repository: Path, return_tokens: bool
 ) -> None:
-    texts = ["Hello world!", "Tandem serves models over gRPC, café naïve.", ""]
-    reply = await stub.Tokenize(tokenizer_pb2.TokenizeRequest(texts=texts, truncate=True, return_tokens=True))
+    # Without tokens or offsets the core takes the tokenizer's encode_batch_fast path: the ids must not change.
+    texts = ["Hello world!", "Tandem serves models over gRPC, café naïve.", "", "emoji 😀 and CJK 東京"]
+    reply = await stub.Tokenize(tokenizer_pb2.TokenizeRequest(texts=texts, truncate=True, return_tokens=return_tokens))
     ids = tensors.decode(reply.batch.input_ids, "ids")
+    types = tensors.decode(reply.batch.token_type_ids, "types")
     cu = tensors.decode(reply.batch.cu_seqlens, "cu")
-    expected = reference(default_repository)(texts)["input_ids"]
-    assert [ids[a:b].tolist() for a, b in itertools.pairwise(cu)] == expected
+    expected = reference(default_repository)(texts)
+    assert [ids[a:b].tolist() for a, b in itertools.pairwise(cu)] == expected["input_ids"]
+    assert types.tolist() == [t for row in expected["token_type_ids"] for t in row]
     assert reply.model == DEFAULT_MODEL_NAME and reply.version == "1"
-    assert list(reply.tokens[0].tokens) == ["[CLS]", "hello", "world", "!", "[SEP]"]
+    if return_tokens:
+        assert list(reply.tokens[0].tokens) == ["[CLS]", "hello", "world", "!", "[SEP]"]
+    else:
+        assert not reply.tokens
 
 
 async def test_offsets_and_special_tokens(stub: tokenizer_pb2_grpc.TokenizerServiceAsyncStub) -> None:
