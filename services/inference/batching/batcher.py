@@ -117,13 +117,13 @@ class Batcher:
         )
         self._alone_running = False
         # A lone call expected to take at most inline_s runs on the event loop's own thread: handing it to a worker
-        # thread and its result back costs two thread wake-ups, a sizeable share of a short call (three paired
-        # `tandem bench` runs on 2 cores, in-process shape, all-MiniLM-L6-v2: one caller of one short text p50
-        # 4.47 -> 4.02, 4.41 -> 4.20 and 4.18 -> 4.14 ms; 4 callers 281 -> 309, 264 -> 310 and 259 -> 280 texts/s;
-        # 32 callers alike within the noise). Only a lone call: nothing else is queued or running, so the loop has
-        # nothing to do meanwhile but take new requests, which wait for it; hence the bound on its time, not its
-        # tokens: a BERT-base-sized model's 15 ms call inlined cost 4 callers 6-13% of their texts/s. Waiting for the
-        # stage to be idle for 1 ms before inlining kept the one-caller gain and lost the four-caller one.
+        # thread and its result back costs two thread wake-ups, a sizeable share of a short call (paired `tandem bench`
+        # runs on 2 cores, in-process shape, all-MiniLM-L6-v2: one caller of one short text p50 4.83 -> 4.73 ms,
+        # 4 callers 240 -> 249 texts/s, 32 callers alike within the noise). Only a lone call: nothing else is queued
+        # or running, so the loop has nothing to do meanwhile but take new requests, which wait for it; hence the
+        # bound on its time, not its tokens: a BERT-base-sized model's 15 ms call inlined cost 4 callers 6-13% of
+        # their texts/s. Waiting for the stage to be idle for 1 ms before inlining kept the one-caller gain and lost
+        # the four-caller one.
         self.inline_s = inline_ms / 1000
         # Seconds per padded token of the lone calls so far (a moving average), counting the call's own cost in
         # tokens (call_cost_tokens) as the planner does; None until a lone call has run (it runs on a worker).
@@ -327,7 +327,7 @@ class Batcher:
         if not chosen:
             return
         riders = list(dict.fromkeys(r for r, _ in chosen))
-        width = max(int(r.lengths[i]) for r, i in chosen)
+        padded = len(chosen) * max(int(r.lengths[i]) for r, i in chosen)
         started = time.perf_counter()
         for request in riders:
             if request.started_at is None:
@@ -338,7 +338,7 @@ class Batcher:
             self._alone_running = True
         try:
             with self._model_run_span(chosen, riders, alone):
-                if alone and not low and self._inline(len(chosen) * width):
+                if alone and not low and self._inline(padded):
                     out, pooled = self._execute(chosen, alone)
                 else:
                     out, pooled = await asyncio.get_running_loop().run_in_executor(
@@ -351,10 +351,10 @@ class Batcher:
         for request in riders:
             request.compute_s += seconds
         if alone:
-            sample = seconds / (len(chosen) * width + self.call_cost_tokens)
+            sample = seconds / (padded + self.call_cost_tokens)
             last = self._lone_s_per_token
             self._lone_s_per_token = sample if last is None else last + 0.2 * (sample - last)
-        self.observer.batch(len(chosen), len(chosen) * width, seconds)
+        self.observer.batch(len(chosen), padded, seconds)
         self._scatter(chosen, out, pooled)
         for request, _ in chosen:
             request.remaining -= 1
