@@ -139,6 +139,14 @@ class ModelConfig(BaseModel):
         "shared out among them. Default: 2 on CPU with 2 or more threads (two single-thread calls side by side "
         "give 15-20% more throughput than one two-thread call under load), else 1",
     )
+    high_priority_instances: int = Field(
+        1,
+        ge=0,
+        le=64,
+        description="instances kept free for high-priority work while it comes (until a second after the last "
+        "high-priority request): calls of other levels run on the rest only, so a high-priority request does not wait "
+        "for one of theirs to end. At most instances - 1 (one is always left for the rest); 0 turns it off",
+    )
     run_alone: bool | None = Field(
         None,
         description="on CPU with instances splitting the threads: a call that has the model to itself (nothing "

@@ -18,6 +18,7 @@ from services.common.pooling import pool_ragged
 from services.common.priority import Priority
 from services.common.repository import ModelConfig, Task
 from services.inference.backends.base import Backend, FloatArray, IntArray
+from services.inference.batching import batcher as batcher_module
 from services.inference.batching.batcher import LOW_PRIORITY_NICE, MAX_OVERTAKEN, SHARED_CALL_COSTS, Batcher
 
 
@@ -624,6 +625,59 @@ async def test_while_high_priority_work_comes_other_calls_are_cut_short() -> Non
     assert np.array_equal(await shared.submit(ids, types, cu, None, priority=Priority.LOW), expected(seqs, True))
     assert backend.calls == [(1, 1)] + [(4, 4)] * 5  # 16 padded tokens a call: 4 rows of 4
     await shared.close()
+
+
+@pytest.mark.parametrize("kept", [1, 0])
+async def test_while_high_priority_work_comes_an_instance_is_kept_for_it(
+    kept: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two instances: while high-priority work comes, calls of lower rows run on one of them only, and a high-priority
+    request starts on the other beside a held low call instead of behind it (high_priority_instances 0: both take
+    low calls)."""
+    monkeypatch.setattr(batcher_module, "HIGH_PRIORITY_MEMORY_S", 60.0)
+    batcher, backend = make(max_batch_size=1, instances=2, high_priority_instances=kept)
+    await batcher.submit(*ragged([[99]]), None, priority=Priority.HIGH)  # high-priority work comes
+    backend.gate.clear()
+    lows = [asyncio.ensure_future(batcher.submit(*ragged([[i]]), None, priority=Priority.LOW)) for i in (1, 2)]
+    await until(lambda: backend.active >= 1, "a low call running")
+    if kept:
+        for _ in range(20):  # time for the kept instance to take the other low call, were it free to
+            await asyncio.sleep(0.005)
+            assert backend.active == 1
+        high = asyncio.ensure_future(batcher.submit(*ragged([[50]]), None, priority=Priority.HIGH))
+        await until(lambda: backend.active == 2, "the high call beside the held low one")
+    else:
+        await until(lambda: backend.active == 2, "both low calls side by side")
+        high = asyncio.ensure_future(batcher.submit(*ragged([[50]]), None, priority=Priority.HIGH))
+        await until(lambda: batcher.pending == 3, "the high request queued behind them")
+    backend.gate.set()
+    high_rows, *low_rows = await asyncio.gather(high, *lows)
+    np.testing.assert_array_equal(high_rows, expected([[50]], True))
+    for i, rows in zip((1, 2), low_rows, strict=True):
+        np.testing.assert_array_equal(rows, expected([[i]], True))
+    assert backend.most_active == 2
+    await batcher.close()
+
+
+async def test_the_kept_instance_runs_any_call_once_high_priority_work_stops(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batcher_module, "HIGH_PRIORITY_MEMORY_S", 0.05)
+    batcher, backend = make(max_batch_size=1, instances=2)
+    await batcher.submit(*ragged([[99]]), None, priority=Priority.HIGH)
+    await asyncio.sleep(0.1)  # past the high-priority work's memory
+    backend.gate.clear()
+    lows = [asyncio.ensure_future(batcher.submit(*ragged([[i]]), None, priority=Priority.LOW)) for i in (1, 2)]
+    await until(lambda: backend.active == 2, "both low calls side by side")
+    backend.gate.set()
+    await asyncio.gather(*lows)
+    await batcher.close()
+
+
+def test_an_instance_is_kept_for_high_priority_work_only_where_one_is_left_for_the_rest() -> None:
+    def kept(instances: int, asked: int) -> int:
+        config = ModelConfig(task=Task.EMBEDDING, instances=instances, high_priority_instances=asked)
+        return Batcher(EchoBackend(token_level=True), config, "echo")._reserved
+
+    assert (kept(1, 1), kept(2, 1), kept(2, 2), kept(4, 2), kept(4, 0)) == (0, 1, 1, 2, 0)
 
 
 async def test_in_a_round_with_high_priority_rows_they_get_calls_of_their_own() -> None:
