@@ -54,6 +54,7 @@ class Callers:
     refusals: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     per_caller: list[int] = field(default_factory=list)  # answers each caller got
+    refusals_per_caller: list[int] = field(default_factory=list)  # refusals each caller got, in the same order
     # Milliseconds per stage from each answer's x-tandem-timing trailer (total: the gateway's handler).
     stages: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
@@ -63,6 +64,15 @@ class Callers:
             "answered": len(lat),
             "callers_answered": sum(1 for n in self.per_caller if n),
             "fewest_answers_of_a_caller": min(self.per_caller, default=0),
+            "answers_of_a_caller_p10_p50": [
+                round(percentile(self.per_caller, 10), 1) if self.per_caller else None,
+                round(percentile(self.per_caller, 50), 1) if self.per_caller else None,
+            ],
+            # The refusals of each caller that got no answer at all: few means it waited (for a call or a RetryInfo
+            # delay) the whole phase, many that it was turned away every time.
+            "refusals_of_unanswered_callers": sorted(
+                r for n, r in zip(self.per_caller, self.refusals_per_caller, strict=True) if not n
+            ),
             "answers_per_s": round(len(lat) / seconds, 1),
             "refused": self.refusals,
             "other_errors": dict(self.errors),
@@ -86,7 +96,7 @@ async def caller(
 ) -> None:
     metadata = ((PRIORITY_HEADER, level),) if level else ()
     n = offset
-    answered = 0
+    answered = refused = 0
     while time.monotonic() < until:
         request = gateway_pb2.EmbedRequest(model=model, inputs=[texts[n % len(texts)]])
         n += 1
@@ -97,6 +107,7 @@ async def caller(
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 seen.refusals += 1
+                refused += 1
                 delay = decode_rpc_error(err).retry_delay_s or 0.05
                 if retry:
                     await asyncio.sleep(min(delay, max(0.0, until - time.monotonic())))
@@ -111,6 +122,7 @@ async def caller(
                     name, _, ms = item.strip().partition("=")
                     seen.stages[name].append(float(ms.removesuffix("ms")))
     seen.per_caller.append(answered)
+    seen.refusals_per_caller.append(refused)
 
 
 async def callers(

@@ -204,7 +204,10 @@ async def test_the_priority_bench_runs_its_three_phases(stack: Stack, tmp_path: 
         high = phases[name]["high"]
         assert high["refused"] == 0 and high["answered"] > 0 and high["callers_answered"] == 2
         assert high["other_errors"] == {} and "stage_p50_ms" in high  # empty here: this gateway sends no timings
-    assert phases["priority"]["low"]["callers_answered"] == 16
+    low = phases["priority"]["low"]
+    assert low["callers_answered"] == 16 and low["refusals_of_unanswered_callers"] == []
+    fewest, (p10, p50) = low["fewest_answers_of_a_caller"], low["answers_of_a_caller_p10_p50"]
+    assert 0 < fewest <= p10 <= p50 <= low["answered"]
     assert result["high_p50_loaded_over_unloaded"] > 0
     assert result["callers"]["crowd_nice"] == 5
     assert phases["priority"]["low"]["client_cpu_cores"] > 0 and phases["priority"]["high"]["client_cpu_cores"] > 0
