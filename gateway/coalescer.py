@@ -38,6 +38,8 @@ Key = TypeVar("Key", bound=Hashable)
 # Bounds of the RetryInfo delay a refusal at the gateway suggests.
 MIN_RETRY_S = 0.05
 MAX_RETRY_S = 2.0
+# How far either way, as a share of itself, a RetryInfo delay under the cap is spread at random (see _delay).
+RETRY_JITTER = 0.5
 Result = TypeVar("Result")
 
 
@@ -65,6 +67,8 @@ class Coalescer(Generic[Key, Result]):
         max_inflight: int = 2,
         max_queued: int | None = None,
         cap_ttl_s: float = 60.0,
+        retry_jitter: float = RETRY_JITTER,
+        rng: random.Random | None = None,
     ) -> None:
         self._run_fn = run
         self._split = split
@@ -84,6 +88,8 @@ class Coalescer(Generic[Key, Result]):
         # Per key, the refused callers told to come back later: a heap of (when, inputs), and their inputs in all.
         self._promised: dict[Key, list[tuple[float, int]]] = {}
         self._promised_inputs: Counter[Key] = Counter()
+        self.retry_jitter = retry_jitter
+        self._rng = rng or random.Random()
         self._queues: dict[Key, WeightedQueue[_Waiter[Result]]] = {}
         self._inflight: Counter[Key] = Counter()
         # Per key, express runs in flight: high-priority callers only, started past max_inflight (at most as many
@@ -135,9 +141,14 @@ class Coalescer(Generic[Key, Result]):
         places = self.max_queued * ADMISSION_SHARES[level] if self.max_queued else 0
         stretched = base * (1 + waiting / places) if places else base
         if stretched <= MAX_RETRY_S:
-            return stretched
+            # Spread at random around the caller's place, so that no caller's retries lock into step with the runs
+            # that free places: without it, in six of seven runs of scripts/priority_bench.py (256 low-priority
+            # callers at nice 0 beside 4 high-priority ones), 1-4 of the crowd were refused at every try (38-46) of a
+            # 40 s phase; with it, one caller in one of five runs (docs/benchmarks/2026-12-05/reserve/jitter/).
+            spread = 1 + self.retry_jitter * self._rng.uniform(-1.0, 1.0)
+            return min(max(stretched * spread, MIN_RETRY_S), MAX_RETRY_S)
         # Past the cap every caller would get the same delay and come back together: spread them over what is left.
-        return random.uniform(min(base, MAX_RETRY_S), MAX_RETRY_S)
+        return self._rng.uniform(min(base, MAX_RETRY_S), MAX_RETRY_S)
 
     def _waiting(self, key: Key, now: float) -> int:
         """Inputs of refused callers whose suggested retry time is still ahead (forgetting those that passed)."""

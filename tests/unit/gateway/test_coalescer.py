@@ -8,7 +8,7 @@ import random
 import grpc
 import pytest
 
-from gateway.coalescer import MAX_RETRY_S, MIN_RETRY_S, Coalescer
+from gateway.coalescer import MAX_RETRY_S, MIN_RETRY_S, RETRY_JITTER, Coalescer
 from gateway.priority import current_priority
 from services.common import errors
 from services.common.errors import Reason
@@ -181,7 +181,8 @@ async def test_refused_callers_are_told_to_come_back_in_turn(clock: Clock) -> No
         await release.wait()  # the admitted texts stay in progress until the test is done refusing
         return [f"{key}:{text.upper()}" for text in inputs]
 
-    coalescer: Coalescer[str, list[str]] = Coalescer(held, split, max_inflight=1, max_queued=4)
+    # Without the random spread, to see each caller's place (the spread has its own test below).
+    coalescer: Coalescer[str, list[str]] = Coalescer(held, split, max_inflight=1, max_queued=4, retry_jitter=0)
     admitted = [asyncio.ensure_future(coalescer.submit("k", [f"a{i}"], 1e9)) for i in range(4)]
     await asyncio.sleep(0)
 
@@ -369,7 +370,7 @@ async def test_refused_callers_wait_for_answers_of_their_own_level(clock: Clock)
         clock.now += answer_s[current_priority.get()]  # the run took this long
         return [text.upper() for text in inputs]
 
-    coalescer: Coalescer[str, list[str]] = Coalescer(run, split, max_inflight=1, max_queued=8)
+    coalescer: Coalescer[str, list[str]] = Coalescer(run, split, max_inflight=1, max_queued=8, retry_jitter=0)
     assert await submit_at(coalescer, Priority.HIGH, "fast") == ["FAST"]
     assert await submit_at(coalescer, Priority.LOW, "slow") == ["SLOW"]
     gate = asyncio.Event()
@@ -384,6 +385,34 @@ async def test_refused_callers_wait_for_answers_of_their_own_level(clock: Clock)
     assert delays == [pytest.approx(0.4), pytest.approx(0.4 * (1 + 1 / 6))]
     gate.set()
     assert len(await asyncio.gather(*held)) == 6
+
+
+async def test_retry_delays_are_spread_at_random_around_each_callers_place(clock: Clock) -> None:
+    """By default each delay under the cap is its place's delay times 1 +/- RETRY_JITTER, at random, so that refused
+    callers do not come back in step with the runs that free places; within the bounds, and recorded as promised."""
+    from services.common import errors
+
+    release = asyncio.Event()
+
+    async def held(key: str, inputs: list[str], deadline: float) -> list[str]:
+        await release.wait()
+        return inputs
+
+    coalescer: Coalescer[str, list[str]] = Coalescer(held, split, max_inflight=1, max_queued=4, rng=random.Random(7))
+    admitted = [asyncio.ensure_future(coalescer.submit("k", [f"a{i}"], 1e9)) for i in range(4)]
+    await asyncio.sleep(0)
+    delays = []
+    for i in range(100):
+        with pytest.raises(errors.TandemError) as caught:
+            await coalescer.submit("k", [f"r{i}"], 1e9)
+        assert caught.value.retry_after_s is not None
+        delays.append(caught.value.retry_after_s)
+        clock.now += 1.0  # every earlier caller's time has passed: each one's place is the first (base delay)
+    assert all(MIN_RETRY_S <= d <= MIN_RETRY_S * (1 + RETRY_JITTER) for d in delays)
+    assert min(delays) == MIN_RETRY_S  # spread below the floor: clamped to it
+    assert len({round(d, 9) for d in delays}) > 30 and max(delays) > MIN_RETRY_S * 1.4
+    release.set()
+    await asyncio.gather(*admitted)
 
 
 async def test_a_run_whose_callers_all_left_is_cancelled_and_frees_its_slot() -> None:
