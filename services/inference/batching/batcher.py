@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -104,13 +105,20 @@ class Batcher:
         # One thread per instance: up to `instances` model calls run at once (each on the backend's share of the
         # cores), and the event loop never waits on one.
         self.instances = instances or config.instances or 1
-        # While high-priority work comes, the first `_reserved` instances run only its calls, so that a high-priority
-        # request starts at once instead of waiting for a call of lower rows to end (what cutting them short above
-        # leaves is still a call's wait). Paired runs of scripts/priority_bench.py (all-MiniLM-L6-v2, 2 instances,
-        # 256 low-priority callers of one short text beside 4 high-priority ones): the high-priority p50 went from
-        # 1.99-2.05x its unloaded p50 to 1.55-1.71x, its wait in the queue from 6.1-6.7 to 3.3-3.6 ms, for
-        # 262-265 low-priority answers/s instead of 300-345. Never every instance: one is always left for the rest.
+        # While high-priority work comes and keeps the model busy for at least RESERVE_HIGH_LOAD of an instance's
+        # time, the first `_reserved` instances run only its calls, so that a high-priority request starts at once
+        # instead of waiting for a call of lower rows to end (what cutting them short above leaves is still a call's
+        # wait). Paired runs of scripts/priority_bench.py (all-MiniLM-L6-v2, 2 instances, 256 low-priority callers of
+        # one short text beside 4 high-priority ones, whose calls take about half an instance): the high-priority p50
+        # went from 1.99-2.05x its unloaded p50 to 1.55-1.71x, its wait in the queue from 6.1-6.7 to 3.3-3.6 ms, for
+        # 262-265 low-priority answers/s instead of 300-345. Not for a trickle: kept for two high-priority requests a
+        # second, an idle instance cost 32 normal callers of one text 31% of their texts/s and 4 callers of 32 texts
+        # 42%. Never every instance: one is always left for the rest.
         self._reserved = min(config.high_priority_instances, self.instances - 1)
+        # Seconds of model time high-priority calls took per second lately (a moving sum decaying over
+        # HIGH_PRIORITY_MEMORY_S), as of _high_load_at.
+        self._high_load = 0.0
+        self._high_load_at = time.monotonic()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.instances, thread_name_prefix=f"infer-{name}", initializer=lower_priority, initargs=(nice,)
         )
@@ -244,7 +252,7 @@ class Batcher:
             alone = self.backend.runs_alone and not self._alone_running and self._may_run_alone(cut_call)
             self._running[worker] = call
             try:
-                await self._run_call(call, alone, low=cut_call.priority == Priority.LOW)
+                await self._run_call(call, alone, cut_call.priority)
             except Exception:
                 log.exception("model call of %s failed", self.name)
                 self._fail([r for r, _ in call], errors.internal())
@@ -264,7 +272,19 @@ class Batcher:
 
     def _reserving(self, worker: int) -> bool:
         """Whether this instance is kept for high-priority calls now (see __init__)."""
-        return worker < self._reserved and time.monotonic() < self._high_until
+        if worker >= self._reserved:
+            return False
+        now = time.monotonic()
+        return now < self._high_until and self._decayed_high_load(now) >= RESERVE_HIGH_LOAD
+
+    def _decayed_high_load(self, now: float) -> float:
+        return self._high_load * math.exp((self._high_load_at - now) / HIGH_PRIORITY_MEMORY_S)
+
+    def _count_high(self, seconds: float) -> None:
+        """Adds a high-priority call's model time to the recent high-priority load."""
+        now = time.monotonic()
+        self._high_load = self._decayed_high_load(now) + seconds / HIGH_PRIORITY_MEMORY_S
+        self._high_load_at = now
 
     def _pop_high(self) -> _Call | None:
         """The first high-priority call cut, taken off the list; None when there is none."""
@@ -275,10 +295,15 @@ class Batcher:
         return None
 
     async def _idle_reserved(self) -> None:
-        """A kept instance with no high-priority call to run: waits for new work, or for the reservation to lapse."""
+        """A kept instance with no high-priority call to run: waits for new work, or for the reservation to lapse
+        (no high-priority request for HIGH_PRIORITY_MEMORY_S, or their load decayed under RESERVE_HIGH_LOAD)."""
+        lapses = self._high_until
+        if 0 < RESERVE_HIGH_LOAD < self._high_load:
+            decayed = self._high_load_at + HIGH_PRIORITY_MEMORY_S * math.log(self._high_load / RESERVE_HIGH_LOAD)
+            lapses = min(lapses, decayed)
         self._wakeup.clear()
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(max(0.0, self._high_until - time.monotonic())):
+            async with asyncio.timeout(max(0.0, lapses - time.monotonic())):
                 await self._wakeup.wait()
 
     def _may_run_alone(self, call: _Call) -> bool:
@@ -363,7 +388,9 @@ class Batcher:
             passed.overtaken += 1
         self._calls.insert(position, call)
 
-    async def _run_call(self, call: list[tuple[Request, int]], alone: bool = False, low: bool = False) -> None:
+    async def _run_call(
+        self, call: list[tuple[Request, int]], alone: bool = False, priority: Priority = DEFAULT
+    ) -> None:
         now = time.monotonic()
         chosen = [item for item in call if self._wanted(item[0], now)]
         if not chosen:
@@ -375,6 +402,7 @@ class Batcher:
             if request.started_at is None:
                 request.started_at = started
                 self.observer.queued(started - request.queued_at)
+        low = priority == Priority.LOW
         executor = self._low_executor if low else self._executor
         if alone:
             self._alone_running = True
@@ -392,6 +420,8 @@ class Batcher:
         seconds = time.perf_counter() - started
         for request in riders:
             request.compute_s += seconds
+        if priority == Priority.HIGH:
+            self._count_high(seconds)
         if alone:
             sample = seconds / (padded + self.call_cost_tokens)
             last = self._lone_s_per_token
@@ -492,6 +522,8 @@ class Batcher:
 # How many times the model's per-call cost a call without high-priority rows may carry while high-priority work comes,
 # and for how long after the last high-priority request that lasts (see Batcher.__init__).
 SHARED_CALL_COSTS = 8
+# The share of one instance's time high-priority calls must have taken lately for instances to be kept for them.
+RESERVE_HIGH_LOAD = 0.1
 # How much less urgent (Linux niceness, on top of the stage's compute_nice) the threads of low-priority calls are.
 LOW_PRIORITY_NICE = 9
 HIGH_PRIORITY_MEMORY_S = 1.0

@@ -635,6 +635,7 @@ async def test_while_high_priority_work_comes_an_instance_is_kept_for_it(
     request starts on the other beside a held low call instead of behind it (high_priority_instances 0: both take
     low calls)."""
     monkeypatch.setattr(batcher_module, "HIGH_PRIORITY_MEMORY_S", 60.0)
+    monkeypatch.setattr(batcher_module, "RESERVE_HIGH_LOAD", 0.0)  # however little of the model it takes
     batcher, backend = make(max_batch_size=1, instances=2, high_priority_instances=kept)
     await batcher.submit(*ragged([[99]]), None, priority=Priority.HIGH)  # high-priority work comes
     backend.gate.clear()
@@ -659,8 +660,42 @@ async def test_while_high_priority_work_comes_an_instance_is_kept_for_it(
     await batcher.close()
 
 
+async def test_an_instance_is_kept_only_while_high_priority_calls_take_a_share_of_the_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A trickle of quick high-priority calls keeps no instance (it would idle); calls that took RESERVE_HIGH_LOAD of
+    an instance's time over the memory do."""
+    monkeypatch.setattr(batcher_module, "HIGH_PRIORITY_MEMORY_S", 60.0)
+    monkeypatch.setattr(batcher_module, "RESERVE_HIGH_LOAD", 0.2 / 60)  # 0.2 s of high-priority model time a minute
+    batcher, backend = make(max_batch_size=1, instances=2)
+
+    async def lows_side_by_side() -> int:
+        """How many of two held low calls run at once."""
+        backend.gate.clear()
+        lows = [asyncio.ensure_future(batcher.submit(*ragged([[i]]), None, priority=Priority.LOW)) for i in (1, 2)]
+        await until(lambda: backend.active >= 1, "a low call running")
+        for _ in range(20):  # time for the other instance to take the other low call, were it free to
+            await asyncio.sleep(0.005)
+        active = backend.active
+        backend.gate.set()
+        await asyncio.gather(*lows)
+        return active
+
+    await batcher.submit(*ragged([[99]]), None, priority=Priority.HIGH)  # a quick one: microseconds of model time
+    assert await lows_side_by_side() == 2
+    backend.gate.clear()
+    slow = asyncio.ensure_future(batcher.submit(*ragged([[98]]), None, priority=Priority.HIGH))
+    await until(lambda: backend.active == 1, "the high call running")
+    await asyncio.sleep(0.3)  # held: 0.3 s of model time
+    backend.gate.set()
+    await slow
+    assert await lows_side_by_side() == 1
+    await batcher.close()
+
+
 async def test_the_kept_instance_runs_any_call_once_high_priority_work_stops(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(batcher_module, "HIGH_PRIORITY_MEMORY_S", 0.05)
+    monkeypatch.setattr(batcher_module, "RESERVE_HIGH_LOAD", 0.0)
     batcher, backend = make(max_batch_size=1, instances=2)
     await batcher.submit(*ragged([[99]]), None, priority=Priority.HIGH)
     await asyncio.sleep(0.1)  # past the high-priority work's memory
