@@ -143,9 +143,10 @@ class ModelConfig(BaseModel):
         1,
         ge=0,
         le=64,
-        description="instances kept free for high-priority work while it comes (until a second after the last "
-        "high-priority request): calls of other levels run on the rest only, so a high-priority request does not wait "
-        "for one of theirs to end. At most instances - 1 (one is always left for the rest); 0 turns it off",
+        description="instances kept free for high-priority work while it comes and keeps the model busy (its calls "
+        "took a tenth of an instance's time or more over the last second or so): calls of other levels run on the "
+        "rest only, so a high-priority request does not wait for one of theirs to end. At most instances - 1 (one is "
+        "always left for the rest); 0 turns it off",
     )
     run_alone: bool | None = Field(
         None,
