@@ -56,8 +56,8 @@ class Batcher:
     Requests are taken in priority order, weighted so that lower levels are never starved (services/common/priority.py);
     a free instance that finds higher-priority work queued than the next call already cut cuts that work and lets it go
     first (each cut call lets at most MAX_OVERTAKEN later ones go first): a high-priority request waits for the calls
-    running, not for a round of low-priority ones; and while high-priority work comes, one instance
-    (high_priority_instances) runs only its calls, so it seldom waits for a running call either.
+    running, not for a round of low-priority ones; and while high-priority work comes and keeps the model busy, one
+    instance (high_priority_instances) runs only its calls, so it seldom waits for a running call either.
     """
 
     def __init__(
@@ -109,11 +109,11 @@ class Batcher:
         # time, the first `_reserved` instances run only its calls, so that a high-priority request starts at once
         # instead of waiting for a call of lower rows to end (what cutting them short above leaves is still a call's
         # wait). Paired runs of scripts/priority_bench.py (all-MiniLM-L6-v2, 2 instances, 256 low-priority callers of
-        # one short text beside 4 high-priority ones, whose calls take about half an instance): the high-priority p50
-        # went from 1.99-2.05x its unloaded p50 to 1.55-1.71x, its wait in the queue from 6.1-6.7 to 3.3-3.6 ms, for
-        # 262-265 low-priority answers/s instead of 300-345. Not for a trickle: kept for two high-priority requests a
-        # second, an idle instance cost 32 normal callers of one text 31% of their texts/s and 4 callers of 32 texts
-        # 42%. Never every instance: one is always left for the rest.
+        # one short text beside 4 closed-loop high-priority ones): the high-priority p50 went from 1.99-2.05x its
+        # unloaded p50 to 1.55-1.71x, its wait in the queue from 6.1-6.7 to 3.3-3.6 ms, for 262-265 low-priority
+        # answers/s instead of 300-345; with the bound as well, 1.52-1.59x. The bound is for a trickle: kept for two
+        # high-priority requests a second, an idle instance cost 32 normal callers of one text 31% of their texts/s
+        # and 4 callers of 32 texts 42%. Never every instance: one is always left for the rest.
         self._reserved = min(config.high_priority_instances, self.instances - 1)
         # Seconds of model time high-priority calls took per second lately (a moving sum decaying over
         # HIGH_PRIORITY_MEMORY_S), as of _high_load_at.
@@ -240,7 +240,7 @@ class Batcher:
             if self._reserving(worker):
                 found = self._pop_high()
                 if found is None:
-                    if self._queue.best() == Priority.HIGH:  # queued, not cut yet (the calls ahead let it not pass)
+                    if self._queue.best() == Priority.HIGH:  # queued, not cut yet (the calls ahead do not let it pass)
                         await self._cut_round()
                     else:
                         await self._idle_reserved()
