@@ -272,10 +272,17 @@ class Batcher:
 
     def _reserving(self, worker: int) -> bool:
         """Whether this instance is kept for high-priority calls now (see __init__)."""
-        if worker >= self._reserved:
-            return False
-        now = time.monotonic()
-        return now < self._high_until and self._decayed_high_load(now) >= RESERVE_HIGH_LOAD
+        return worker < self._reserved and time.monotonic() < self._reserved_until()
+
+    def _reserved_until(self) -> float:
+        """When keeping instances for high-priority calls lapses: HIGH_PRIORITY_MEMORY_S after the last high-priority
+        request, or sooner, when their recent model time decays under RESERVE_HIGH_LOAD."""
+        if RESERVE_HIGH_LOAD <= 0:
+            return self._high_until
+        if self._high_load <= RESERVE_HIGH_LOAD:
+            return float("-inf")
+        decayed = self._high_load_at + HIGH_PRIORITY_MEMORY_S * math.log(self._high_load / RESERVE_HIGH_LOAD)
+        return min(self._high_until, decayed)
 
     def _decayed_high_load(self, now: float) -> float:
         return self._high_load * math.exp((self._high_load_at - now) / HIGH_PRIORITY_MEMORY_S)
@@ -296,14 +303,10 @@ class Batcher:
 
     async def _idle_reserved(self) -> None:
         """A kept instance with no high-priority call to run: waits for new work, or for the reservation to lapse
-        (no high-priority request for HIGH_PRIORITY_MEMORY_S, or their load decayed under RESERVE_HIGH_LOAD)."""
-        lapses = self._high_until
-        if 0 < RESERVE_HIGH_LOAD < self._high_load:
-            decayed = self._high_load_at + HIGH_PRIORITY_MEMORY_S * math.log(self._high_load / RESERVE_HIGH_LOAD)
-            lapses = min(lapses, decayed)
+        (_reserved_until)."""
         self._wakeup.clear()
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(max(0.0, lapses - time.monotonic())):
+            async with asyncio.timeout(max(0.0, self._reserved_until() - time.monotonic())):
                 await self._wakeup.wait()
 
     def _may_run_alone(self, call: _Call) -> bool:
